@@ -1,0 +1,187 @@
+"""The `forgetless` command line. Only this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import typing
+
+from forgetless.experiments.schema import ConfigError, describe
+
+UI_PORT = 5000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="forgetless", description="Continual-learning experiment grids, tracked in MLflow."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a grid (finished cells are skipped)")
+    run.add_argument("grid", help="path to a grid YAML file")
+    run.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or "
+                     "sqlite:///mlflow.db)")  # fmt: skip
+
+    validate = commands.add_parser("validate", help="check a grid and list its cells")
+    validate.add_argument("grid")
+
+    commands.add_parser("strategies", help="list strategies and their parameters")
+    commands.add_parser("streams", help="list streams and their parameters")
+
+    compare = commands.add_parser("compare", help="final metrics, mean ± std over seeds")
+    compare.add_argument("grid_name", help="the grid's `name:` (its MLflow experiment)")
+    compare.add_argument("--tracking-uri")
+    compare.add_argument("--stream", help="only this stream")
+    compare.add_argument("--strategy", help="only this strategy")
+    compare.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="PARAM=VALUE",
+        help="only cells with this parameter value, e.g. train.lr=0.1",
+    )
+    compare.add_argument("--sort", default="final/avg_acc", help="metric to sort by (descending)")
+    compare.add_argument("--csv", help="also write the table to this CSV file")
+
+    ui = commands.add_parser("ui", help="open the MLflow UI on the grid's store")
+    ui.add_argument("--tracking-uri")
+    ui.add_argument("--port", type=int, default=UI_PORT)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from forgetless.experiments.compare import compare_table, format_table
+    from forgetless.experiments.config import load_grid
+    from forgetless.experiments.runner import run_grid
+    from forgetless.experiments.tracking import resolve_tracking_uri
+    from tqdm import tqdm
+
+    grid = load_grid(args.grid)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    counts = {"FINISHED": 0, "FAILED": 0, "SKIPPED": 0}
+    bar = tqdm(total=len(grid.cells), desc=grid.name, unit="cell", file=sys.stderr)
+
+    def on_outcome(outcome) -> None:
+        counts[outcome.status] += 1
+        if outcome.status == "FAILED":
+            tqdm.write(f"FAILED {outcome.label}: {outcome.error}", file=sys.stderr)
+        bar.set_postfix(done=counts["FINISHED"], failed=counts["FAILED"],
+                        skipped=counts["SKIPPED"])  # fmt: skip
+        bar.update(1)
+
+    run_grid(grid, uri, on_outcome=on_outcome)
+    bar.close()
+    print(format_table(compare_table(uri, grid.name)))
+    print(f"\n{counts['FINISHED']} cells run, {counts['SKIPPED']} already finished, "
+          f"{counts['FAILED']} failed.")  # fmt: skip
+    print(
+        f"Compare runs in the MLflow UI: forgetless ui --tracking-uri {uri}  "
+        f"(then open http://127.0.0.1:{UI_PORT}, experiment {grid.name!r})"
+    )
+    return 1 if counts["FAILED"] else 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from forgetless.experiments.config import load_grid
+
+    grid = load_grid(args.grid)
+    print(f"{args.grid}: valid, {len(grid.cells)} cells")
+    for cell in grid.cells:
+        print(f"  {cell.hash}  {cell.label()}")
+    return 0
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from forgetless.strategies import STRATEGIES, strategy_class
+
+    strategy_class("naive", "")  # loads the built-ins
+    for name in STRATEGIES.names():
+        cls = strategy_class(name, name)
+        _print_entry(name, cls.__doc__ or "", cls.Config, f"supports: {', '.join(cls.supports)}")
+    print(
+        "avalanche.<Name>\n    any avalanche-lib strategy (Naive, Replay, EWC, LwF, "
+        "SynapticIntelligence, GEM, AGEM, GDumb, ...); parameters from its signature\n"
+    )
+    return 0
+
+
+def cmd_streams(args: argparse.Namespace) -> int:
+    from forgetless.streams import STREAMS, stream_factory
+
+    stream_factory("split_digits", "")  # loads the built-ins
+    for name in STREAMS.names():
+        factory = stream_factory(name, name)
+        config = typing.get_type_hints(factory)["config"]
+        _print_entry(name, factory.__doc__ or "", config, f"kind: {factory.kind}")
+    print(
+        "avalanche.<Benchmark>\n    an avalanche-lib benchmark (SplitMNIST, SplitCIFAR10, ...) "
+        "from a local data_root\n"
+    )
+    return 0
+
+
+def _print_entry(name: str, doc: str, config: type, extra: str) -> None:
+    print(f"{name}    ({extra})")
+    summary = doc.strip().splitlines()[0] if doc.strip() else ""
+    if summary:
+        print(f"    {summary}")
+    for field, type_name, default, help_text in describe(config):
+        print(f"    {field}: {type_name} = {default!r}    {help_text}")
+    print()
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from forgetless.experiments.compare import compare_table, format_table
+    from forgetless.experiments.tracking import resolve_tracking_uri
+
+    where = {}
+    for item in args.where:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--where {item!r}: expected PARAM=VALUE, e.g. train.lr=0.1")
+        where[key] = value
+    uri = resolve_tracking_uri(args.tracking_uri)
+    try:
+        table = compare_table(uri, args.grid_name, args.stream, args.strategy, where, args.sort)
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from e
+    print(format_table(table))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from forgetless.experiments.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    print(f"MLflow UI on {uri}: http://127.0.0.1:{args.port}  (Ctrl-C to stop)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--host", "127.0.0.1", "--port", str(args.port)]  # fmt: skip
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "strategies": cmd_strategies,
+    "streams": cmd_streams,
+    "compare": cmd_compare,
+    "ui": cmd_ui,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

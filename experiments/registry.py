@@ -1,0 +1,65 @@
+"""Name -> class registries for streams, strategies and models, with plugins.
+
+A name resolves, in order, to something registered in this package, to an entry
+point of the group `forgetless.<kind>` of an installed distribution, or, when it
+contains a colon, to `package.module:Name` imported because the user wrote it in
+the grid. Nothing else is ever imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from importlib.metadata import entry_points
+from typing import Generic, TypeVar
+
+from forgetless.experiments.schema import ConfigError, suggest
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, noun: str, group: str) -> None:
+        self.kind = noun
+        self.group = group
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def add(obj: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = obj
+            return obj
+
+        return add
+
+    def names(self) -> list[str]:
+        """Registered names and installed entry points (plugins are not imported)."""
+        plugins = [ep.name for ep in entry_points(group=self.group)]
+        return sorted(set(self._entries) | set(plugins))
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        for name in self.names():
+            yield name, self.get(name, where=name)
+
+    def get(self, name: str, where: str) -> T:
+        if name in self._entries:
+            return self._entries[name]
+        for ep in entry_points(group=self.group, name=name):
+            return ep.load()
+        if ":" in name:
+            module_name, _, attr = name.partition(":")
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as e:
+                raise ConfigError(
+                    f"{where}: cannot import module {module_name!r} for {self.kind} {name!r} "
+                    f"({e}); install the package that provides it, or fix the name"
+                ) from e
+            if not hasattr(module, attr):
+                raise ConfigError(f"{where}: module {module_name!r} has no {attr!r}")
+            return getattr(module, attr)
+        raise ConfigError(
+            f"{where}: unknown {self.kind} {name!r}{suggest(name, self.names())}; "
+            f"known: {', '.join(self.names())} (or a plugin as package.module:Class)"
+        )

@@ -1,0 +1,208 @@
+"""Running a grid: read top to bottom.
+
+    check the store -> skip cells already FINISHED (by hash) -> open the parent run ->
+    run each remaining cell (here in this process; on Ray through the same `run_cell`) ->
+    log seed groups -> close the parent run
+
+`run_cell` never raises for a failing cell: the cell ends FAILED in MLflow with the
+reason in `forgetless.error`, and the grid goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from forgetless.experiments import checkpoint, metrics, tracking
+from forgetless.experiments.config import Cell, Grid, build_params
+from forgetless.experiments.evaluate import score_stream
+from forgetless.experiments.schema import ConfigError
+from forgetless.models import MODELS, build_model
+from forgetless.strategies import Strategy, TrainConfig, strategy_class
+from forgetless.streams import Stream, build_stream, stream_factory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CellOutcome:
+    cell_hash: str
+    label: str
+    status: str  # FINISHED | FAILED | SKIPPED
+    summary: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_cell(cell: Cell, device: str | torch.device) -> tuple[Stream, Strategy]:
+    """Seed every RNG from the cell seed, then build stream, model and strategy."""
+    checkpoint.seed_everything(cell.seed)
+    cfg = cell.config
+    stream_name, model_name = cfg["stream"]["name"], cfg["model"]["name"]
+    stream_config = typing.get_type_hints(stream_factory(stream_name, "stream"))["config"]
+    stream = build_stream(
+        stream_name, build_params(stream_config, cfg["stream"], "stream"), cell.seed
+    )
+    model_config = typing.get_type_hints(MODELS.get(model_name, "model"))["config"]
+    model_params = build_params(model_config, cfg["model"], "model")
+    model = build_model(model_name, model_params, stream).to(device)
+    cls = strategy_class(cfg["strategy"]["name"], "strategy")
+    params = build_params(cls.Config, cfg["strategy"], "strategy")
+    train = build_params(TrainConfig, cfg["train"], "train")
+    return stream, cls(model, params, train, stream)
+
+
+def run_cell(
+    cell: Cell,
+    grid_run: tracking.GridRun,
+    storage: str,
+    device: str | None = None,
+    threads: int | None = None,
+) -> CellOutcome:
+    """Train and score one cell, checkpointing after every experience and resuming from it."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = device or default_device()
+    path = Path(storage) / cell.grid / cell.hash / "checkpoint.pt"
+    run = None
+    try:
+        stream, strategy = build_cell(cell, device)
+        T = len(stream)
+        state = checkpoint.load(path) if strategy.resumable else None
+        if state is not None:
+            strategy.load_state_dict(state["strategy"])
+            checkpoint.set_rng_state(state["rng"])
+            R, baseline = state["R"].numpy(), state["baseline"].tolist()
+            start, train_time = state["next"], state["train_time_s"]
+            run = tracking.CellRun(grid_run, state["run_id"])
+            run.resume()
+            log.info("%s: resuming at experience %d of %d", cell.label(), start, T)
+        else:
+            baseline = score_stream(strategy, stream)
+            run = tracking.CellRun.start(grid_run, cell, stream.manifest())
+            R, start, train_time = np.full((T, T), np.nan), 0, 0.0
+        for i in range(start, T):
+            experience = stream.experiences[i]
+            tick = _clock(strategy.device)
+            strategy.train(experience)
+            tock = _clock(strategy.device)
+            R[i] = score_stream(strategy, stream)
+            eval_time = _clock(strategy.device) - tock
+            train_time += tock - tick
+            run.log_step(i, R[i].tolist(), {
+                "avg_acc": metrics.average_accuracy_after(R, i),
+                "memory_bytes": strategy.memory_bytes(),
+                "train_time_s": tock - tick,
+                "eval_time_s": eval_time,
+            })  # fmt: skip
+            _warn_if_untrained(run, cell, experience, R[i, i])
+            if strategy.resumable:
+                checkpoint.save(path, {
+                    "strategy": strategy.state_dict(), "rng": checkpoint.rng_state(),
+                    "R": torch.from_numpy(R), "baseline": torch.tensor(baseline),
+                    "next": i + 1, "train_time_s": train_time, "run_id": run.run_id,
+                })  # fmt: skip
+        summary = metrics.summarize(R, baseline)
+        summary.update(train_time_s=train_time, memory_bytes=strategy.memory_bytes())
+        names = [e.name for e in stream]
+        matrix = {"experiences": names, "R": R.tolist(), "baseline": baseline, "score": "accuracy"}
+        from forgetless.experiments.plots import accuracy_heatmap
+
+        figure = accuracy_heatmap(R, names, cell.label())
+        run.finish(summary, matrix, figure)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+        return CellOutcome(cell.hash, cell.label(), "FINISHED", summary)
+    except Exception as e:  # noqa: BLE001 - a failing cell must not stop the grid
+        reason = f"{type(e).__name__}: {e}"
+        log.error("%s failed: %s\n%s", cell.label(), reason, traceback.format_exc())
+        try:
+            if run is None:
+                run = tracking.CellRun.start(grid_run, cell, [])
+            run.fail(reason)
+        except Exception:  # noqa: BLE001 - the store itself failed; report in the terminal
+            log.exception("could not record the failure of %s in MLflow", cell.label())
+        return CellOutcome(cell.hash, cell.label(), "FAILED", error=reason)
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _warn_if_untrained(run, cell: Cell, experience, score: float) -> None:
+    """A just-trained experience near chance means a broken loader or lr (Mammoth #41)."""
+    classes = experience.info.get("classes")
+    if not classes:
+        return
+    chance = 1.0 / len(classes)
+    if score <= chance:
+        message = (
+            f"experience {experience.name!r} scores {score:.3f} right after training on it, "
+            f"at or below chance ({chance:.3f})"
+        )
+        log.warning("%s: %s", cell.label(), message)
+        run.client.set_tag(run.run_id, "forgetless.warning", message)
+
+
+Executor = Callable[[list[Cell], Callable[[Cell], CellOutcome]], Iterable[CellOutcome]]
+
+
+def local_executor(cells: list[Cell], fn: Callable[[Cell], CellOutcome]) -> Iterator[CellOutcome]:
+    """Cells one after another in this process (the Ray executor has the same shape)."""
+    for cell in cells:
+        yield fn(cell)
+
+
+def check_storage(storage: str) -> None:
+    path = Path(storage)
+    path.mkdir(parents=True, exist_ok=True) if not path.exists() else None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"storage: {storage!r} is not writable; choose another folder")
+
+
+def run_grid(
+    grid: Grid,
+    tracking_uri: str,
+    executor: Executor = local_executor,
+    on_outcome: Callable[[CellOutcome], None] | None = None,
+) -> list[CellOutcome]:
+    tracking.check_tracking_uri(tracking_uri)
+    check_storage(grid.storage)
+    done = tracking.finished_cells(tracking_uri, grid.name)
+    todo = [c for c in grid.cells if c.hash not in done]
+    outcomes = [CellOutcome(c.hash, c.label(), "SKIPPED") for c in grid.cells if c.hash in done]
+    for outcome in outcomes:
+        if on_outcome:
+            on_outcome(outcome)
+    if not todo:
+        return outcomes
+    grid_run = tracking.open_grid(tracking_uri, grid.name, len(grid.cells), grid.source)
+
+    def one(cell: Cell) -> CellOutcome:
+        return run_cell(cell, grid_run, grid.storage)
+
+    for outcome in executor(todo, one):
+        outcomes.append(outcome)
+        if on_outcome:
+            on_outcome(outcome)
+    if len(outcomes) != len(grid.cells):
+        raise RuntimeError(f"{len(grid.cells)} cells expanded but {len(outcomes)} reported back")
+    from forgetless.experiments.compare import log_seed_groups
+
+    log_seed_groups(grid_run, grid.name)
+    tracking.close_grid(grid_run, failed=sum(o.status == "FAILED" for o in outcomes))
+    return outcomes

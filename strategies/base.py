@@ -1,0 +1,149 @@
+"""The one training loop. A method overrides only the hooks it needs.
+
+    train(experience):
+        before_experience(experience)
+        data = training_data(experience)      # cumulative: everything seen so far
+        for epoch, batch in batches(data):
+            batch = compose(batch)            # rehearsal: append replayed samples
+            loss = loss(batch)                # e.g. distillation terms
+            backward, optimizer step
+        after_experience(experience)          # rehearsal: update the buffer
+
+Methods whose unit is not a batch (editors, the Avalanche adapter) override
+`train` whole. A strategy never talks to MLflow or Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.streams import Experience, Samples, Stream
+from torch import nn
+
+
+@dataclass
+class TrainConfig:
+    """How every strategy trains; the grid's `train:` section."""
+
+    epochs: int = param(1, "passes over each experience's training data")
+    batch_size: int = param(32, "samples per optimizer step (before any replayed samples)")
+    lr: float = param(0.1, "learning rate")
+    optimizer: Literal["sgd", "adam", "adamw"] = param("sgd", "optimizer")
+    momentum: float = param(0.0, "SGD momentum")
+    weight_decay: float = param(0.0, "weight decay")
+    eval_batch_size: int = param(512, "samples per forward pass when scoring")
+
+    def validate(self, where: str) -> None:
+        for name in ("epochs", "batch_size", "lr", "eval_batch_size"):
+            positive(getattr(self, name), f"{where}.{name}")
+        if self.weight_decay < 0 or self.momentum < 0:
+            raise ConfigError(f"{where}: momentum and weight_decay must be >= 0")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged; the runner ends the cell FAILED with this message."""
+
+
+@dataclass
+class NoParams:
+    """This strategy takes no parameters."""
+
+
+class Strategy:
+    """Base of every method: the loop above, checkpoint state and a memory account."""
+
+    Config: ClassVar[type] = NoParams
+    supports: ClassVar[tuple[str, ...]] = ("classification",)
+    resumable: ClassVar[bool] = True
+    """False when part of the state cannot be checkpointed: a retried cell restarts."""
+
+    def __init__(self, model: nn.Module, config: Any, train: TrainConfig, stream: Stream) -> None:
+        self.model = model
+        self.config = config
+        self.train_config = train
+        self.device = next(model.parameters()).device
+        self.optimizer = self.make_optimizer()
+        self.class_mask = None
+        if stream.task_classes is not None:
+            self.class_mask = torch.zeros(
+                len(stream.task_classes), stream.num_classes, dtype=torch.bool, device=self.device
+            )
+            for task, classes in enumerate(stream.task_classes):
+                self.class_mask[task, classes] = True
+
+    # --- the loop -------------------------------------------------------------------
+    def train(self, experience: Experience) -> None:
+        self.before_experience(experience)
+        data = self.training_data(experience).to(self.device)
+        batch_size = self.train_config.batch_size
+        self.model.train()
+        for epoch in range(self.train_config.epochs):
+            order = torch.randperm(len(data), device=self.device)
+            total = torch.zeros((), device=self.device)
+            for start in range(0, len(data), batch_size):
+                batch = self.compose(data.subset(order[start : start + batch_size]))
+                loss = self.loss(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                total += loss.detach()
+            # One device sync per epoch, not per step: a NaN survives to the sum.
+            if not torch.isfinite(total):
+                raise NonFiniteLoss(
+                    f"loss became {total.item()} in epoch {epoch} of experience {experience.name!r}"
+                    f" (lr={self.train_config.lr}); lower train.lr or check the data"
+                )
+        self.after_experience(experience)
+
+    # --- hooks ----------------------------------------------------------------------
+    def before_experience(self, experience: Experience) -> None:
+        """Called before training on `experience`."""
+
+    def training_data(self, experience: Experience) -> Samples:
+        """The samples this experience trains on."""
+        return experience.train
+
+    def compose(self, batch: Samples) -> Samples:
+        """Turn a batch of the experience into the batch that is trained on."""
+        return batch
+
+    def loss(self, batch: Samples) -> torch.Tensor:
+        return F.cross_entropy(self.logits(batch), batch.y)
+
+    def after_experience(self, experience: Experience) -> None:
+        """Called after training on `experience`."""
+
+    # --- shared pieces --------------------------------------------------------------
+    def logits(self, batch: Samples) -> torch.Tensor:
+        """Model outputs; task-incremental streams mask them to the batch's task classes."""
+        out = self.model(batch.x)
+        if self.class_mask is not None and batch.task is not None:
+            out = out.masked_fill(~self.class_mask[batch.task], float("-inf"))
+        return out
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """An optimizer over the parameters that currently require gradients."""
+        cfg = self.train_config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def memory_bytes(self) -> int:
+        """Bytes held beyond the model (buffers, codebooks, adapters), for fair budgets."""
+        return 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only, so checkpoints load with weights_only=True."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,50 @@
+"""Rehearsal (experience replay): replay stored samples of past experiences beside new ones.
+
+Each step appends a batch drawn from a replay buffer with a hard budget (samples or
+bytes; reservoir or class-balanced); after an experience its samples are offered to
+the buffer. Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019.
+"""
+
+from dataclasses import dataclass
+
+from forgetless.experiments.schema import param, positive
+from forgetless.strategies import Strategy, register_strategy
+from forgetless.strategies.buffers import BufferConfig, ReplayBuffer
+from forgetless.streams import Experience, Samples
+
+
+@dataclass
+class RehearsalConfig:
+    buffer: BufferConfig = param(BufferConfig(size=200), "the replay buffer and its budget")
+    replay_batch_size: int | None = param(None, "replayed samples per step (default: batch_size)")
+
+    def validate(self, where: str) -> None:
+        positive(self.replay_batch_size, f"{where}.replay_batch_size")
+
+
+@register_strategy("rehearsal")
+class Rehearsal(Strategy):
+    Config = RehearsalConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffer = ReplayBuffer(self.config.buffer, self.device)
+        self.replay_batch_size = self.config.replay_batch_size or self.train_config.batch_size
+
+    def compose(self, batch: Samples) -> Samples:
+        if len(self.buffer) == 0:
+            return batch
+        return Samples.concat([batch, self.buffer.sample(self.replay_batch_size)])
+
+    def after_experience(self, experience: Experience) -> None:
+        self.buffer.add(experience.train)
+
+    def memory_bytes(self) -> int:
+        return self.buffer.nbytes
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.buffer.load_state_dict(state["buffer"])

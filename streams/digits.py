@@ -1,0 +1,149 @@
+"""Streams on scikit-learn's digits: 1,797 real 8x8 handwritten digits, shipped offline.
+
+The train/test split is fixed (stratified, 25% test) so every cell is scored on the
+same images; the cell seed draws the class order, permutations and rotation order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.streams import Experience, Samples, Stream, register_stream
+
+NUM_CLASSES = 10
+
+
+@cache
+def load_digits_split() -> tuple[Samples, Samples]:
+    """Digits as (N, 1, 8, 8) floats in [0, 1], split 75/25 per class."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    rng = np.random.default_rng(0)
+    test = np.zeros(len(y), dtype=bool)
+    for c in range(NUM_CLASSES):
+        members = np.flatnonzero(digits.target == c)
+        test[rng.choice(members, size=len(members) // 4, replace=False)] = True
+    test_index = torch.from_numpy(np.flatnonzero(test))
+    train_index = torch.from_numpy(np.flatnonzero(~test))
+    return Samples(x[train_index], y[train_index]), Samples(x[test_index], y[test_index])
+
+
+@dataclass
+class SplitDigitsConfig:
+    n_experiences: int = param(5, "number of experiences; must divide the 10 classes")
+    task_labels: bool = param(
+        False, "task-incremental: attach task labels and score each task over its own classes"
+    )
+    fixed_class_order: list[int] | None = param(
+        None, "class order instead of a seed-drawn one (a permutation of 0..9)"
+    )
+
+    def validate(self, where: str) -> None:
+        positive(self.n_experiences, f"{where}.n_experiences")
+        if NUM_CLASSES % self.n_experiences:
+            divisors = [d for d in range(1, NUM_CLASSES + 1) if NUM_CLASSES % d == 0]
+            raise ConfigError(
+                f"{where}.n_experiences: {self.n_experiences} does not divide the "
+                f"{NUM_CLASSES} classes; use one of {divisors}"
+            )
+        if self.fixed_class_order is not None and sorted(self.fixed_class_order) != list(
+            range(NUM_CLASSES)
+        ):
+            raise ConfigError(
+                f"{where}.fixed_class_order: must list each class 0..9 once, "
+                f"got {self.fixed_class_order}"
+            )
+
+
+@register_stream("split_digits")
+def split_digits(config: SplitDigitsConfig, seed: int) -> Stream:
+    """Class-incremental (or, with task_labels, task-incremental) digits."""
+    train, test = load_digits_split()
+    if config.fixed_class_order is not None:
+        order = list(config.fixed_class_order)
+    else:
+        order = np.random.default_rng(seed).permutation(NUM_CLASSES).tolist()
+    per = NUM_CLASSES // config.n_experiences
+    groups = [order[i * per : (i + 1) * per] for i in range(config.n_experiences)]
+    experiences = []
+    for i, classes in enumerate(groups):
+        parts = []
+        for samples in (train, test):
+            part = samples.subset(torch.from_numpy(np.isin(samples.y.numpy(), classes)))
+            if config.task_labels:
+                part.task = torch.full_like(part.y, i)
+            parts.append(part)
+        name = f"classes_{'_'.join(map(str, classes))}"
+        info = {"classes": classes, "task": i} if config.task_labels else {"classes": classes}
+        experiences.append(Experience(i, name, parts[0], parts[1], info=info))
+    return Stream(
+        name="split_digits",
+        scenario="task" if config.task_labels else "class",
+        experiences=experiences,
+        num_classes=NUM_CLASSES,
+        input_shape=(1, 8, 8),
+        task_classes=groups if config.task_labels else None,
+    )
+
+
+@dataclass
+class PermutedDigitsConfig:
+    n_experiences: int = param(5, "number of experiences, each with its own pixel permutation")
+
+    def validate(self, where: str) -> None:
+        positive(self.n_experiences, f"{where}.n_experiences")
+
+
+@register_stream("permuted_digits")
+def permuted_digits(config: PermutedDigitsConfig, seed: int) -> Stream:
+    """Domain-incremental: all 10 classes each time, pixels shuffled by a seed-drawn permutation."""
+    train, test = load_digits_split()
+    generator = torch.Generator().manual_seed(seed)
+    experiences = []
+    for i in range(config.n_experiences):
+        perm = torch.randperm(64, generator=generator)
+
+        def permute(s: Samples, perm=perm) -> Samples:
+            return Samples(s.x.flatten(1)[:, perm].view_as(s.x), s.y)
+
+        experiences.append(
+            Experience(
+                i, f"permutation_{i}", permute(train), permute(test), info={"permutation": i}
+            )
+        )
+    return Stream("permuted_digits", "domain", experiences, NUM_CLASSES, (1, 8, 8))
+
+
+@dataclass
+class RotatedDigitsConfig:
+    n_experiences: int = param(5, "number of experiences, each at its own rotation")
+    max_angle: float = param(180.0, "angles are evenly spaced in [0, max_angle) degrees")
+
+    def validate(self, where: str) -> None:
+        positive(self.n_experiences, f"{where}.n_experiences")
+        positive(self.max_angle, f"{where}.max_angle")
+
+
+@register_stream("rotated_digits")
+def rotated_digits(config: RotatedDigitsConfig, seed: int) -> Stream:
+    """Domain-incremental: all 10 classes each time, rotated; the seed orders the angles."""
+    train, test = load_digits_split()
+    angles = np.linspace(0.0, config.max_angle, config.n_experiences, endpoint=False)
+    angles = np.random.default_rng(seed).permutation(angles)
+    experiences = []
+    for i, angle in enumerate(angles):
+
+        def rotate(s: Samples, angle=float(angle)) -> Samples:
+            return Samples(TF.rotate(s.x, angle), s.y)
+
+        name = f"rotation_{angle:g}"
+        experiences.append(Experience(i, name, rotate(train), rotate(test), info={"angle": angle}))
+    return Stream("rotated_digits", "domain", experiences, NUM_CLASSES, (1, 8, 8))
