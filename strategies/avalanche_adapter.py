@@ -59,6 +59,8 @@ class AvalancheStrategy(Strategy):
 
     def train(self, experience: Experience) -> None:
         self.inner.train(self.benchmark.train_stream[experience.index], num_workers=0)
+        # Some strategies replace the model (GDumb retrains a fresh copy): score theirs.
+        self.model = self.inner.model
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise NonFiniteLoss(
                 f"avalanche {self.avalanche_class.__name__} produced non-finite weights on "
@@ -93,7 +95,7 @@ def _sample_bytes(benchmark) -> int:
 
 
 def _tensor_bytes(obj: Any, seen: set[int], depth: int = 0) -> int:
-    if depth > 4 or id(obj) in seen:
+    if depth > 8 or id(obj) in seen:
         return 0
     seen.add(id(obj))
     if isinstance(obj, torch.Tensor):

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Set up `.venv` and run forgetless: the two commands of the README.
+
+    python3 bootstrap.py quickstart   # install, run grids/quickstart.yaml, print the table
+    python3 bootstrap.py test         # install (with the dev extra), run the tests
+
+Needs only Python >= 3.10. Installs into `.venv` beside this file, once; it reinstalls
+when pyproject.toml changes. Extra arguments go to `forgetless run` or to pytest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / "python"
+STAMP = VENV / ".forgetless-installed"
+PYTEST_NO_TESTS = 5
+
+
+def install() -> None:
+    if sys.version_info < (3, 10):
+        sys.exit(f"forgetless needs Python >= 3.10; this is {sys.version.split()[0]}")
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    if not PYTHON.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    print("installing forgetless and its dependencies into .venv (a few minutes, once)", flush=True)
+    pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
+    STAMP.write_text(wanted)
+
+
+def main() -> int:
+    command, rest = (sys.argv[1] if len(sys.argv) > 1 else ""), sys.argv[2:]
+    if command not in ("quickstart", "test"):
+        print(__doc__)
+        return 2
+    install()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    if command == "quickstart":
+        grid = ROOT / "grids" / "quickstart.yaml"
+        return subprocess.call([str(BIN / "forgetless"), "run", str(grid), *rest], env=env)
+    code = subprocess.call([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT, env=env)
+    if code == PYTEST_NO_TESTS:
+        print("pytest collected no tests: that is a failure here", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

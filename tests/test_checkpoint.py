@@ -1,0 +1,73 @@
+"""Checkpoints: weights_only round trips, and a resumed cell equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from forgetless.experiments import checkpoint, tracking
+from forgetless.experiments.runner import build_cell, run_cell
+from forgetless.strategies.rehearsal import Rehearsal
+
+REHEARSAL = {"name": "rehearsal", "buffer": {"size": 40, "policy": "class_balanced"}}
+FIVE = [{"name": "split_digits", "n_experiences": 5}]
+
+
+def test_strategy_state_round_trips_through_a_weights_only_checkpoint(write_grid, tmp_path):
+    cell = write_grid(strategies=[REHEARSAL], train={"epochs": 1, "momentum": 0.9}).cells[0]
+    stream, trained = build_cell(cell, "cpu")
+    for experience in stream:
+        trained.train(experience)
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(path, {"strategy": trained.state_dict(), "rng": checkpoint.rng_state()})
+
+    _, fresh = build_cell(cell, "cpu")
+    state = checkpoint.load(path)  # weights_only=True: would raise on arbitrary pickles
+    fresh.load_state_dict(state["strategy"])
+    for a, b in zip(trained.model.state_dict().values(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(trained.buffer.samples.x, fresh.buffer.samples.x)
+    assert fresh.buffer.seen == trained.buffer.seen
+    momentum = fresh.optimizer.state_dict()["state"]
+    assert momentum and all("momentum_buffer" in s for s in momentum.values())
+
+    checkpoint.set_rng_state(state["rng"])
+    first = torch.rand(3)
+    checkpoint.set_rng_state(state["rng"])
+    assert torch.equal(first, torch.rand(3))
+
+
+def test_resumed_cell_equals_uninterrupted_run(write_grid, tracking_uri, tmp_path, monkeypatch):
+    grid = write_grid(streams=FIVE, strategies=[REHEARSAL])
+    cell = grid.cells[0]
+    grid_run = tracking.open_grid(tracking_uri, grid.name, 1, grid.source)
+    assert run_cell(cell, grid_run, str(tmp_path / "a")).status == "FINISHED"
+
+    original = Rehearsal.train
+
+    def killed_at_third(self, experience):
+        if experience.index == 2:
+            raise KeyboardInterrupt  # as if the worker died mid-cell
+        original(self, experience)
+
+    monkeypatch.setattr(Rehearsal, "train", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(cell, grid_run, str(tmp_path / "b"))
+    monkeypatch.setattr(Rehearsal, "train", original)
+    path_b = tmp_path / "b" / grid.name / cell.hash / "checkpoint.pt"
+    assert checkpoint.load(path_b)["next"] == 2
+    resumed = run_cell(cell, grid_run, str(tmp_path / "b"))
+    assert resumed.status == "FINISHED"
+
+    full = checkpoint.load(tmp_path / "a" / grid.name / cell.hash / "checkpoint.pt")
+    again = checkpoint.load(path_b)
+    assert torch.equal(full["R"], again["R"])
+    assert not torch.isnan(again["R"]).any()
+
+    # The resumed cell continued its own MLflow run: one step per experience, no repeats.
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(again["run_id"])
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "acc/exp_0")]
+    assert steps == [0, 1, 2, 3, 4]

@@ -1,0 +1,102 @@
+"""A small grid run into a temporary MLflow store and read back through MLflow's API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from forgetless.experiments import metrics
+from forgetless.experiments.compare import compare_table
+from forgetless.experiments.runner import run_grid
+from forgetless.experiments.schema import ConfigError
+
+CONTRACT_TAGS = ["cell_hash", "stream", "strategy", "seed", "grid", "role"]
+FINAL = ["avg_acc", "learning_acc", "forgetting", "bwt", "fwt", "train_time_s", "memory_bytes"]
+
+
+def runs_by_role(uri: str, grid_name: str) -> dict[str, list]:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(grid_name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    out: dict[str, list] = {}
+    for run in runs:
+        out.setdefault(run.data.tags["forgetless.role"], []).append(run)
+    return out
+
+
+def test_grid_runs_and_reads_back_under_the_mlflow_contract(write_grid, tracking_uri, tmp_path):
+    grid = write_grid(
+        seeds=[0, 1],
+        strategies=["naive", {"name": "rehearsal", "buffer": {"size": 50}}],
+    )
+    outcomes = run_grid(grid, tracking_uri)
+    assert [o.status for o in outcomes] == ["FINISHED"] * 4
+
+    runs = runs_by_role(tracking_uri, grid.name)
+    (parent,) = runs["grid"]
+    assert parent.info.status == "FINISHED"
+    cells = runs["cell"]
+    assert len(cells) == 4
+    client = MlflowClient(tracking_uri)
+    for run in cells:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        for tag in CONTRACT_TAGS:
+            assert f"forgetless.{tag}" in run.data.tags
+        assert run.data.params["train.lr"] == "0.05"
+        for key in FINAL:
+            assert f"final/{key}" in run.data.metrics
+        history = client.get_metric_history(run.info.run_id, "acc/exp_0")
+        assert [m.step for m in history] == [0, 1]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "accuracy_matrix.json", "accuracy_matrix.png"} <= artifacts
+        # The logged final metrics are the metrics of the logged matrix.
+        path = client.download_artifacts(run.info.run_id, "accuracy_matrix.json", str(tmp_path))
+        matrix = json.load(open(path))
+        R = np.array(matrix["R"])
+        assert run.data.metrics["final/avg_acc"] == pytest.approx(metrics.average_accuracy(R))
+        assert run.data.metrics["final/forgetting"] == pytest.approx(metrics.forgetting(R))
+        assert run.data.metrics["final/fwt"] == pytest.approx(
+            metrics.forward_transfer(R, matrix["baseline"])
+        )
+    # One group run per (stream, strategy) with mean and std over the two seeds.
+    groups = {r.data.tags["forgetless.strategy"]: r for r in runs["group"]}
+    assert set(groups) == {"naive", "rehearsal"}
+    naive = [r.data.metrics["final/avg_acc"] for r in cells
+             if r.data.tags["forgetless.strategy"] == "naive"]  # fmt: skip
+    assert groups["naive"].data.metrics["final/avg_acc_mean"] == pytest.approx(np.mean(naive))
+    assert groups["naive"].data.metrics["final/avg_acc_std"] == pytest.approx(np.std(naive))
+
+    table = compare_table(tracking_uri, grid.name)
+    assert list(table["seeds"]) == [2, 2]
+
+
+def test_resubmitting_a_finished_grid_runs_nothing(write_grid, tracking_uri):
+    grid = write_grid()
+    assert [o.status for o in run_grid(grid, tracking_uri)] == ["FINISHED"]
+    assert [o.status for o in run_grid(grid, tracking_uri)] == ["SKIPPED"]
+    assert len(runs_by_role(tracking_uri, grid.name)["cell"]) == 1
+
+
+def test_diverging_cell_fails_with_reason_while_the_grid_goes_on(write_grid, tracking_uri):
+    grid = write_grid(train={"epochs": 1, "lr": 1e30}, strategies=["naive"],
+                      grid={"train.lr": [1e30, 0.05]})  # fmt: skip
+    outcomes = run_grid(grid, tracking_uri)
+    assert sorted(o.status for o in outcomes) == ["FAILED", "FINISHED"]
+    failed = [r for r in runs_by_role(tracking_uri, grid.name)["cell"]
+              if r.info.status == "FAILED"]  # fmt: skip
+    assert len(failed) == 1
+    assert "NonFiniteLoss" in failed[0].data.tags["forgetless.error"]
+    assert "train.lr" in failed[0].data.tags["forgetless.error"]
+
+
+def test_unreachable_tracking_server_is_refused_before_any_cell(write_grid, tmp_path):
+    grid = write_grid()
+    with pytest.raises(ConfigError, match="no MLflow server answers"):
+        run_grid(grid, "http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="does not exist or is not writable"):
+        run_grid(grid, f"sqlite:///{tmp_path}/missing/folder/mlflow.db")
+    assert not (tmp_path / "runs").exists()
