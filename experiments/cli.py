@@ -106,7 +106,8 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     strategy_class("naive", "")  # loads the built-ins
     for name in STRATEGIES.names():
         cls = strategy_class(name, name)
-        _print_entry(name, cls.__doc__ or "", cls.Config, f"supports: {', '.join(cls.supports)}")
+        doc = sys.modules[cls.__module__].__doc__ or cls.__doc__ or ""
+        _print_entry(name, doc, cls.Config, f"supports: {', '.join(cls.supports)}")
     print(
         "avalanche.<Name>\n    any avalanche-lib strategy (Naive, Replay, EWC, LwF, "
         "SynapticIntelligence, GEM, AGEM, GDumb, ...); parameters from its signature\n"

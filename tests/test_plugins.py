@@ -46,3 +46,8 @@ def test_module_colon_class_name_loads_the_plugin(installed_der, write_grid, tra
     (outcome,) = run_grid(grid, tracking_uri)
     assert outcome.status == "FINISHED", outcome.error
     assert outcome.summary["memory_bytes"] <= 20000
+
+
+def test_readme_shows_the_tested_plugin_verbatim():
+    readme = (EXAMPLE.parents[1] / "README.md").read_text()
+    assert (EXAMPLE / "forgetless_der.py").read_text().strip() in readme
