@@ -26,7 +26,7 @@ PYTEST_NO_TESTS = 5
 
 
 def install() -> None:
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - bootstrap runs on any python3
         sys.exit(f"forgetless needs Python >= 3.10; this is {sys.version.split()[0]}")
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == wanted:

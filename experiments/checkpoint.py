@@ -7,13 +7,16 @@ mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs
 import torch
+from forgetless.experiments.schema import ConfigError
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,15 +50,55 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def save(path: Path, state: dict[str, Any]) -> None:
+def save(location: str, state: dict[str, Any]) -> None:
+    """Write atomically to a local path or a URI (s3://, gs://, ... through pyarrow.fs)."""
+    if "://" in location:
+        fs, path = pyarrow.fs.FileSystem.from_uri(location)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path + ".tmp") as out:
+            out.write(buffer.getvalue())
+        fs.move(path + ".tmp", path)
+        return
+    path = Path(location)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def load(path: Path) -> dict[str, Any] | None:
-    """The checkpoint on CPU (RNG states must be CPU tensors; strategies move the rest)."""
-    if not path.exists():
+def load(location: str) -> dict[str, Any] | None:
+    """The checkpoint on CPU, or None (RNG states must be CPU tensors; strategies move the rest)."""
+    if "://" in location:
+        fs, path = pyarrow.fs.FileSystem.from_uri(location)
+        if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(path) as stream:
+            data = io.BytesIO(stream.read())
+        return torch.load(data, map_location="cpu", weights_only=True)
+    if not Path(location).exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(location, map_location="cpu", weights_only=True)
+
+
+def remove(location: str) -> None:
+    if "://" in location:
+        fs, path = pyarrow.fs.FileSystem.from_uri(location)
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_file(path)
+    else:
+        Path(location).unlink(missing_ok=True)
+
+
+def check_writable(storage: str) -> None:
+    """Raise ConfigError unless a checkpoint can be written under `storage`."""
+    probe = f"{storage.rstrip('/')}/.forgetless-probe"
+    try:
+        save(probe, {"probe": 1})
+        remove(probe)
+    except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
+        raise ConfigError(
+            f"storage: cannot write checkpoints under {storage!r} ({e}); choose a writable "
+            "folder or a URI the workers can reach (e.g. s3://bucket/forgetless)"
+        ) from e

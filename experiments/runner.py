@@ -11,20 +11,17 @@ reason in `forgetless.error`, and the grid goes on.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from forgetless.experiments import checkpoint, metrics, tracking
 from forgetless.experiments.config import Cell, Grid, build_params
 from forgetless.experiments.evaluate import score_stream
-from forgetless.experiments.schema import ConfigError
 from forgetless.models import MODELS, build_model
 from forgetless.strategies import Strategy, TrainConfig, strategy_class
 from forgetless.streams import Stream, build_stream, stream_factory
@@ -39,6 +36,7 @@ class CellOutcome:
     status: str  # FINISHED | FAILED | SKIPPED
     summary: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    recorded: bool = True  # False when the worker died and could not record the failure
 
 
 def default_device() -> str:
@@ -63,6 +61,11 @@ def build_cell(cell: Cell, device: str | torch.device) -> tuple[Stream, Strategy
     return stream, cls(model, params, train, stream)
 
 
+def checkpoint_path(storage: str, cell: Cell) -> str:
+    """Where a cell's checkpoint lives: a local path or a URI every worker can reach."""
+    return f"{storage.rstrip('/')}/{cell.grid}/{cell.hash}/checkpoint.pt"
+
+
 def run_cell(
     cell: Cell,
     grid_run: tracking.GridRun,
@@ -70,11 +73,16 @@ def run_cell(
     device: str | None = None,
     threads: int | None = None,
 ) -> CellOutcome:
-    """Train and score one cell, checkpointing after every experience and resuming from it."""
+    """Train and score one cell, checkpointing after every experience and resuming from it.
+
+    A worker that dies leaves the last checkpoint, and the retried call resumes there. An
+    exception ends the cell FAILED and removes its checkpoint, so that resubmitting the
+    grid retries it from the start in a new run while the FAILED run keeps its reason.
+    """
     if threads:
         torch.set_num_threads(threads)
     device = device or default_device()
-    path = Path(storage) / cell.grid / cell.hash / "checkpoint.pt"
+    path = checkpoint_path(storage, cell)
     run = None
     try:
         stream, strategy = build_cell(cell, device)
@@ -128,13 +136,21 @@ def run_cell(
     except Exception as e:  # noqa: BLE001 - a failing cell must not stop the grid
         reason = f"{type(e).__name__}: {e}"
         log.error("%s failed: %s\n%s", cell.label(), reason, traceback.format_exc())
-        try:
-            if run is None:
-                run = tracking.CellRun.start(grid_run, cell, [])
-            run.fail(reason)
-        except Exception:  # noqa: BLE001 - the store itself failed; report in the terminal
-            log.exception("could not record the failure of %s in MLflow", cell.label())
-        return CellOutcome(cell.hash, cell.label(), "FAILED", error=reason)
+        checkpoint.remove(path)
+        return record_failure(cell, grid_run, reason, run)
+
+
+def record_failure(
+    cell: Cell, grid_run: tracking.GridRun, reason: str, run: tracking.CellRun | None = None
+) -> CellOutcome:
+    """End the cell's run FAILED with `reason` (creating the run if it never started)."""
+    try:
+        if run is None:
+            run = tracking.CellRun.start(grid_run, cell, [])
+        run.fail(reason)
+    except Exception:  # noqa: BLE001 - the store itself failed; report in the terminal
+        log.exception("could not record the failure of %s in MLflow", cell.label())
+    return CellOutcome(cell.hash, cell.label(), "FAILED", error=reason)
 
 
 def _clock(device: torch.device) -> float:
@@ -167,13 +183,6 @@ def local_executor(cells: list[Cell], fn: Callable[[Cell], CellOutcome]) -> Iter
         yield fn(cell)
 
 
-def check_storage(storage: str) -> None:
-    path = Path(storage)
-    path.mkdir(parents=True, exist_ok=True) if not path.exists() else None
-    if not os.access(path, os.W_OK):
-        raise ConfigError(f"storage: {storage!r} is not writable; choose another folder")
-
-
 def run_grid(
     grid: Grid,
     tracking_uri: str,
@@ -181,7 +190,7 @@ def run_grid(
     on_outcome: Callable[[CellOutcome], None] | None = None,
 ) -> list[CellOutcome]:
     tracking.check_tracking_uri(tracking_uri)
-    check_storage(grid.storage)
+    checkpoint.check_writable(grid.storage)
     done = tracking.finished_cells(tracking_uri, grid.name)
     todo = [c for c in grid.cells if c.hash not in done]
     outcomes = [CellOutcome(c.hash, c.label(), "SKIPPED") for c in grid.cells if c.hash in done]
@@ -192,10 +201,15 @@ def run_grid(
         return outcomes
     grid_run = tracking.open_grid(tracking_uri, grid.name, len(grid.cells), grid.source)
 
-    def one(cell: Cell) -> CellOutcome:
-        return run_cell(cell, grid_run, grid.storage)
+    def one(cell: Cell, device: str | None = None, threads: int | None = None) -> CellOutcome:
+        return run_cell(cell, grid_run, grid.storage, device, threads)
 
+    cells = {c.hash: c for c in todo}
     for outcome in executor(todo, one):
+        if not outcome.recorded:
+            state = checkpoint.load(checkpoint_path(grid.storage, cells[outcome.cell_hash]))
+            run = tracking.CellRun(grid_run, state["run_id"]) if state else None
+            outcome = record_failure(cells[outcome.cell_hash], grid_run, outcome.error, run)
         outcomes.append(outcome)
         if on_outcome:
             on_outcome(outcome)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from forgetless.experiments.config import Grid, load_grid
 
 _names = itertools.count()
@@ -27,8 +26,13 @@ def write_grid(tmp_path: Path):
         data = {
             "name": f"test-{next(_names)}",
             "seeds": [0],
-            "streams": [{"name": "split_digits", "n_experiences": 2, "fixed_class_order":
-                         [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}],  # fmt: skip
+            "streams": [
+                {
+                    "name": "split_digits",
+                    "n_experiences": 2,
+                    "fixed_class_order": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+                }
+            ],  # fmt: skip
             "model": {"name": "mlp", "hidden": [32]},
             "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
             "strategies": ["naive"],

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mlflow import MlflowClient
-
 from forgetless.experiments import checkpoint, tracking
 from forgetless.experiments.runner import build_cell, run_cell
 from forgetless.strategies.rehearsal import Rehearsal
+from mlflow import MlflowClient
 
 REHEARSAL = {"name": "rehearsal", "buffer": {"size": 40, "policy": "class_balanced"}}
 FIVE = [{"name": "split_digits", "n_experiences": 5}]
@@ -19,7 +18,7 @@ def test_strategy_state_round_trips_through_a_weights_only_checkpoint(write_grid
     stream, trained = build_cell(cell, "cpu")
     for experience in stream:
         trained.train(experience)
-    path = tmp_path / "ckpt.pt"
+    path = str(tmp_path / "ckpt.pt")
     checkpoint.save(path, {"strategy": trained.state_dict(), "rng": checkpoint.rng_state()})
 
     _, fresh = build_cell(cell, "cpu")
@@ -55,12 +54,12 @@ def test_resumed_cell_equals_uninterrupted_run(write_grid, tracking_uri, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         run_cell(cell, grid_run, str(tmp_path / "b"))
     monkeypatch.setattr(Rehearsal, "train", original)
-    path_b = tmp_path / "b" / grid.name / cell.hash / "checkpoint.pt"
+    path_b = str(tmp_path / "b" / grid.name / cell.hash / "checkpoint.pt")
     assert checkpoint.load(path_b)["next"] == 2
     resumed = run_cell(cell, grid_run, str(tmp_path / "b"))
     assert resumed.status == "FINISHED"
 
-    full = checkpoint.load(tmp_path / "a" / grid.name / cell.hash / "checkpoint.pt")
+    full = checkpoint.load(str(tmp_path / "a" / grid.name / cell.hash / "checkpoint.pt"))
     again = checkpoint.load(path_b)
     assert torch.equal(full["R"], again["R"])
     assert not torch.isnan(again["R"]).any()

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow import MlflowClient
-
 from forgetless.experiments import metrics
 from forgetless.experiments.compare import compare_table
 from forgetless.experiments.runner import run_grid
 from forgetless.experiments.schema import ConfigError
+from mlflow import MlflowClient
 
 CONTRACT_TAGS = ["cell_hash", "stream", "strategy", "seed", "grid", "role"]
 FINAL = ["avg_acc", "learning_acc", "forgetting", "bwt", "fwt", "train_time_s", "memory_bytes"]
@@ -55,7 +55,7 @@ def test_grid_runs_and_reads_back_under_the_mlflow_contract(write_grid, tracking
         assert {"config.yaml", "accuracy_matrix.json", "accuracy_matrix.png"} <= artifacts
         # The logged final metrics are the metrics of the logged matrix.
         path = client.download_artifacts(run.info.run_id, "accuracy_matrix.json", str(tmp_path))
-        matrix = json.load(open(path))
+        matrix = json.loads(Path(path).read_text())
         R = np.array(matrix["R"])
         assert run.data.metrics["final/avg_acc"] == pytest.approx(metrics.average_accuracy(R))
         assert run.data.metrics["final/forgetting"] == pytest.approx(metrics.forgetting(R))

@@ -9,11 +9,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from forgetless.experiments.schema import param
-from forgetless.streams import Experience, Samples
 from forgetless.strategies import Strategy
 from forgetless.strategies.buffers import BufferConfig, ReplayBuffer
+from forgetless.streams import Experience, Samples
 
 
 @dataclass

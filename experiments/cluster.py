@@ -1,0 +1,115 @@
+"""Cells on Ray: one Ray core task per cell.
+
+Why core tasks and not Ray Tune: a cell is a function run to completion, not a trial to
+tune. `@ray.remote(max_retries=...)` gives scheduling by resources (fractional GPUs
+included), retries when a worker or node dies, and reused worker processes (a few ms
+per task instead of Tune's fresh process per trial), in a few lines. Resume does not
+need Tune's restore either: a retried task calls the same `run_cell`, which picks up
+the cell's checkpoint by hash, and a resubmitted grid skips FINISHED cells by hash.
+
+Failures split in two: a worker that dies (SIGKILL, OOM killer, lost node) is an
+infrastructure failure that Ray retries; an exception inside the cell (a diverging
+loss, a bug) is a code failure that `run_cell` records as FAILED and Ray does not retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import ray
+from forgetless.experiments.config import Cell, Resources
+from forgetless.experiments.runner import CellOutcome
+from forgetless.experiments.schema import ConfigError
+
+log = logging.getLogger(__name__)
+MAX_RETRIES = 3  # worker deaths per cell before it is reported lost
+
+
+def connect(address: str | None) -> None:
+    """Reach the cluster at `address` (or $RAY_ADDRESS), else start Ray in this process."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            # Workers see what the driver sees (a plugin module beside the grid, say).
+            path = os.pathsep.join(p for p in sys.path if p)
+            ray.init(
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"PYTHONPATH": path}},
+            )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ConfigError(
+            f"--address {address!r}: no Ray cluster answers ({e}); start one with "
+            "`ray start --head` or `ray up ray_cluster.yaml`, or drop --address to run "
+            "on this machine"
+        ) from e
+
+
+def check_resources(resources: Resources) -> None:
+    """Refuse a grid whose per-cell resources no node of the cluster can satisfy."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for node in nodes:
+        if node.get("CPU", 0) >= resources.cpu and node.get("GPU", 0) >= resources.gpu:
+            return
+    offered = "; ".join(f"CPU {n.get('CPU', 0):g}, GPU {n.get('GPU', 0):g}" for n in nodes)
+    raise ConfigError(
+        f"resources: a cell asks for cpu {resources.cpu:g}, gpu {resources.gpu:g}, but no node "
+        f"of the cluster has that (nodes: {offered or 'none'}); lower resources or add a node"
+    )
+
+
+def device_for(gpu_ids: list, gpu_request: float) -> str:
+    """The device a cell trains on: the GPU Ray assigned it, or the CPU."""
+    if gpu_request > 0 and gpu_ids:
+        return "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
+    return "cpu"
+
+
+def threads_for(cpu_request: float) -> int:
+    """Torch threads = CPUs Ray gave the cell; more oversubscribes a shared node."""
+    return max(1, int(cpu_request))
+
+
+@ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)
+def _run_cell_task(fn: Callable[..., CellOutcome], cell: Cell, resources: Resources):
+    device = device_for(ray.get_gpu_ids(), resources.gpu)
+    return fn(cell, device=device, threads=threads_for(resources.cpu))
+
+
+def ray_executor(resources: Resources, on_running: Callable[[int], None] | None = None):
+    """An executor for `run_grid`: every cell as a Ray task, yielded as each one ends."""
+
+    def execute(cells: list[Cell], fn: Callable[..., CellOutcome]) -> Iterator[CellOutcome]:
+        check_resources(resources)
+        task = _run_cell_task.options(num_cpus=resources.cpu, num_gpus=resources.gpu)
+        pending = {task.remote(fn, cell, resources): cell for cell in cells}
+        slots = _slots(resources)
+        while pending:
+            if on_running:
+                on_running(min(len(pending), slots))
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(ready)
+            try:
+                yield ray.get(ready)
+            except ray.exceptions.RayError as e:  # the worker died MAX_RETRIES + 1 times
+                reason = f"{type(e).__name__}: worker lost after {MAX_RETRIES} retries: {e}"
+                yield CellOutcome(
+                    cell.hash, cell.label(), "FAILED", error=reason[:2000], recorded=False
+                )
+
+    return execute
+
+
+def _slots(resources: Resources) -> int:
+    """How many cells the cluster runs at once (for the progress display)."""
+    total = ray.cluster_resources()
+    by_cpu = total.get("CPU", 0) // resources.cpu
+    by_gpu = total.get("GPU", 0) // resources.gpu if resources.gpu else by_cpu
+    return max(1, int(min(by_cpu, by_gpu)))
