@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("grid", help="path to a grid YAML file")
     run.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or "
                      "sqlite:///mlflow.db)")  # fmt: skip
+    run.add_argument("--address", help="Ray cluster: auto, ray://HOST:10001 (default: "
+                     "$RAY_ADDRESS, else a local Ray started in this process)")  # fmt: skip
+    run.add_argument("--no-ray", action="store_true",
+                     help="run the cells one after another in this process")  # fmt: skip
 
     validate = commands.add_parser("validate", help="check a grid and list its cells")
     validate.add_argument("grid")
@@ -59,26 +63,43 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from forgetless.experiments.compare import compare_table, format_table
     from forgetless.experiments.config import load_grid
-    from forgetless.experiments.runner import run_grid
-    from forgetless.experiments.tracking import resolve_tracking_uri
-    from tqdm import tqdm
+    from forgetless.experiments.runner import local_executor, run_grid
+    from forgetless.experiments.tracking import check_tracking_uri, resolve_tracking_uri
 
     grid = load_grid(args.grid)
     uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking_uri(uri)
     counts = {"FINISHED": 0, "FAILED": 0, "SKIPPED": 0}
+    running = [0]
     bar = tqdm(total=len(grid.cells), desc=grid.name, unit="cell", file=sys.stderr)
+
+    def show() -> None:
+        bar.set_postfix(done=counts["FINISHED"], running=running[0], failed=counts["FAILED"],
+                        skipped=counts["SKIPPED"], refresh=False)  # fmt: skip
+
+    def on_running(n: int) -> None:
+        running[0] = n
+        show()
 
     def on_outcome(outcome) -> None:
         counts[outcome.status] += 1
         if outcome.status == "FAILED":
             tqdm.write(f"FAILED {outcome.label}: {outcome.error}", file=sys.stderr)
-        bar.set_postfix(done=counts["FINISHED"], failed=counts["FAILED"],
-                        skipped=counts["SKIPPED"])  # fmt: skip
         bar.update(1)
+        show()
 
-    run_grid(grid, uri, on_outcome=on_outcome)
+    if args.no_ray:
+        executor = local_executor
+    else:
+        from forgetless.experiments.cluster import connect, ray_executor
+
+        connect(args.address)
+        executor = ray_executor(grid.resources, on_running)
+    run_grid(grid, uri, executor, on_outcome=on_outcome)
     bar.close()
     print(format_table(compare_table(uri, grid.name)))
     print(f"\n{counts['FINISHED']} cells run, {counts['SKIPPED']} already finished, "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterator
 
@@ -35,6 +36,7 @@ def connect(address: str | None) -> None:
         return
     try:
         if address:
+            _check_reachable(address)
             ray.init(address=address, log_to_driver=False)
         else:
             # Workers see what the driver sees (a plugin module beside the grid, say).
@@ -50,6 +52,17 @@ def connect(address: str | None) -> None:
             "`ray start --head` or `ray up ray_cluster.yaml`, or drop --address to run "
             "on this machine"
         ) from e
+
+
+def _check_reachable(address: str) -> None:
+    """A TCP probe first: ray.init retries an address that nobody answers for minutes."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"cannot connect to {host}:{port}: {e}") from e
 
 
 def check_resources(resources: Resources) -> None:
