@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs
 import torch
+
 from forgetless.experiments.schema import ConfigError
 
 

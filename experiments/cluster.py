@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 import ray
+
 from forgetless.experiments.config import Cell, Resources
 from forgetless.experiments.runner import CellOutcome
 from forgetless.experiments.schema import ConfigError

@@ -8,8 +8,9 @@ metric gets a mean and a standard deviation over seeds.
 from __future__ import annotations
 
 import pandas as pd
-from forgetless.experiments import tracking
 from mlflow import MlflowClient
+
+from forgetless.experiments import tracking
 
 TAG = tracking.TAG
 GROUP_KEYS = ["stream", "strategy", "variant"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from forgetless.experiments.schema import ConfigError, param, parse, positive, suggest
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")

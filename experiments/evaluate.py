@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from forgetless.strategies import Strategy
 from forgetless.streams import Experience, Samples, Stream
 

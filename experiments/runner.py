@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from forgetless.experiments import checkpoint, metrics, tracking
 from forgetless.experiments.config import Cell, Grid, build_params
 from forgetless.experiments.evaluate import score_stream

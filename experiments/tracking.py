@@ -20,10 +20,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 import yaml
-from forgetless.experiments.config import Cell
-from forgetless.experiments.schema import ConfigError
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+
+from forgetless.experiments.config import Cell
+from forgetless.experiments.schema import ConfigError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "forgetless."

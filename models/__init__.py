@@ -6,10 +6,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from forgetless.experiments.registry import Registry
 from forgetless.experiments.schema import ConfigError, param
 from forgetless.streams import Stream
-from torch import nn
 
 MODELS: Registry = Registry("model", "forgetless.models")
 register_model = MODELS.register

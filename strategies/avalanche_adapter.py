@@ -16,10 +16,11 @@ import inspect
 from typing import Any, Optional, Union, get_args, get_origin
 
 import torch
+from torch import nn
+
 from forgetless.experiments.schema import ConfigError, suggest
 from forgetless.strategies.base import NonFiniteLoss, Strategy, TrainConfig
 from forgetless.streams import Experience, Stream
-from torch import nn
 
 # Set from the grid's `train:` section or by forgetless itself, never by strategy parameters.
 RESERVED = {

@@ -20,9 +20,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from forgetless.experiments.schema import ConfigError, param, positive
 from forgetless.streams import Experience, Samples, Stream
-from torch import nn
 
 
 @dataclass

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
 from forgetless.experiments.schema import ConfigError, param, positive
 from forgetless.streams import Samples
 

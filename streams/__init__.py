@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+
 from forgetless.experiments.registry import Registry
 
 Kind = Literal["classification", "generation", "edit"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from forgetless.experiments.schema import ConfigError, param, positive
 from forgetless.streams import Experience, Samples, Stream
 

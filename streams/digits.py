@@ -12,6 +12,7 @@ from functools import cache
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
+
 from forgetless.experiments.schema import ConfigError, param, positive
 from forgetless.streams import Experience, Samples, Stream, register_stream
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from forgetless.experiments.config import Grid, load_grid
 
 _names = itertools.count()

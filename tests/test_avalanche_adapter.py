@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from forgetless.experiments.config import grid_from_dict
 from forgetless.experiments.evaluate import accuracy
 from forgetless.experiments.runner import build_cell

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mlflow import MlflowClient
+
 from forgetless.experiments import checkpoint, tracking
 from forgetless.experiments.runner import build_cell, run_cell
 from forgetless.strategies.rehearsal import Rehearsal
-from mlflow import MlflowClient
 
 REHEARSAL = {"name": "rehearsal", "buffer": {"size": 40, "policy": "class_balanced"}}
 FIVE = [{"name": "split_digits", "n_experiences": 5}]

@@ -1,4 +1,4 @@
-"""Cells on Ray: parallel logging loses nothing, a killed worker's cell resumes, bad input stops early."""
+"""Cells on Ray: parallel logging loses nothing, a killed worker resumes, bad input stops early."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from forgetless.experiments.runner import run_grid
 from forgetless.strategies import STRATEGIES, strategy_class
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from forgetless.experiments.schema import param
 from forgetless.strategies import Strategy
 from forgetless.strategies.buffers import BufferConfig, ReplayBuffer
