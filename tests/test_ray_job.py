@@ -1,0 +1,62 @@
+"""`ray job submit --working-dir . -- forgetless run GRID` against a `ray start --head` cluster."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    """A one-node Ray cluster on localhost, as `ray start --head` makes it."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    dashboard = free_port()
+    subprocess.run(
+        [str(BIN / "ray"), "start", "--head", f"--port={free_port()}", "--num-cpus=2",
+         "--include-dashboard=true", f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+        check=True, env=env, capture_output=True, timeout=180,
+    )  # fmt: skip
+    token = Path.home() / ".ray" / "auth_token"
+    if token.exists():  # this Ray version authenticates job submission with a token
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token.read_text().strip())
+    yield f"http://127.0.0.1:{dashboard}", env
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+
+
+def test_ray_job_submit_runs_a_grid_on_the_cluster(head_node, tmp_path):
+    address, env = head_node
+    grid = {
+        "name": "job-submit",
+        "seeds": [0, 1],
+        "streams": [{"name": "split_digits", "n_experiences": 2}],
+        "train": {"epochs": 1},
+        "strategies": ["naive"],
+    }
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+         "forgetless", "run", "grid.yaml", "--address", "auto", "--tracking-uri", uri],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "2 cells run" in job.stdout
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("job-submit")
+    runs = client.search_runs([experiment.experiment_id], "tags.`forgetless.role` = 'cell'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
