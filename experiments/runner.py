@@ -200,24 +200,32 @@ def run_grid(
             on_outcome(outcome)
     if not todo:
         return outcomes
+    # Runs left RUNNING by an interrupted submission: a cell with a checkpoint reopens its
+    # run when it resumes, the others start a new one.
+    tracking.mark_interrupted(tracking_uri, grid.name, {c.hash for c in todo})
     grid_run = tracking.open_grid(tracking_uri, grid.name, len(grid.cells), grid.source)
 
     def one(cell: Cell, device: str | None = None, threads: int | None = None) -> CellOutcome:
         return run_cell(cell, grid_run, grid.storage, device, threads)
 
     cells = {c.hash: c for c in todo}
-    for outcome in executor(todo, one):
-        if not outcome.recorded:
-            state = checkpoint.load(checkpoint_path(grid.storage, cells[outcome.cell_hash]))
-            run = tracking.CellRun(grid_run, state["run_id"]) if state else None
-            outcome = record_failure(cells[outcome.cell_hash], grid_run, outcome.error, run)
-        outcomes.append(outcome)
-        if on_outcome:
-            on_outcome(outcome)
+    try:
+        for outcome in executor(todo, one):
+            if not outcome.recorded:
+                state = checkpoint.load(checkpoint_path(grid.storage, cells[outcome.cell_hash]))
+                run = tracking.CellRun(grid_run, state["run_id"]) if state else None
+                outcome = record_failure(cells[outcome.cell_hash], grid_run, outcome.error, run)
+            outcomes.append(outcome)
+            if on_outcome:
+                on_outcome(outcome)
+    except BaseException:  # Ctrl-C or a dying driver: say so in the parent run, then stop
+        tracking.close_grid(grid_run, "KILLED")
+        raise
     if len(outcomes) != len(grid.cells):
         raise RuntimeError(f"{len(grid.cells)} cells expanded but {len(outcomes)} reported back")
     from forgetless.experiments.compare import log_seed_groups
 
     log_seed_groups(grid_run, grid.name)
-    tracking.close_grid(grid_run, failed=sum(o.status == "FAILED" for o in outcomes))
+    failed = sum(o.status == "FAILED" for o in outcomes)
+    tracking.close_grid(grid_run, "FAILED" if failed else "FINISHED", failed)
     return outcomes

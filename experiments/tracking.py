@@ -93,11 +93,23 @@ def open_grid(uri: str, grid_name: str, n_cells: int, grid_source: dict[str, Any
     return GridRun(uri, experiment_id, run.info.run_id)
 
 
-def close_grid(grid_run: GridRun, failed: int) -> None:
+def close_grid(grid_run: GridRun, status: str, failed: int = 0) -> None:
     client = MlflowClient(grid_run.tracking_uri)
     client.set_tag(grid_run.parent_run_id, f"{TAG}failed_cells", str(failed))
-    status = "FAILED" if failed else "FINISHED"
     client.set_terminated(grid_run.parent_run_id, status)
+
+
+def mark_interrupted(uri: str, grid_name: str, cell_hashes: set[str]) -> None:
+    """End as KILLED the RUNNING runs of these cells, left by an interrupted submission."""
+    client = MlflowClient(uri)
+    try:
+        runs = cell_runs(uri, grid_name, status="RUNNING")
+    except ConfigError:  # no experiment yet
+        return
+    for run in runs:
+        if run.data.tags.get(f"{TAG}cell_hash") in cell_hashes:
+            client.set_tag(run.info.run_id, f"{TAG}interrupted", "true")
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def finished_cells(uri: str, grid_name: str) -> dict[str, str]:

@@ -7,7 +7,7 @@ import torch
 from mlflow import MlflowClient
 
 from forgetless.experiments import checkpoint, tracking
-from forgetless.experiments.runner import build_cell, run_cell
+from forgetless.experiments.runner import build_cell, run_cell, run_grid
 from forgetless.strategies.rehearsal import Rehearsal
 
 REHEARSAL = {"name": "rehearsal", "buffer": {"size": 40, "policy": "class_balanced"}}
@@ -71,3 +71,30 @@ def test_resumed_cell_equals_uninterrupted_run(write_grid, tracking_uri, tmp_pat
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "acc/exp_0")]
     assert steps == [0, 1, 2, 3, 4]
+
+
+def test_interrupted_grid_finishes_the_rest_when_resubmitted(write_grid, tracking_uri, monkeypatch):
+    grid = write_grid(seeds=[0, 1, 2], streams=FIVE, strategies=[REHEARSAL])
+    original = Rehearsal.train
+    calls = {"n": 0}
+
+    def interrupted(self, experience):
+        calls["n"] += 1
+        if calls["n"] == 8:  # the second cell's third experience: Ctrl-C
+            raise KeyboardInterrupt
+        original(self, experience)
+
+    monkeypatch.setattr(Rehearsal, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, tracking_uri)
+    monkeypatch.setattr(Rehearsal, "train", original)
+
+    outcomes = run_grid(grid, tracking_uri)
+    assert [o.status for o in outcomes] == ["SKIPPED", "FINISHED", "FINISHED"]
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(grid.name)
+    runs = client.search_runs([experiment.experiment_id], "tags.`forgetless.role` = 'cell'")
+    statuses = sorted(r.info.status for r in runs)
+    assert statuses == ["FINISHED", "FINISHED", "FINISHED"]  # the interrupted cell resumed its run
+    parents = client.search_runs([experiment.experiment_id], "tags.`forgetless.role` = 'grid'")
+    assert sorted(p.info.status for p in parents) == ["FINISHED", "KILLED"]

@@ -101,3 +101,12 @@ def test_unreachable_tracking_server_is_refused_before_any_cell(write_grid, tmp_
     with pytest.raises(ConfigError, match="does not exist or is not writable"):
         run_grid(grid, f"sqlite:///{tmp_path}/missing/folder/mlflow.db")
     assert not (tmp_path / "runs").exists()
+
+
+def test_unwritable_storage_is_refused_before_any_cell(write_grid, tracking_uri, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    grid = write_grid(storage=str(blocker / "runs"))
+    with pytest.raises(ConfigError, match="storage: cannot write checkpoints"):
+        run_grid(grid, tracking_uri)
+    assert MlflowClient(tracking_uri).get_experiment_by_name(grid.name) is None
