@@ -1,7 +1,8 @@
 """Training overhead of forgetless against a bare PyTorch loop and avalanche-lib.
 
 On split_digits (5 experiences, seed 0), one MLP (hidden [128]), SGD lr 0.05 momentum
-0.9, 5 epochs, batch size 32 and one CPU thread for everyone, this times in one run:
+0.9, 5 epochs, batch size 32, the same seed and one CPU thread for everyone, this times
+in one run:
 
   bare_naive      a plain PyTorch loop: tensors, randperm, sliced batches, step
   bare_replay     the same plus a reservoir buffer of 200 and 32 replayed samples
@@ -14,10 +15,12 @@ On split_digits (5 experiences, seed 0), one MLP (hidden [128]), SGD lr 0.05 mom
 Training time is measured around the training of each experience only; evaluation
 (scoring every test set after each experience) is timed separately. Systems run
 interleaved, ROUNDS rounds in rotating order, and every figure is a median over rounds
-(this machine is small and noisy); ratios come from the medians of the same run.
+(this 2-core machine is noisy); ratios come from the medians of the same run. Wall-clock
+time gives the headline ratios; this thread's CPU time is reported beside it as a
+cross-check that other processes on the machine barely disturb.
 
-Then real cells run through `runner.run_cell` into a temporary SQLite MLflow store,
-with the tracker's calls timed, to give the share of a cell's wall time spent logging.
+Then real cells run through `runner.run_cell` into a temporary SQLite MLflow store, with
+the tracker's calls timed, to give the share of a cell's wall time spent logging.
 
 Run: `.venv/bin/python benchmarks/overhead.py`. The last line is one JSON object.
 """
@@ -28,22 +31,25 @@ import functools
 import gc
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from forgetless.experiments import checkpoint, plots, tracking
 from forgetless.experiments.config import grid_from_dict
 from forgetless.experiments.evaluate import score_stream
 from forgetless.experiments.runner import build_cell, run_cell
 from forgetless.models import MLPConfig, build_model
 from forgetless.streams import Stream
-from torch import nn
 
 SEED = 0
 EPOCHS = 5
@@ -53,8 +59,8 @@ MOMENTUM = 0.9
 EVAL_BATCH_SIZE = 512
 HIDDEN = [128]
 MEM_SIZE = 200
-ROUNDS = 5
-MLFLOW_CELLS = 4  # cells per strategy; the first (cold: imports, engine) is reported apart
+ROUNDS = 7
+MLFLOW_CELLS = 4  # cells per strategy; the first (cold) is reported apart
 
 TARGET_FL_VS_BARE = 1.15
 TARGET_AV_VS_FL = 3.0
@@ -78,19 +84,36 @@ GRID = {
         {"name": "rehearsal", "buffer": {"size": MEM_SIZE, "policy": "reservoir"}},
     ],
 }
-
-Timings = tuple[float, float, list[float]]  # train seconds, eval seconds, final accuracies
-
-
-def cells_by_strategy(grid_dict: dict) -> dict:
-    return {c.strategy: c for c in grid_from_dict(grid_dict).cells}
+CELLS = {cell.strategy: cell for cell in grid_from_dict(GRID).cells}
 
 
-CELLS = cells_by_strategy(GRID)
+class Span:
+    """Wall-clock and this thread's CPU time, accumulated over the `with` blocks it times."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> Span:
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall += time.perf_counter() - self._wall
+        self.cpu += time.thread_time() - self._cpu
+
+
+Timings = tuple[Span, Span, list[float]]  # training, evaluation, final accuracies
+
+
+@functools.cache
+def digits_stream() -> Stream:
+    """The cells' stream (split_digits, 5 experiences, seed 0), built as a cell builds it."""
+    stream, _ = build_cell(CELLS["naive"], "cpu")
+    return stream
 
 
 def fresh_model(stream: Stream) -> nn.Module:
-    """The MLP exactly as forgetless builds it, after the same seeding as a cell."""
+    """The MLP as forgetless builds it, after the same seeding as a cell."""
     checkpoint.seed_everything(SEED)
     return build_model("mlp", MLPConfig(hidden=list(HIDDEN)), stream)
 
@@ -110,64 +133,61 @@ def bare_scores(model: nn.Module, stream: Stream) -> list[float]:
         x, y = e.test.x, e.test.y
         correct = 0
         for s in range(0, len(y), EVAL_BATCH_SIZE):
-            correct += (
-                model(x[s : s + EVAL_BATCH_SIZE]).argmax(1) == y[s : s + EVAL_BATCH_SIZE]
-            ).sum()
-        scores.append(int(correct) / len(y))
+            logits = model(x[s : s + EVAL_BATCH_SIZE])
+            correct += int((logits.argmax(1) == y[s : s + EVAL_BATCH_SIZE]).sum())
+        scores.append(correct / len(y))
     model.train()
     return scores
 
 
-def run_bare(stream: Stream, replay: bool) -> Timings:
+def run_bare(replay: bool) -> Timings:
     """The loop a user would write by hand.
 
     With replay=True it also keeps a reservoir buffer of MEM_SIZE samples and appends
-    BATCH_SIZE replayed samples to every step once the buffer is non-empty, which is what
-    forgetless `rehearsal` does, so `rehearsal_vs_bare` compares like with like (and
-    `naive_vs_bare` compares forgetless naive with the loop without replay).
+    BATCH_SIZE replayed samples to every step once the buffer holds any, which is what
+    forgetless `rehearsal` does: `rehearsal_vs_bare` compares it with this loop (like
+    with like), and `naive_vs_bare` compares forgetless naive with the loop without it.
     """
+    stream = digits_stream()
     model = fresh_model(stream)
     optimizer = sgd(model)
     buf_x = buf_y = None
-    seen = 0
-    train_s = eval_s = 0.0
+    seen = stored = 0
+    training, evaluation = Span(), Span()
     scores: list[float] = []
     for e in stream:
-        tick = time.perf_counter()
-        x, y = e.train.x, e.train.y
-        n = len(y)
-        model.train()
-        for _ in range(EPOCHS):
-            order = torch.randperm(n)
-            for s in range(0, n, BATCH_SIZE):
-                idx = order[s : s + BATCH_SIZE]
-                xb, yb = x[idx], y[idx]
-                if replay and buf_x is not None:
-                    r = torch.randint(len(buf_y), (BATCH_SIZE,))
-                    xb, yb = torch.cat([xb, buf_x[r]]), torch.cat([yb, buf_y[r]])
-                loss = F.cross_entropy(model(xb), yb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        if replay:  # reservoir sampling (Vitter's algorithm R), sample by sample
-            for i in range(n):
-                if buf_y is None or len(buf_y) < MEM_SIZE:
-                    buf_x = (
-                        x[i : i + 1].clone() if buf_x is None else torch.cat([buf_x, x[i : i + 1]])
-                    )
-                    buf_y = (
-                        y[i : i + 1].clone() if buf_y is None else torch.cat([buf_y, y[i : i + 1]])
-                    )
-                else:
-                    j = int(torch.randint(seen + 1, ()))
-                    if j < MEM_SIZE:
-                        buf_x[j], buf_y[j] = x[i], y[i]
-                seen += 1
-        tock = time.perf_counter()
-        scores = bare_scores(model, stream)
-        train_s += tock - tick
-        eval_s += time.perf_counter() - tock
-    return train_s, eval_s, scores
+        with training:
+            x, y = e.train.x, e.train.y
+            n = len(y)
+            model.train()
+            for _ in range(EPOCHS):
+                order = torch.randperm(n)
+                for s in range(0, n, BATCH_SIZE):
+                    idx = order[s : s + BATCH_SIZE]
+                    xb, yb = x[idx], y[idx]
+                    if replay and stored:
+                        r = torch.randint(stored, (BATCH_SIZE,))
+                        xb, yb = torch.cat([xb, buf_x[r]]), torch.cat([yb, buf_y[r]])
+                    loss = F.cross_entropy(model(xb), yb)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+            if replay:  # reservoir sampling (Vitter's algorithm R) over this experience
+                if buf_x is None:
+                    buf_x, buf_y = x.new_empty((MEM_SIZE, *x.shape[1:])), y.new_empty(MEM_SIZE)
+                u = torch.rand(n).tolist()
+                target = {}  # slot -> sample; a later sample overwrites an earlier one
+                for i in range(n):
+                    slot = seen if seen < MEM_SIZE else int(u[i] * (seen + 1))
+                    if slot < MEM_SIZE:
+                        target[slot] = i
+                    seen += 1
+                slots, source = torch.tensor(list(target)), torch.tensor(list(target.values()))
+                buf_x[slots], buf_y[slots] = x[source], y[source]
+                stored = min(seen, MEM_SIZE)
+        with evaluation:
+            scores = bare_scores(model, stream)
+    return training, evaluation, scores
 
 
 # --- (b) forgetless --------------------------------------------------------------------
@@ -175,23 +195,21 @@ def run_bare(stream: Stream, replay: bool) -> Timings:
 
 def run_forgetless(strategy_name: str) -> Timings:
     stream, strategy = build_cell(CELLS[strategy_name], "cpu")
-    train_s = eval_s = 0.0
+    training, evaluation = Span(), Span()
     scores: list[float] = []
     for e in stream:
-        tick = time.perf_counter()
-        strategy.train(e)
-        tock = time.perf_counter()
-        scores = score_stream(strategy, stream)
-        train_s += tock - tick
-        eval_s += time.perf_counter() - tock
-    return train_s, eval_s, scores
+        with training:
+            strategy.train(e)
+        with evaluation:
+            scores = score_stream(strategy, stream)
+    return training, evaluation, scores
 
 
 # --- (c) avalanche-lib -----------------------------------------------------------------
 
 
 def as_avalanche(samples):
-    """A tensor dataset the way strategies/avalanche_adapter.py builds one."""
+    """A tensor dataset, built the way strategies/avalanche_adapter.py builds one."""
     from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
 
     task = samples.task if samples.task is not None else torch.zeros_like(samples.y)
@@ -204,18 +222,17 @@ def as_avalanche(samples):
 def avalanche_benchmark():
     from avalanche.benchmarks.scenarios import benchmark_from_datasets
 
-    stream, _ = build_cell(CELLS["naive"], "cpu")
-    benchmark = benchmark_from_datasets(
+    stream = digits_stream()
+    return benchmark_from_datasets(
         train=[as_avalanche(e.train) for e in stream], test=[as_avalanche(e.test) for e in stream]
     )
-    return stream, benchmark
 
 
 def run_avalanche(name: str) -> Timings:
     from avalanche.training import Naive, Replay
     from avalanche.training.plugins import EvaluationPlugin
 
-    stream, benchmark = avalanche_benchmark()
+    stream, benchmark = digits_stream(), avalanche_benchmark()
     model = fresh_model(stream)
     common = dict(
         model=model,
@@ -228,21 +245,19 @@ def run_avalanche(name: str) -> Timings:
         evaluator=EvaluationPlugin(loggers=[]),
     )
     strategy = Naive(**common) if name == "naive" else Replay(mem_size=MEM_SIZE, **common)
-    train_s = eval_s = 0.0
+    training, evaluation = Span(), Span()
     for experience in benchmark.train_stream:
-        tick = time.perf_counter()
-        strategy.train(experience, num_workers=0)
-        tock = time.perf_counter()
-        strategy.eval(benchmark.test_stream, num_workers=0)
-        train_s += tock - tick
-        eval_s += time.perf_counter() - tock
+        with training:
+            strategy.train(experience, num_workers=0)
+        with evaluation:
+            strategy.eval(benchmark.test_stream, num_workers=0)
     # Scored outside the timers, the same way as the bare loop, as a sanity check.
-    return train_s, eval_s, bare_scores(model, stream)
+    return training, evaluation, bare_scores(model, stream)
 
 
 SYSTEMS: dict[str, Callable[[], Timings]] = {
-    "bare_naive": lambda: run_bare(avalanche_benchmark()[0], replay=False),
-    "bare_replay": lambda: run_bare(avalanche_benchmark()[0], replay=True),
+    "bare_naive": lambda: run_bare(replay=False),
+    "bare_replay": lambda: run_bare(replay=True),
     "fl_naive": lambda: run_forgetless("naive"),
     "fl_rehearsal": lambda: run_forgetless("rehearsal"),
     "av_naive": lambda: run_avalanche("naive"),
@@ -250,32 +265,49 @@ SYSTEMS: dict[str, Callable[[], Timings]] = {
 }
 
 
-def time_systems() -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float]]:
+def time_systems() -> dict[str, dict]:
+    """Every system once per round, in an order rotated each round; medians over rounds."""
     names = list(SYSTEMS)
-    train: dict[str, list[float]] = {n: [] for n in names}
-    evals: dict[str, list[float]] = {n: [] for n in names}
-    final_acc: dict[str, float] = {}
+    runs: dict[str, list[Timings]] = {n: [] for n in names}
     for r in range(ROUNDS):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
+        tick = time.perf_counter()
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             gc.collect()
-            t, e, scores = SYSTEMS[name]()
-            train[name].append(t)
-            evals[name].append(e)
-            final_acc[name] = sum(scores) / len(scores)
-        print(f"round {r + 1}/{ROUNDS} done", file=sys.stderr)
-    return train, evals, final_acc
+            # avalanche-lib re-arms its deprecation warnings on every call; keep them quiet.
+            with warnings.catch_warnings(record=True):
+                runs[name].append(SYSTEMS[name]())
+        print(f"round {r + 1}/{ROUNDS}: {time.perf_counter() - tick:.1f} s", file=sys.stderr)
+    out = {}
+    for name, rows in runs.items():
+        train_wall = [t.wall for t, _, _ in rows]
+        out[name] = {
+            "train_s": statistics.median(train_wall),
+            "train_cpu_s": statistics.median(t.cpu for t, _, _ in rows),
+            "eval_s": statistics.median(e.wall for _, e, _ in rows),
+            "train_s_min": min(train_wall),
+            "train_s_max": max(train_wall),
+            "train_s_all": train_wall,
+            "final_avg_acc": statistics.mean(rows[-1][2]),
+        }
+    return out
 
 
 # --- MLflow share ------------------------------------------------------------------------
 
 
 class Stopwatch:
-    """Accumulates time spent inside wrapped callables; nested wrapped calls count once."""
+    """Time spent inside wrapped callables, per bucket.
+
+    A call made inside another wrapped call is recorded under "<bucket>[nested]" (a
+    breakdown of its caller) so that `total` never counts the same time twice.
+    """
 
     def __init__(self) -> None:
-        self.total: dict[str, float] = {}
+        self.times: dict[str, float] = {}
         self.depth = 0
+
+    def total(self, prefix: str) -> float:
+        return sum(v for k, v in self.times.items() if k.startswith(prefix) and "[" not in k)
 
     def wrap(self, owner, attr: str, bucket: str) -> None:
         raw = owner.__dict__[attr]
@@ -284,15 +316,14 @@ class Stopwatch:
 
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            if self.depth:
-                return fn(*args, **kwargs)
+            key = f"{bucket}[nested]" if self.depth else bucket
             self.depth += 1
             tick = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.total[bucket] = self.total.get(bucket, 0.0) + time.perf_counter() - tick
                 self.depth -= 1
+                self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - tick
 
         setattr(owner, attr, classmethod(timed) if is_classmethod else timed)
 
@@ -304,18 +335,19 @@ def measure_mlflow() -> dict[str, dict[str, float]]:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     watch = Stopwatch()
     for method in ("start", "resume", "log_step", "finish", "fail"):
-        watch.wrap(tracking.CellRun, method, "mlflow")
-    watch.wrap(MlflowClient, "set_tag", "mlflow")  # the runner's untrained-experience warning
+        watch.wrap(tracking.CellRun, method, f"mlflow.{method}")
+    # Inside CellRun.finish: drawing and encoding the heatmap PNG, apart from store writes.
+    watch.wrap(MlflowClient, "log_figure", "log_figure")
+    watch.wrap(MlflowClient, "set_tag", "mlflow.set_tag")  # the runner's untrained warning
+    watch.wrap(plots, "accuracy_heatmap", "figure")  # built by the runner only to be logged
     watch.wrap(checkpoint, "save", "checkpoint")
-    watch.wrap(plots, "accuracy_heatmap", "figure")
-    results: dict[str, dict[str, float]] = {}
+    per: dict[str, list[dict[str, float]]] = {"naive": [], "rehearsal": []}
     with tempfile.TemporaryDirectory(prefix="forgetless-overhead-") as tmp:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         grid_run = tracking.open_grid(uri, GRID["name"], 2 * MLFLOW_CELLS, GRID)
-        per: dict[str, list[dict[str, float]]] = {"naive": [], "rehearsal": []}
         for k in range(MLFLOW_CELLS):
             for name in ("naive", "rehearsal") if k % 2 == 0 else ("rehearsal", "naive"):
-                watch.total = {}
+                watch.times = {}
                 gc.collect()
                 tick = time.perf_counter()
                 # A fresh storage folder each time, or run_cell would resume the finished cell.
@@ -323,103 +355,129 @@ def measure_mlflow() -> dict[str, dict[str, float]]:
                 wall = time.perf_counter() - tick
                 if outcome.status != "FINISHED":
                     raise RuntimeError(f"{outcome.label}: {outcome.error}")
-                per[name].append({"wall_s": wall, **watch.total})
-        for name, rows in per.items():
-            warm = rows[1:]
+                row = {k.replace("[nested]", ""): v for k, v in watch.times.items()}
+                per[name].append({**row, "wall_s": wall, "mlflow_s": watch.total("mlflow")})
+    results = {}
+    for name, rows in per.items():
+        warm = rows[1:]  # the first cell pays one-time costs (SQLAlchemy engine, imports)
 
-            def med(key: str, rows=warm) -> float:
-                return statistics.median(r.get(key, 0.0) for r in rows)
+        def med(key: str, rows=warm) -> float:
+            return statistics.median(r.get(key, 0.0) for r in rows)
 
-            wall = med("wall_s")
-            results[name] = {
-                "wall_s": wall,
-                "mlflow_s": med("mlflow"),
-                "checkpoint_s": med("checkpoint"),
-                "figure_s": med("figure"),
-                "share": statistics.median(r.get("mlflow", 0.0) / r["wall_s"] for r in warm),
-                "checkpoint_share": statistics.median(
-                    r.get("checkpoint", 0.0) / r["wall_s"] for r in warm
-                ),
-                "cold_wall_s": rows[0]["wall_s"],
-                "cold_share": rows[0].get("mlflow", 0.0) / rows[0]["wall_s"],
-            }
+        results[name] = {
+            "wall_s": med("wall_s"),
+            "mlflow_s": med("mlflow_s"),
+            "share": statistics.median(r["mlflow_s"] / r["wall_s"] for r in warm),
+            "share_with_figure": statistics.median(
+                (r["mlflow_s"] + r.get("figure", 0.0)) / r["wall_s"] for r in warm
+            ),
+            "start_s": med("mlflow.start"),
+            "log_step_s": med("mlflow.log_step"),
+            "finish_s": med("mlflow.finish"),
+            "finish_log_figure_s": med("log_figure"),
+            "figure_draw_s": med("figure"),
+            "checkpoint_s": med("checkpoint"),
+            "cold_wall_s": rows[0]["wall_s"],
+            "cold_share": rows[0]["mlflow_s"] / rows[0]["wall_s"],
+        }
     return results
+
+
+# --- report ------------------------------------------------------------------------------
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", message="No loggers specified")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     started = time.perf_counter()
-    train, evals, final_acc = time_systems()
-    med = {n: statistics.median(v) for n, v in train.items()}
-    med_eval = {n: statistics.median(v) for n, v in evals.items()}
+    load_before = os.getloadavg()[0]
+    systems = time_systems()
     mlflow = measure_mlflow()
 
-    ratios = {
-        "naive_vs_bare": med["fl_naive"] / med["bare_naive"],
-        "rehearsal_vs_bare": med["fl_rehearsal"] / med["bare_replay"],
-        "avalanche_naive_vs_forgetless": med["av_naive"] / med["fl_naive"],
-        "avalanche_replay_vs_forgetless": med["av_replay"] / med["fl_rehearsal"],
-        "avalanche_naive_vs_bare": med["av_naive"] / med["bare_naive"],
-        "avalanche_replay_vs_bare": med["av_replay"] / med["bare_replay"],
-        "mlflow_share": max(m["share"] for m in mlflow.values()),
+    def ratio(a: str, b: str, key: str = "train_s") -> float:
+        return systems[a][key] / systems[b][key]
+
+    pairs = {
+        "naive_vs_bare": ("fl_naive", "bare_naive"),
+        "rehearsal_vs_bare": ("fl_rehearsal", "bare_replay"),
+        "avalanche_naive_vs_forgetless": ("av_naive", "fl_naive"),
+        "avalanche_replay_vs_forgetless": ("av_replay", "fl_rehearsal"),
+        "avalanche_naive_vs_bare": ("av_naive", "bare_naive"),
+        "avalanche_replay_vs_bare": ("av_replay", "bare_replay"),
     }
-    targets = {
-        "naive_within_target": ratios["naive_vs_bare"] <= TARGET_FL_VS_BARE,
-        "rehearsal_within_target": ratios["rehearsal_vs_bare"] <= TARGET_FL_VS_BARE,
-        "avalanche_naive_slower_target": ratios["avalanche_naive_vs_forgetless"] >= TARGET_AV_VS_FL,
-        "avalanche_replay_slower_target": ratios["avalanche_replay_vs_forgetless"]
+    ratios = {k: ratio(a, b) for k, (a, b) in pairs.items()}
+    cpu_ratios = {k: ratio(a, b, "train_cpu_s") for k, (a, b) in pairs.items()}
+    mlflow_share = max(m["share"] for m in mlflow.values())
+    met = {
+        "naive_target_met": ratios["naive_vs_bare"] <= TARGET_FL_VS_BARE,
+        "rehearsal_target_met": ratios["rehearsal_vs_bare"] <= TARGET_FL_VS_BARE,
+        "avalanche_naive_target_met": ratios["avalanche_naive_vs_forgetless"] >= TARGET_AV_VS_FL,
+        "avalanche_replay_target_met": ratios["avalanche_replay_vs_forgetless"]
         >= TARGET_AV_VS_FL,
-        "mlflow_share_target": ratios["mlflow_share"] <= TARGET_MLFLOW_SHARE,
+        "mlflow_share_target_met": mlflow_share <= TARGET_MLFLOW_SHARE,
     }
 
     out = sys.stderr
     print(
         f"\nsplit_digits x5, mlp {HIDDEN}, sgd lr={LR} momentum={MOMENTUM}, epochs={EPOCHS}, "
-        f"batch={BATCH_SIZE}, 1 thread; medians of {ROUNDS} interleaved rounds",
+        f"batch={BATCH_SIZE}, 1 thread; medians of {ROUNDS} interleaved rounds "
+        f"(load average {load_before:.1f} -> {os.getloadavg()[0]:.1f})",
         file=out,
     )
-    print(
-        f"{'system':<14}{'train s':>10}{'min':>9}{'max':>9}{'eval s':>9}{'final acc':>11}", file=out
-    )
-    for n in SYSTEMS:
+    header = ["train s", "min", "max", "train cpu", "eval s", "final acc"]
+    print(f"{'system':<14}" + "".join(f"{h:>11}" for h in header), file=out)
+    for name, m in systems.items():
+        values = [m["train_s"], m["train_s_min"], m["train_s_max"], m["train_cpu_s"]]
         print(
-            f"{n:<14}{med[n]:>10.3f}{min(train[n]):>9.3f}{max(train[n]):>9.3f}"
-            f"{med_eval[n]:>9.3f}{final_acc[n]:>11.3f}",
+            f"{name:<14}"
+            + "".join(f"{v:>11.3f}" for v in values)
+            + f"{m['eval_s']:>11.4f}{m['final_avg_acc']:>11.3f}",
             file=out,
         )
-    print("\nratios (training time, from the medians above)", file=out)
-    for k, v in ratios.items():
-        if k != "mlflow_share":
-            print(f"  {k:<32}{v:>7.2f}", file=out)
-    print(f"\nMLflow (run_cell into SQLite; medians of {MLFLOW_CELLS - 1} warm cells)", file=out)
+    print(f"\n{'training-time ratio':<34}{'wall':>8}{'cpu':>8}", file=out)
+    for k in ratios:
+        print(f"{k:<34}{ratios[k]:>8.2f}{cpu_ratios[k]:>8.2f}", file=out)
+    columns = {
+        "wall_s": "wall s",
+        "mlflow_s": "mlflow s",
+        "share": "share",
+        "start_s": "start",
+        "log_step_s": "steps",
+        "finish_s": "finish",
+        "finish_log_figure_s": "(png)",
+        "figure_draw_s": "draw fig",
+        "share_with_figure": "+fig share",
+        "checkpoint_s": "ckpt",
+        "cold_share": "cold share",
+    }
     print(
-        f"{'cell':<11}{'wall s':>9}{'mlflow s':>10}{'share':>8}{'ckpt s':>9}{'figure s':>10}"
-        f"{'cold wall':>11}{'cold share':>12}",
+        f"\nMLflow in run_cell (SQLite; medians of {MLFLOW_CELLS - 1} warm cells; seconds; "
+        "png = log_figure inside finish)",
         file=out,
     )
-    for n, m in mlflow.items():
-        print(
-            f"{n:<11}{m['wall_s']:>9.3f}{m['mlflow_s']:>10.3f}{m['share']:>8.1%}"
-            f"{m['checkpoint_s']:>9.3f}{m['figure_s']:>10.3f}{m['cold_wall_s']:>11.3f}"
-            f"{m['cold_share']:>12.1%}",
-            file=out,
-        )
-    print(f"\ntargets: {targets}\ntotal {time.perf_counter() - started:.0f} s", file=out)
+    print(f"{'cell':<11}" + "".join(f"{h:>11}" for h in columns.values()), file=out)
+    for name, m in mlflow.items():
+        cells = [f"{m[k]:>11.1%}" if "share" in k else f"{m[k]:>11.3f}" for k in columns]
+        print(f"{name:<11}" + "".join(cells), file=out)
+    print(f"\n{met}\ntotal {time.perf_counter() - started:.0f} s", file=out)
 
     result = {
         **ratios,
-        "train_s": med,
-        "eval_s": med_eval,
-        "train_s_all": train,
-        "final_avg_acc": final_acc,
+        "mlflow_share": mlflow_share,
+        **met,
+        "train_s": {n: m["train_s"] for n, m in systems.items()},
+        "eval_s": {n: m["eval_s"] for n, m in systems.items()},
+        "train_cpu_s": {n: m["train_cpu_s"] for n, m in systems.items()},
+        "cpu_ratios": cpu_ratios,
+        "train_s_all": {n: m["train_s_all"] for n, m in systems.items()},
+        "final_avg_acc": {n: m["final_avg_acc"] for n, m in systems.items()},
         "mlflow": mlflow,
         "targets": {
             "forgetless_vs_bare_max": TARGET_FL_VS_BARE,
             "avalanche_vs_forgetless_min": TARGET_AV_VS_FL,
             "mlflow_share_max": TARGET_MLFLOW_SHARE,
         },
-        **targets,
         "config": {
             "stream": "split_digits",
             "n_experiences": 5,
@@ -433,6 +491,7 @@ def main() -> None:
             "rounds": ROUNDS,
             "threads": 1,
             "torch": torch.__version__,
+            "load_average": [load_before, os.getloadavg()[0]],
         },
     }
     print(json.dumps(result))

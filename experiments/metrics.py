@@ -28,7 +28,7 @@ def average_accuracy(R) -> float:
 
 def average_accuracy_after(R, i: int) -> float:
     """A_i over the experiences seen so far: mean of R[i][0..i] (the per-step `avg_acc`)."""
-    return float(np.asarray(R, dtype=float)[i, : i + 1].mean())
+    return float(_matrix(R)[i, : i + 1].mean())
 
 
 def learning_accuracy(R) -> float:
@@ -57,6 +57,8 @@ def forward_transfer(R, baseline) -> float:
     """FWT = 1/(T-1) sum_{j>=2} (R[j-1][j] - b[j]) (Lopez-Paz & Ranzato, 2017)."""
     R = _matrix(R)
     b = np.asarray(baseline, dtype=float)
+    if b.shape != (len(R),):
+        raise ValueError(f"baseline must hold T={len(R)} scores, got shape {b.shape}")
     if len(R) < 2:
         return 0.0
     before = np.array([R[j - 1, j] for j in range(1, len(R))])

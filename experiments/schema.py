@@ -62,22 +62,26 @@ def parse(cls: type[T], data: Any, where: str) -> T:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of parameters, got {data!r}")
+        raise ConfigError(f"{where or 'grid'}: expected a mapping of parameters, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = unknown[0]
         raise ConfigError(
-            f"{where}: unknown key {key!r}{suggest(key, fields)}; "
+            f"{where or 'grid'}: unknown key {key!r}{suggest(key, fields)}; "
             f"allowed keys: {', '.join(sorted(fields)) or '(none)'}"
         )
     values = {}
     for name, f in fields.items():
         if name in data:
-            values[name] = coerce(data[name], hints[name], f"{where}.{name}")
+            values[name] = coerce(data[name], hints[name], f"{where}.{name}" if where else name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key {name!r} ({f.metadata.get('help')})")
+            about = f" ({f.metadata['help']})" if f.metadata.get("help") else ""
+            raise ConfigError(
+                f"{where or 'grid'}: missing required key {name!r}{about}; "
+                f"add `{name}: <{_type_name(hints[name])}>`"
+            )
     instance = cls(**values)
     check = getattr(instance, "validate", None)
     if check is not None:

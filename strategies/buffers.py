@@ -53,6 +53,8 @@ class ReplayBuffer:
         return 0 if self.samples is None else self.samples.nbytes
 
     def add(self, new: Samples) -> None:
+        if len(new) == 0:
+            return
         new = new.to(self.device)
         capacity = self.capacity(new)
         if self.config.policy == "reservoir":

@@ -8,6 +8,7 @@ the path and how to get it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ def check_on_disk(benchmark: str, data_root: str, where: str) -> None:
         ) from e
 
 
+@functools.cache
 def avalanche_stream_factory(name: str, where: str):
     """The stream factory for `avalanche.<Benchmark>`."""
     import avalanche.benchmarks.classic as classic
@@ -79,8 +81,14 @@ def avalanche_stream_factory(name: str, where: str):
             f"{suggest(benchmark_name, known)}; known: {', '.join(known)}"
         )
 
-    def factory(config: AvalancheBenchmarkConfig, seed: int) -> Stream:
-        check_on_disk(benchmark_name, config.data_root, name)
+    @dataclass
+    class Config(AvalancheBenchmarkConfig):
+        def validate(self, where: str) -> None:
+            super().validate(where)
+            check_on_disk(benchmark_name, self.data_root, where)
+
+    def factory(config: Config, seed: int) -> Stream:
+        check_on_disk(benchmark_name, config.data_root, name)  # again: the data may have moved
         benchmark = benchmark_cls(
             n_experiences=config.n_experiences,
             seed=seed,
@@ -101,7 +109,7 @@ def avalanche_stream_factory(name: str, where: str):
             input_shape=tuple(experiences[0].train.x.shape[1:]),
         )
 
-    factory.__annotations__ = {"config": AvalancheBenchmarkConfig, "seed": int, "return": Stream}
+    factory.__annotations__ = {"config": Config, "seed": int, "return": Stream}
     factory.kind = "classification"
     return factory
 
