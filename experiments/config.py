@@ -219,9 +219,9 @@ def _config_class(section: str, name: str, where: str) -> type:
 
         return typing.get_type_hints(stream_factory(name, where))["config"]
     if section == "model":
-        from forgetless.models import MODELS
+        from forgetless.models import model_factory
 
-        return typing.get_type_hints(MODELS.get(name, where))["config"]
+        return typing.get_type_hints(model_factory(name, where))["config"]
     from forgetless.strategies import strategy_class
 
     return strategy_class(name, where).Config

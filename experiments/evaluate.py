@@ -1,31 +1,77 @@
-"""Scoring: one row of the accuracy matrix after each experience."""
+"""Scoring: one row of the accuracy matrix after each experience.
+
+Classification scores top-1 accuracy. Generation scores exact match with one
+teacher-forced forward pass: an answer is generated exactly by greedy decoding iff
+every answer token (and the EOS) is the argmax given the true prefix, so the two
+agree at a fraction of the cost (tests/test_language_models.py checks it against
+`generate`). Token accuracy and loss come from the same pass.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from forgetless.models.causal_lm import IGNORE
 from forgetless.strategies import Strategy
-from forgetless.streams import Experience, Samples, Stream
+from forgetless.streams import Samples, Stream
+
+PRIMARY = {"classification": "accuracy", "generation": "exact_match"}
 
 
 @torch.no_grad()
-def accuracy(strategy: Strategy, experience: Experience) -> float:
-    """Top-1 accuracy of `strategy.logits` on the experience's test set."""
+def evaluate(strategy: Strategy, data: Samples, kind: str) -> dict[str, float]:
+    """Scores of `strategy` on `data`; the PRIMARY one fills the accuracy matrix."""
     model = strategy.model
     was_training = model.training
     model.eval()
-    data: Samples = experience.test
     batch_size = strategy.train_config.eval_batch_size
-    correct = torch.zeros((), dtype=torch.long, device=strategy.device)
+    totals: dict[str, torch.Tensor] = {}
     for start in range(0, len(data), batch_size):
         index = slice(start, start + batch_size)
         task = None if data.task is None else data.task[index]
         batch = Samples(data.x[index], data.y[index], task).to(strategy.device)
-        correct += (strategy.logits(batch).argmax(dim=1) == batch.y).sum()
+        logits = strategy.logits(batch)
+        counts = _generation_counts(logits, batch.y) if kind == "generation" else {
+            "accuracy": (logits.argmax(dim=1) == batch.y).sum(),
+        }  # fmt: skip
+        for key, value in counts.items():
+            totals[key] = totals.get(key, 0) + value
     model.train(was_training)
-    return correct.item() / len(data)
+    n = len(data)
+    if kind != "generation":
+        return {"accuracy": totals["accuracy"].item() / n}
+    tokens = totals["tokens"].item()
+    return {
+        "exact_match": totals["exact"].item() / n,
+        "token_accuracy": totals["correct_tokens"].item() / tokens,
+        "loss": totals["loss_sum"].item() / tokens,
+    }
 
 
-def score_stream(strategy: Strategy, stream: Stream) -> list[float]:
-    """Scores on every experience of the stream, seen or not (R[i, :], or b before training)."""
-    return [accuracy(strategy, e) for e in stream]
+def _generation_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    target = labels[:, 1:]
+    scored = target != IGNORE
+    predicted = logits[:, :-1].argmax(dim=-1)
+    correct = (predicted == target) & scored
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), target, ignore_index=IGNORE, reduction="sum"
+    )
+    return {
+        "exact": (correct | ~scored).all(dim=1).sum(),
+        "correct_tokens": correct.sum(),
+        "tokens": scored.sum(),
+        "loss_sum": loss,
+    }
+
+
+def score_stream(strategy: Strategy, stream: Stream) -> tuple[list[float], dict[str, float]]:
+    """R[i, :] (or b before training) and the secondary scores keyed `<score>/exp_<j>`."""
+    primary = PRIMARY[stream.kind]
+    row, extra = [], {}
+    for j, experience in enumerate(stream):
+        scores = evaluate(strategy, experience.test, experience.kind)
+        row.append(scores.pop(primary))
+        extra.update({f"{key}/exp_{j}": value for key, value in scores.items()})
+    if stream.general is not None:
+        extra["general_acc"] = evaluate(strategy, stream.general, stream.kind)[primary]
+    return row, extra

@@ -22,8 +22,8 @@ import torch
 
 from forgetless.experiments import checkpoint, metrics, tracking
 from forgetless.experiments.config import Cell, Grid, build_params
-from forgetless.experiments.evaluate import score_stream
-from forgetless.models import MODELS, build_model
+from forgetless.experiments.evaluate import PRIMARY, score_stream
+from forgetless.models import build_model, model_factory
 from forgetless.strategies import Strategy, TrainConfig, strategy_class
 from forgetless.streams import Stream, build_stream, stream_factory
 
@@ -53,9 +53,15 @@ def build_cell(cell: Cell, device: str | torch.device) -> tuple[Stream, Strategy
     stream = build_stream(
         stream_name, build_params(stream_config, cfg["stream"], "stream"), cell.seed
     )
-    model_config = typing.get_type_hints(MODELS.get(model_name, "model"))["config"]
+    model_config = typing.get_type_hints(model_factory(model_name, "model"))["config"]
     model_params = build_params(model_config, cfg["model"], "model")
     model = build_model(model_name, model_params, stream).to(device)
+    if stream.kind == "generation":
+        from forgetless.experiments.base_model import encode_stream, load_or_train_base
+
+        if stream.base is not None:
+            load_or_train_base(model, stream.base, cfg["model"])
+        stream = encode_stream(stream, model)
     cls = strategy_class(cfg["strategy"]["name"], "strategy")
     params = build_params(cls.Config, cfg["strategy"], "strategy")
     train = build_params(TrainConfig, cfg["train"], "train")
@@ -93,12 +99,15 @@ def run_cell(
             strategy.load_state_dict(state["strategy"])
             checkpoint.set_rng_state(state["rng"])
             R, baseline = state["R"].numpy(), state["baseline"].tolist()
+            base_general = state["base_general"]
+            extra = {} if state["general"] is None else {"general_acc": state["general"]}
             start, train_time = state["next"], state["train_time_s"]
             run = tracking.CellRun(grid_run, state["run_id"])
             run.resume()
             log.info("%s: resuming at experience %d of %d", cell.label(), start, T)
         else:
-            baseline = score_stream(strategy, stream)
+            baseline, extra = score_stream(strategy, stream)
+            base_general = extra.get("general_acc")
             run = tracking.CellRun.start(grid_run, cell, stream.manifest())
             R, start, train_time = np.full((T, T), np.nan), 0, 0.0
         for i in range(start, T):
@@ -106,14 +115,17 @@ def run_cell(
             tick = _clock(strategy.device)
             strategy.train(experience)
             tock = _clock(strategy.device)
-            R[i] = score_stream(strategy, stream)
+            row, extra = score_stream(strategy, stream)
+            R[i] = row
             eval_time = _clock(strategy.device) - tock
             train_time += tock - tick
-            run.log_step(i, R[i].tolist(), {
+            run.log_step(i, row, {
                 "avg_acc": metrics.average_accuracy_after(R, i),
                 "memory_bytes": strategy.memory_bytes(),
+                "trainable_fraction": trainable_fraction(strategy.model),
                 "train_time_s": tock - tick,
                 "eval_time_s": eval_time,
+                **extra,
             })  # fmt: skip
             _warn_if_untrained(run, cell, experience, R[i, i])
             if strategy.resumable:
@@ -121,11 +133,15 @@ def run_cell(
                     "strategy": strategy.state_dict(), "rng": checkpoint.rng_state(),
                     "R": torch.from_numpy(R), "baseline": torch.tensor(baseline),
                     "next": i + 1, "train_time_s": train_time, "run_id": run.run_id,
+                    "base_general": base_general, "general": extra.get("general_acc"),
                 })  # fmt: skip
         summary = metrics.summarize(R, baseline)
         summary.update(train_time_s=train_time, memory_bytes=strategy.memory_bytes())
+        if base_general:
+            summary["general_retention"] = extra["general_acc"] / base_general
         names = [e.name for e in stream]
-        matrix = {"experiences": names, "R": R.tolist(), "baseline": baseline, "score": "accuracy"}
+        matrix = {"experiences": names, "R": R.tolist(), "baseline": baseline,
+                  "score": PRIMARY[stream.kind]}  # fmt: skip
         from forgetless.experiments.plots import accuracy_heatmap
 
         figure = accuracy_heatmap(R, names, cell.label())
@@ -152,6 +168,15 @@ def record_failure(
     except Exception:  # noqa: BLE001 - the store itself failed; report in the terminal
         log.exception("could not record the failure of %s in MLflow", cell.label())
     return CellOutcome(cell.hash, cell.label(), "FAILED", error=reason)
+
+
+def trainable_fraction(model: torch.nn.Module) -> float:
+    """Share of the model's parameters that training updates (HFT ~0.5, LoRA ~0.01)."""
+    total = trainable = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable / total
 
 
 def _clock(device: torch.device) -> float:

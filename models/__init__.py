@@ -10,6 +10,7 @@ from torch import nn
 
 from forgetless.experiments.registry import Registry
 from forgetless.experiments.schema import ConfigError, param
+from forgetless.models.causal_lm import HFConfig, hf_model, llama_tiny
 from forgetless.streams import Stream
 
 MODELS: Registry = Registry("model", "forgetless.models")
@@ -61,11 +62,26 @@ def cnn(config: CNNConfig, stream: Stream) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-DEFAULT_MODEL = {"classification": "mlp"}
+register_model("llama_tiny")(llama_tiny)
+
+DEFAULT_MODEL = {"classification": "mlp", "generation": "llama_tiny"}
+HF_PREFIX = "hf:"
+
+
+def model_factory(name: str, where: str):
+    """The factory registered under `name`; `hf:<path>` loads a local Hugging Face model."""
+    if name.startswith(HF_PREFIX):
+        path = name[len(HF_PREFIX) :]
+
+        def factory(config: HFConfig, stream: Stream) -> nn.Module:
+            return hf_model(path, config)
+
+        return factory
+    return MODELS.get(name, where)
 
 
 def build_model(name: str, config: object, stream: Stream) -> nn.Module:
-    return MODELS.get(name, "model.name")(config, stream)
+    return model_factory(name, "model.name")(config, stream)
 
 
 def model_device(model: nn.Module) -> torch.device:

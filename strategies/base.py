@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.models.causal_lm import lm_loss
 from forgetless.streams import Experience, Samples, Stream
 
 
@@ -67,6 +68,7 @@ class Strategy:
         self.config = config
         self.train_config = train
         self.device = next(model.parameters()).device
+        self.criterion = lm_loss if stream.kind == "generation" else F.cross_entropy
         self.optimizer = self.make_optimizer()
         self.class_mask = None
         if stream.task_classes is not None:
@@ -113,7 +115,7 @@ class Strategy:
         return batch
 
     def loss(self, batch: Samples) -> torch.Tensor:
-        return F.cross_entropy(self.logits(batch), batch.y)
+        return self.criterion(self.logits(batch), batch.y)
 
     def after_experience(self, experience: Experience) -> None:
         """Called after training on `experience`."""

@@ -10,6 +10,8 @@ from forgetless.streams import Experience, Samples
 
 @register_strategy("cumulative")
 class Cumulative(Strategy):
+    supports = ("classification", "generation")
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.seen: list[Samples] = []

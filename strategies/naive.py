@@ -6,3 +6,5 @@ from forgetless.strategies import Strategy, register_strategy
 @register_strategy("naive")
 class Naive(Strategy):
     """The base loop unchanged."""
+
+    supports = ("classification", "generation")

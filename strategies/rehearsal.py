@@ -25,6 +25,7 @@ class RehearsalConfig:
 @register_strategy("rehearsal")
 class Rehearsal(Strategy):
     Config = RehearsalConfig
+    supports = ("classification", "generation")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -59,6 +59,14 @@ class Samples:
         return Samples(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), task)
 
 
+@dataclass(frozen=True)
+class Example:
+    """One instruction example: the model reads `prompt` and must write `answer`."""
+
+    prompt: str
+    answer: str
+
+
 @dataclass
 class Experience:
     index: int
@@ -78,6 +86,11 @@ class Stream:
     input_shape: tuple[int, ...] = ()
     task_classes: list[list[int]] | None = None
     """Task-incremental streams: the classes of each task label; outputs are masked to them."""
+    general: Any = None
+    """Language-model streams: a held-out set of the base model's general mixture, scored
+    after every experience to measure how much general ability survives."""
+    base: Any = None
+    """Language-model streams: how to pre-train the base model (see streams.instructions)."""
 
     @property
     def kind(self) -> Kind:
@@ -97,6 +110,9 @@ class Stream:
             row.update({k: v for k, v in e.info.items() if isinstance(v, (int, float, str, list))})
             if isinstance(e.train, Samples):
                 row["train_hash"] = e.train.digest()
+            elif isinstance(e.train, list):  # text examples
+                text = "\x00".join(f"{x.prompt}\x01{x.answer}" for x in e.train)
+                row["train_hash"] = hashlib.sha1(text.encode()).hexdigest()[:16]
             rows.append(row)
         return rows
 
@@ -133,7 +149,7 @@ def register_stream(name: str, kind: Kind = "classification"):
 
 def stream_factory(name: str, where: str):
     """The factory registered (or plugged in) under `name`."""
-    from forgetless.streams import digits  # noqa: F401  (registers the built-ins)
+    from forgetless.streams import digits, instructions  # noqa: F401  (the built-ins)
 
     if name.startswith("avalanche."):
         from forgetless.streams.avalanche_benchmarks import avalanche_stream_factory

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from forgetless.experiments.config import grid_from_dict
-from forgetless.experiments.evaluate import accuracy
+from forgetless.experiments.evaluate import evaluate
 from forgetless.experiments.runner import build_cell
 from forgetless.experiments.schema import ConfigError
 
@@ -38,9 +38,11 @@ def test_avalanche_strategy_learns_an_experience_on_a_forgetless_stream(name, pa
     stream, strategy = build_cell(cell_for(name, params), "cpu")
     first, second = stream.experiences[:2]
     strategy.train(first)
-    assert accuracy(strategy, first) > 0.8  # 2 classes: chance is 0.5
+    assert (
+        evaluate(strategy, first.test, "classification")["accuracy"] > 0.8
+    )  # 2 classes: chance is 0.5
     strategy.train(second)  # the second experience exercises penalties and memories
-    assert accuracy(strategy, second) > 0.7
+    assert evaluate(strategy, second.test, "classification")["accuracy"] > 0.7
     if name in HOLDS_MEMORY:
         assert strategy.memory_bytes() > 0
     assert not strategy.resumable

@@ -1,0 +1,77 @@
+"""Language-model cells: the cached pre-trained base, and the stream turned into token ids.
+
+The base model is trained once per (model config, base mixture) on the general mixture
+with the platform's own training loop, saved as safetensors under the cache folder
+($FORGETLESS_CACHE, default ~/.cache/forgetless) and loaded by every later cell. A
+file lock makes concurrent cells on one machine wait for one training, not repeat it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from safetensors.torch import load_model, save_model
+
+from forgetless.experiments import checkpoint
+from forgetless.models.causal_lm import CausalLM
+from forgetless.streams import Experience, Stream
+from forgetless.streams.instructions import BaseMixture
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FORGETLESS_CACHE", Path.home() / ".cache" / "forgetless"))
+
+
+def base_path(model_config: dict[str, Any], base: BaseMixture) -> Path:
+    identity = {"model": model_config, "base": dataclasses.asdict(base.config)}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "base" / f"{model_config['name'].replace(':', '_')}-{key}.safetensors"
+
+
+def load_or_train_base(model: CausalLM, base: BaseMixture, model_config: dict[str, Any]) -> Path:
+    """Give `model` the base weights, training them first if no cell has yet."""
+    path = base_path(model_config, base)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            log.warning("pre-training the base model once (cached at %s)", path)
+            _train_base(model, base)
+            tmp = path.with_suffix(".tmp")
+            save_model(model, str(tmp))
+            os.replace(tmp, path)
+    load_model(model, str(path), device=str(next(model.parameters()).device))
+    return path
+
+
+def _train_base(model: CausalLM, base: BaseMixture) -> None:
+    from forgetless.strategies import NoParams, TrainConfig
+    from forgetless.strategies.naive import Naive
+
+    cfg = base.config
+    saved = checkpoint.rng_state()  # the cell's RNG stream must not depend on the cache
+    checkpoint.seed_everything(0)
+    train = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="adamw")
+    mixture = Experience(0, "base", model.encode(base.train), None, kind="generation")
+    Naive(model, NoParams(), train, Stream("base", "instruction", [mixture])).train(mixture)
+    checkpoint.set_rng_state(saved)
+
+
+def encode_stream(stream: Stream, model: CausalLM) -> Stream:
+    """The stream with every text set as token ids and labels, in the model's tokenizer."""
+    texts = [x for e in stream for x in (*e.train, *e.test)] + list(stream.general or [])
+    width = model.width(texts)  # one width for the stream: its sets concatenate
+    experiences = [
+        dataclasses.replace(e, train=model.encode(e.train, width), test=model.encode(e.test, width))
+        for e in stream
+    ]
+    general = None if stream.general is None else model.encode(stream.general, width)
+    return dataclasses.replace(stream, experiences=experiences, general=general)

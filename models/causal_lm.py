@@ -1,0 +1,156 @@
+"""Causal language models: tiny Llama-style models from a config, or `hf:<local path>`.
+
+`CausalLM` wraps a transformers model and its tokenizer so that the one training loop
+sees what it sees for classification: `model(input_ids) -> logits`, with labels that
+are -100 wherever no loss is taken (the prompt and the padding). The tiny models use
+transformers' `ByT5Tokenizer`, byte-level, which needs no files; nothing downloads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.streams import Example, Samples
+
+IGNORE = -100
+
+
+class CausalLM(nn.Module):
+    def __init__(self, model: nn.Module, tokenizer, max_length: int) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Right padding under a causal mask: real tokens never attend to the pads after them.
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def encode(self, examples: list[Example], width: int | None = None) -> Samples:
+        """Prompt + answer + EOS as input ids; labels only on the answer and the EOS.
+
+        Rows are right-padded to `width` (default: the longest row), so that sets encoded
+        with one width can be concatenated (replay buffers, cumulative training).
+        """
+        rows, labels = [], []
+        for e in examples:
+            prompt = self.tokenizer(e.prompt, add_special_tokens=False).input_ids
+            answer = self.tokenizer(e.answer, add_special_tokens=False).input_ids
+            ids = prompt + answer + [self.tokenizer.eos_token_id]
+            if len(ids) > self.max_length:
+                raise ConfigError(
+                    f"model.context: an example needs {len(ids)} tokens but the context is "
+                    f"{self.max_length} ({e.prompt[:40]!r}...); raise model.context"
+                )
+            rows.append(ids)
+            labels.append([IGNORE] * len(prompt) + ids[len(prompt) :])
+        width = width or max(len(r) for r in rows)
+        x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for i, (r, lab) in enumerate(zip(rows, labels)):
+            x[i, : len(r)] = torch.tensor(r)
+            y[i, : len(lab)] = torch.tensor(lab)
+        return Samples(x, y)
+
+    def width(self, examples: list[Example]) -> int:
+        """Tokens of the longest example, EOS included."""
+        lengths = (len(self.tokenizer(e.prompt + e.answer, add_special_tokens=False).input_ids)
+                   for e in examples)  # fmt: skip
+        return max(lengths) + 1
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
+        """Greedy decoding with the KV cache, batched with left padding."""
+        self.tokenizer.padding_side = "left"
+        batch = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        device = next(self.parameters()).device
+        out = self.model.generate(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        new = out[:, batch.input_ids.shape[1] :]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy where labels are not -100."""
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE
+    )
+
+
+@dataclass
+class LlamaTinyConfig:
+    layers: int = param(4, "transformer blocks")
+    hidden: int = param(256, "model width")
+    heads: int = param(4, "attention heads")
+    intermediate: int = param(512, "width of the gate/up/down feed-forward")
+    context: int = param(128, "longest sequence in tokens (bytes)")
+
+    def validate(self, where: str) -> None:
+        for name in ("layers", "hidden", "heads", "intermediate", "context"):
+            positive(getattr(self, name), f"{where}.{name}")
+        if self.hidden % self.heads:
+            raise ConfigError(f"{where}.heads: {self.heads} does not divide hidden={self.hidden}")
+
+
+def llama_tiny(config: LlamaTinyConfig, stream) -> CausalLM:
+    """A Llama-style model (separate q/k/v/o and gate/up/down) with a byte-level tokenizer."""
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = ByT5Tokenizer()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden,
+            intermediate_size=config.intermediate,
+            num_hidden_layers=config.layers,
+            num_attention_heads=config.heads,
+            num_key_value_heads=config.heads,
+            max_position_embeddings=config.context,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+            tie_word_embeddings=False,
+        )
+    )
+    return CausalLM(model, tokenizer, config.context)
+
+
+@dataclass
+class HFConfig:
+    dtype: Literal["float32", "bfloat16", "float16"] = param("float32", "weights' dtype")
+    context: int = param(512, "longest sequence in tokens")
+
+
+def hf_model(path: str, config: HFConfig) -> CausalLM:
+    """Any Hugging Face causal LM saved on disk (`save_pretrained`), loaded offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"model.name: hf:{path} is not a saved model (no config.json in {str(folder)!r}); "
+            "save one with model.save_pretrained(path) and tokenizer.save_pretrained(path)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, dtype=getattr(torch, config.dtype)
+    )
+    return CausalLM(model, tokenizer, config.context)
