@@ -1,30 +1,35 @@
-"""Figures made with matplotlib (headless): the accuracy-matrix heatmap of a cell."""
+"""Figures made with matplotlib (headless): the accuracy-matrix heatmap of a cell.
+
+Drawn with matplotlib's object API (no pyplot state, safe in worker threads) and a fixed
+layout: a cell draws one per run, so it must cost milliseconds, not a tight_layout pass.
+"""
 
 from __future__ import annotations
 
-import matplotlib
+from pathlib import Path
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 
-def accuracy_heatmap(R, names: list[str], title: str = "") -> plt.Figure:
+def accuracy_heatmap(R, names: list[str], title: str, path: Path) -> None:
     """R[i][j]: rows = trained through experience i, columns = scored on experience j."""
     R = np.asarray(R, dtype=float)
-    size = 1.2 + 0.55 * len(names)
-    fig, ax = plt.subplots(figsize=(size + 1.2, size), dpi=80)
+    size = 1.6 + 0.5 * len(names)
+    fig = Figure(figsize=(size + 1.0, size), dpi=80)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.16, 0.14, 0.68, 0.74))
     image = ax.imshow(R, vmin=0.0, vmax=1.0, cmap="viridis")
-    for i in range(R.shape[0]):
-        for j in range(R.shape[1]):
-            color = "black" if R[i, j] > 0.6 else "white"
-            ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
+    if len(names) <= 12:
+        for (i, j), value in np.ndenumerate(R):
+            color = "black" if value > 0.6 else "white"
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
     ticks = range(len(names))
     ax.set_xticks(ticks, [str(j) for j in ticks])
     ax.set_yticks(ticks, [str(i) for i in ticks])
-    ax.set_xlabel("scored on experience j")
-    ax.set_ylabel("trained through experience i")
-    ax.set_title(title, fontsize=8)
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    return fig
+    ax.set_xlabel("scored on experience j", fontsize=8)
+    ax.set_ylabel("trained through experience i", fontsize=8)
+    ax.set_title(title, fontsize=7)
+    fig.colorbar(image, cax=fig.add_axes((0.87, 0.14, 0.03, 0.74)))
+    fig.savefig(path)

@@ -10,12 +10,15 @@ reason in `forgetless.error`, and the grid goes on.
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 import time
 import traceback
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ import torch
 from forgetless.experiments import checkpoint, metrics, tracking
 from forgetless.experiments.config import Cell, Grid, build_params
 from forgetless.experiments.evaluate import PRIMARY, score_stream
+from forgetless.experiments.plots import accuracy_heatmap
 from forgetless.models import build_model, model_factory
 from forgetless.strategies import Strategy, TrainConfig, strategy_class
 from forgetless.streams import Stream, build_stream, stream_factory
@@ -142,13 +146,10 @@ def run_cell(
         names = [e.name for e in stream]
         matrix = {"experiences": names, "R": R.tolist(), "baseline": baseline,
                   "score": PRIMARY[stream.kind]}  # fmt: skip
-        from forgetless.experiments.plots import accuracy_heatmap
-
-        figure = accuracy_heatmap(R, names, cell.label())
-        run.finish(summary, matrix, figure)
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "accuracy_matrix.json").write_text(json.dumps(matrix))
+            accuracy_heatmap(R, names, cell.label(), Path(folder, "accuracy_matrix.png"))
+            run.finish(summary, Path(folder))
         return CellOutcome(cell.hash, cell.label(), "FINISHED", summary)
     except Exception as e:  # noqa: BLE001 - a failing cell must not stop the grid
         reason = f"{type(e).__name__}: {e}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -148,11 +149,17 @@ def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list:
 
 
 class CellRun:
-    """The MLflow run of one cell; every method is one batched call or an artifact."""
+    """The MLflow run of one cell: a handful of batched calls per cell.
+
+    Steps are logged asynchronously (MLflow's queue batches them off the training thread)
+    and awaited before the run ends; artifacts go up in one call at the start and one at
+    the end.
+    """
 
     def __init__(self, grid_run: GridRun, run_id: str) -> None:
         self.client = MlflowClient(grid_run.tracking_uri)
         self.run_id = run_id
+        self.pending: list = []
 
     @classmethod
     def start(cls, grid_run: GridRun, cell: Cell, manifest: list[dict]) -> CellRun:
@@ -174,9 +181,10 @@ class CellRun:
         params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(cell.config).items()]
         for start in range(0, len(params), 100):  # MLflow's per-call parameter limit
             self.client.log_batch(self.run_id, params=params[start : start + 100])
-        self.client.log_text(self.run_id, yaml.safe_dump(cell.config, sort_keys=False),
-                             "config.yaml")  # fmt: skip
-        self.client.log_dict(self.run_id, {"experiences": manifest}, "stream_manifest.json")
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "config.yaml").write_text(yaml.safe_dump(cell.config, sort_keys=False))
+            Path(folder, "stream_manifest.json").write_text(json.dumps({"experiences": manifest}))
+            self.client.log_artifacts(self.run_id, folder)
         return self
 
     def resume(self) -> None:
@@ -187,19 +195,29 @@ class CellRun:
         now = int(time.time() * 1000)
         metrics = [Metric(f"acc/exp_{j}", float(v), now, step) for j, v in enumerate(row)]
         metrics += [Metric(k, float(v), now, step) for k, v in values.items()]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
 
-    def finish(self, summary: dict[str, float], matrix: dict[str, Any], figure) -> None:
+    def flush(self) -> None:
+        """Wait for the queued steps; raises if MLflow refused one."""
+        for operation in self.pending:
+            operation.wait()
+        self.pending.clear()
+
+    def finish(self, summary: dict[str, float], artifacts: Path) -> None:
+        """Final metrics, the files in `artifacts`, then FINISHED."""
+        self.flush()
         now = int(time.time() * 1000)
         metrics = [Metric(f"final/{k}", float(v), now, 0) for k, v in summary.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
-        self.client.log_dict(self.run_id, matrix, "accuracy_matrix.json")
-        self.client.log_figure(self.run_id, figure, "accuracy_matrix.png")
+        self.client.log_artifacts(self.run_id, str(artifacts))
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, reason: str) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(f"{TAG}error", reason[:5000])])
-        self.client.set_terminated(self.run_id, "FAILED")
+        try:
+            self.flush()
+        finally:
+            self.client.log_batch(self.run_id, tags=[RunTag(f"{TAG}error", reason[:5000])])
+            self.client.set_terminated(self.run_id, "FAILED")
 
     def status(self) -> str:
         return RunStatus.to_string(self.client.get_run(self.run_id).info.status)
