@@ -59,7 +59,14 @@ def build_cell(cell: Cell, device: str | torch.device) -> tuple[Stream, Strategy
     )
     model_config = typing.get_type_hints(model_factory(model_name, "model"))["config"]
     model_params = build_params(model_config, cfg["model"], "model")
-    model = build_model(model_name, model_params, stream).to(device)
+    if stream.base is not None:
+        # The base is cached once for all cells: its initialisation must not depend on
+        # which cell's seed happened to train it first.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = build_model(model_name, model_params, stream).to(device)
+    else:
+        model = build_model(model_name, model_params, stream).to(device)
     if stream.kind == "generation":
         from forgetless.experiments.base_model import encode_stream, load_or_train_base
 
@@ -143,6 +150,10 @@ def run_cell(
         summary.update(train_time_s=train_time, memory_bytes=strategy.memory_bytes())
         if base_general:
             summary["general_retention"] = extra["general_acc"] / base_general
+        elif base_general is not None:
+            message = "the base model scores 0 on its general set: general_retention undefined"
+            log.warning("%s: %s", cell.label(), message)
+            run.client.set_tag(run.run_id, "forgetless.warning", message)
         names = [e.name for e in stream]
         matrix = {"experiences": names, "R": R.tolist(), "baseline": baseline,
                   "score": PRIMARY[stream.kind]}  # fmt: skip

@@ -64,9 +64,12 @@ class CausalLM(nn.Module):
 
     def width(self, examples: list[Example]) -> int:
         """Tokens of the longest example, EOS included."""
-        lengths = (len(self.tokenizer(e.prompt + e.answer, add_special_tokens=False).input_ids)
-                   for e in examples)  # fmt: skip
-        return max(lengths) + 1
+
+        def tokens(text: str) -> int:
+            return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+        # Prompt and answer separately, as `encode` does (BPE may merge across the seam).
+        return max(tokens(e.prompt) + tokens(e.answer) for e in examples) + 1
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int = 32) -> list[str]:

@@ -47,6 +47,8 @@ def _jsonl(path: Path, text: str, template: str) -> list[Example]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}, line {number}: malformed JSON ({e.msg})") from e
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path}, line {number}: expected a JSON object, got {line[:40]!r}")
         missing = [f for f in JSONL_FIELDS if not isinstance(record.get(f), str)]
         if missing:
             raise ConfigError(
@@ -75,13 +77,18 @@ def _superni(path: Path, data: dict, template: str) -> list[Example]:
         raise ConfigError(
             f"{path}: a Super-NaturalInstructions task needs Definition and Instances"
         )
-    definition = " ".join(data["Definition"])
+    definition = data["Definition"]
+    if not (isinstance(definition, list) and all(isinstance(d, str) for d in definition)):
+        raise ConfigError(f"{path}: Definition must be a list of strings")
+    definition = " ".join(definition)
     examples = []
     for i, instance in enumerate(data["Instances"]):
-        outputs = instance.get("output")
-        if not isinstance(instance.get("input"), str) or not outputs:
+        outputs = instance.get("output") if isinstance(instance, dict) else None
+        if (not isinstance(instance.get("input"), str) or not isinstance(outputs, list)
+                or not outputs or not isinstance(outputs[0], str)):  # fmt: skip
             raise ConfigError(
-                f"{path}, instance {i}: expected an input and a non-empty output list"
+                f"{path}, instance {i}: expected an object with an input string and a "
+                "non-empty list of output strings"
             )
         prompt = template.format(instruction=definition, input=instance["input"])
         examples.append(Example(prompt, outputs[0]))
