@@ -1,0 +1,141 @@
+"""Full fine-tuning vs HFT vs LoRA from one cached base, on one instruction stream.
+
+Each method runs as its own process (so peak memory is its own), one after another, on
+the same stream, seed and base; the cells run through forgetless' runner exactly as a
+grid would. Reported per method: training time per step, peak memory (resident set on
+CPU, allocated on GPU), final average exact match, forgetting, learning accuracy and
+general retention; and, for HFT, the time ratio expected from FLOPs beside the measured
+one. The last line is one JSON object.
+
+    python benchmarks/partial_tuning.py [--train-size 400] [--tasks a,b,c,d]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+METHODS = {
+    "fft": "naive",
+    "hft": "hft",
+    "lora": {"name": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+}
+BATCH_SIZE = 16
+
+
+def grid(method: str, args: argparse.Namespace, storage: str) -> dict:
+    return {
+        "name": f"partial-tuning-{method}",
+        "seeds": [args.seed],
+        "streams": [
+            {
+                "name": "instructions",
+                "tasks": args.tasks.split(","),
+                "train_size": args.train_size,
+                "test_size": 100,
+                "base": {"train_size": args.base_train_size, "epochs": 2},
+            }
+        ],  # fmt: skip
+        "model": {"name": "llama_tiny"},
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": BATCH_SIZE,
+            "lr": 1e-3,
+            "optimizer": "adamw",
+        },
+        "strategies": [METHODS[method]],
+        "storage": storage,
+    }
+
+
+def run_one(method: str, args: argparse.Namespace) -> dict:
+    """One method's cell, in this process; returns its figures."""
+    import torch
+
+    from forgetless.experiments.config import grid_from_dict
+    from forgetless.experiments.runner import build_cell, run_grid
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as folder:
+        g = grid_from_dict(grid(method, args, f"{folder}/runs"))
+        build_cell(g.cells[0], "cpu")  # trains or loads the cached base outside the timing
+        start = time.perf_counter()
+        (outcome,) = run_grid(g, f"sqlite:///{folder}/mlflow.db")
+        wall = time.perf_counter() - start
+    if outcome.status != "FINISHED":
+        raise RuntimeError(f"{method}: {outcome.error}")
+    tasks = len(args.tasks.split(","))
+    steps = tasks * args.epochs * -(-args.train_size // BATCH_SIZE)
+    s = outcome.summary
+    return {
+        "time_per_step_s": s["train_time_s"] / steps,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "avg_acc": s["avg_acc"],
+        "forgetting": s["forgetting"],
+        "learning_acc": s["learning_acc"],
+        "general_retention": s.get("general_retention", float("nan")),
+        "cell_wall_s": wall,
+    }
+
+
+def hft_flop_ratio() -> float:
+    """Expected HFT/FFT step time if matmuls dominate: a weight costs F forward, F for the
+    input gradient and F for its own gradient; a frozen block matrix skips the last F
+    (and its optimizer update). Embedding lookups cost no matmul; the LM head does."""
+    from forgetless.models.causal_lm import LlamaTinyConfig
+
+    c = LlamaTinyConfig()
+    attention = 4 * c.hidden * c.hidden
+    ffn = 3 * c.hidden * c.intermediate
+    head = 384 * c.hidden  # ByT5's vocabulary x width
+    total = c.layers * (attention + ffn) + head
+    frozen = c.layers * (attention + ffn) / 2
+    return 1 - frozen / (3 * total)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", choices=METHODS, help="(internal) run one method")
+    parser.add_argument("--tasks", default="country_alpha3,uppercase,reverse,alpha3_numeric")
+    parser.add_argument("--train-size", type=int, default=400)
+    parser.add_argument("--base-train-size", type=int, default=2400)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.method:
+        print(json.dumps(run_one(args.method, args)))
+        return
+    passed = sys.argv[1:]
+    results = {}
+    for method in METHODS:
+        out = subprocess.run(
+            [sys.executable, __file__, "--method", method, *passed],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(method, results[method], file=sys.stderr, flush=True)
+    fft, hft, lora = results["fft"], results["hft"], results["lora"]
+    summary = {
+        "hft_time_vs_fft": hft["time_per_step_s"] / fft["time_per_step_s"],
+        "lora_time_vs_fft": lora["time_per_step_s"] / fft["time_per_step_s"],
+        "hft_time_vs_fft_expected_from_flops": hft_flop_ratio(),
+        **{f"{m}_{k}": v for m, r in results.items() for k, v in r.items()},
+        "fft_new_task_acc": fft["learning_acc"],
+        "hft_new_task_acc": hft["learning_acc"],
+    }
+    summary["targets"] = {
+        "hft_time_at_most_0.85_fft": summary["hft_time_vs_fft"] <= 0.85,
+        "hft_forgets_less": hft["forgetting"] < fft["forgetting"],
+        "hft_keeps_more_general": hft["general_retention"] > fft["general_retention"],
+        "hft_new_task_within_5_points": hft["learning_acc"] >= fft["learning_acc"] - 0.05,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
