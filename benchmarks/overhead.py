@@ -16,9 +16,9 @@ Training time is measured around the training of each experience only; evaluatio
 (scoring every test set after each experience) is timed separately. Systems run
 interleaved, ROUNDS rounds in rotating order, and every figure is a median over rounds
 (this 2-core machine is noisy); ratios come from the medians of the same run. Beside
-them: ratios of each system's fastest run, and of median CPU time of this thread. On a
-shared machine the CPU time slows down too (a busy sibling hyperthread), so it shows
-preemption, not contention; the minima are the least disturbed figures.
+them, as cross-checks: ratios of each system's fastest run, and of the median CPU time of
+this thread, which leaves out time the thread was preempted by other processes (but not
+slow-downs from a busy neighbour on the same core, which inflate CPU time too).
 
 Then real cells run through `runner.run_cell` into a temporary SQLite MLflow store, with
 the tracker's calls timed, to give the share of a cell's wall time spent logging.
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forgetless.experiments import checkpoint, plots, tracking
+from forgetless.experiments import checkpoint, runner, tracking
 from forgetless.experiments.config import grid_from_dict
 from forgetless.experiments.evaluate import score_stream
 from forgetless.experiments.runner import build_cell, run_cell
@@ -60,7 +60,7 @@ MOMENTUM = 0.9
 EVAL_BATCH_SIZE = 512
 HIDDEN = [128]
 MEM_SIZE = 200
-ROUNDS = 11
+ROUNDS = 9
 MLFLOW_CELLS = 4  # cells per strategy; the first (cold) is reported apart
 
 TARGET_FL_VS_BARE = 1.15
@@ -202,7 +202,7 @@ def run_forgetless(strategy_name: str) -> Timings:
         with training:
             strategy.train(e)
         with evaluation:
-            scores = score_stream(strategy, stream)
+            scores, _ = score_stream(strategy, stream)  # (R row, secondary scores)
     return training, evaluation, scores
 
 
@@ -337,10 +337,9 @@ def measure_mlflow() -> dict[str, dict[str, float]]:
     watch = Stopwatch()
     for method in ("start", "resume", "log_step", "finish", "fail"):
         watch.wrap(tracking.CellRun, method, f"mlflow.{method}")
-    # Inside CellRun.finish: drawing and encoding the heatmap PNG, apart from store writes.
-    watch.wrap(MlflowClient, "log_figure", "log_figure")
+    watch.wrap(MlflowClient, "log_artifacts", "log_artifacts")  # inside start/finish/fail
     watch.wrap(MlflowClient, "set_tag", "mlflow.set_tag")  # the runner's untrained warning
-    watch.wrap(plots, "accuracy_heatmap", "figure")  # built by the runner only to be logged
+    watch.wrap(runner, "accuracy_heatmap", "figure")  # drawn by the runner only to be logged
     watch.wrap(checkpoint, "save", "checkpoint")
     per: dict[str, list[dict[str, float]]] = {"naive": [], "rehearsal": []}
     with tempfile.TemporaryDirectory(prefix="forgetless-overhead-") as tmp:
@@ -375,7 +374,7 @@ def measure_mlflow() -> dict[str, dict[str, float]]:
             "start_s": med("mlflow.start"),
             "log_step_s": med("mlflow.log_step"),
             "finish_s": med("mlflow.finish"),
-            "finish_log_figure_s": med("log_figure"),
+            "finish_log_artifacts_s": med("log_artifacts"),
             "figure_draw_s": med("figure"),
             "checkpoint_s": med("checkpoint"),
             "cold_wall_s": rows[0]["wall_s"],
@@ -447,7 +446,7 @@ def main() -> None:
         "start_s": "start",
         "log_step_s": "steps",
         "finish_s": "finish",
-        "finish_log_figure_s": "(png)",
+        "finish_log_artifacts_s": "(files)",
         "figure_draw_s": "draw fig",
         "share_with_figure": "+fig share",
         "checkpoint_s": "ckpt",
@@ -455,7 +454,7 @@ def main() -> None:
     }
     print(
         f"\nMLflow in run_cell (SQLite; medians of {MLFLOW_CELLS - 1} warm cells; seconds; "
-        "png = log_figure inside finish)",
+        "files = log_artifacts inside finish)",
         file=out,
     )
     print(f"{'cell':<11}" + "".join(f"{h:>11}" for h in columns.values()), file=out)

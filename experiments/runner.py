@@ -113,8 +113,9 @@ def run_cell(
             base_general = state["base_general"]
             extra = {} if state["general"] is None else {"general_acc": state["general"]}
             start, train_time = state["next"], state["train_time_s"]
-            run = tracking.CellRun(grid_run, state["run_id"])
-            run.resume()
+            run = tracking.CellRun.resume(
+                grid_run, state["run_id"], cell, stream.manifest(), state["pending_metrics"]
+            )
             log.info("%s: resuming at experience %d of %d", cell.label(), start, T)
         else:
             baseline, extra = score_stream(strategy, stream)
@@ -145,6 +146,7 @@ def run_cell(
                     "R": torch.from_numpy(R), "baseline": torch.tensor(baseline),
                     "next": i + 1, "train_time_s": train_time, "run_id": run.run_id,
                     "base_general": base_general, "general": extra.get("general_acc"),
+                    "pending_metrics": run.pending(),
                 })  # fmt: skip
         summary = metrics.summarize(R, baseline)
         summary.update(train_time_s=train_time, memory_bytes=strategy.memory_bytes())
@@ -250,7 +252,10 @@ def run_grid(
         for outcome in executor(todo, one):
             if not outcome.recorded:
                 state = checkpoint.load(checkpoint_path(grid.storage, cells[outcome.cell_hash]))
-                run = tracking.CellRun(grid_run, state["run_id"]) if state else None
+                run = None if state is None else tracking.CellRun.resume(
+                    grid_run, state["run_id"], cells[outcome.cell_hash], [],
+                    state["pending_metrics"],
+                )  # fmt: skip
                 outcome = record_failure(cells[outcome.cell_hash], grid_run, outcome.error, run)
             outcomes.append(outcome)
             if on_outcome:

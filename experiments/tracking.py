@@ -149,21 +149,28 @@ def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list:
 
 
 class CellRun:
-    """The MLflow run of one cell: a handful of batched calls per cell.
+    """The MLflow run of one cell, logged in a few batched calls.
 
-    Steps are logged asynchronously (MLflow's queue batches them off the training thread)
-    and awaited before the run ends; artifacts go up in one call at the start and one at
-    the end.
+    A run is created RUNNING at the start; parameters and per-step metrics are buffered
+    and written with one `log_batch` at most every FLUSH_SECONDS and at the end, with the
+    artifacts in one upload. A short cell thus costs four store calls in all, and a long
+    one shows progress every few seconds. What is not yet written travels in the cell's
+    checkpoint (`pending`), so a killed worker loses no metric.
     """
 
-    def __init__(self, grid_run: GridRun, run_id: str) -> None:
+    FLUSH_SECONDS = 10.0
+
+    def __init__(self, grid_run: GridRun, run_id: str, cell: Cell, manifest: list[dict]) -> None:
         self.client = MlflowClient(grid_run.tracking_uri)
         self.run_id = run_id
-        self.pending: list = []
+        self.cell = cell
+        self.manifest = manifest
+        self.params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(cell.config).items()]
+        self.metrics: list[Metric] = []
+        self.flushed_at = time.monotonic()
 
     @classmethod
     def start(cls, grid_run: GridRun, cell: Cell, manifest: list[dict]) -> CellRun:
-        client = MlflowClient(grid_run.tracking_uri)
         tags = {
             "mlflow.parentRunId": grid_run.parent_run_id,
             f"{TAG}role": "cell",
@@ -176,48 +183,60 @@ class CellRun:
         }
         # Grid keys as tags too, so flat filters work without the nesting UI.
         tags.update({f"{TAG}grid.{k}": str(v) for k, v in cell.overrides.items()})
+        client = MlflowClient(grid_run.tracking_uri)
         run = client.create_run(grid_run.experiment_id, run_name=cell.label(), tags=tags)
-        self = cls(grid_run, run.info.run_id)
-        params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(cell.config).items()]
-        for start in range(0, len(params), 100):  # MLflow's per-call parameter limit
-            self.client.log_batch(self.run_id, params=params[start : start + 100])
-        with tempfile.TemporaryDirectory() as folder:
-            Path(folder, "config.yaml").write_text(yaml.safe_dump(cell.config, sort_keys=False))
-            Path(folder, "stream_manifest.json").write_text(json.dumps({"experiences": manifest}))
-            self.client.log_artifacts(self.run_id, folder)
-        return self
+        return cls(grid_run, run.info.run_id, cell, manifest)
 
-    def resume(self) -> None:
-        self.client.update_run(self.run_id, status="RUNNING")
+    @classmethod
+    def resume(cls, grid_run: GridRun, run_id: str, cell: Cell, manifest: list[dict],
+               pending: list[tuple]) -> CellRun:  # fmt: skip
+        """Reopen the run of an interrupted cell with the metrics it had not yet written."""
+        self = cls(grid_run, run_id, cell, manifest)
+        self.client.update_run(run_id, status="RUNNING")
+        self.metrics = [Metric(*m) for m in pending]
+        return self
 
     def log_step(self, step: int, row: list[float], values: dict[str, float]) -> None:
         """Metrics after experience `step`: its accuracy row and named values."""
         now = int(time.time() * 1000)
-        metrics = [Metric(f"acc/exp_{j}", float(v), now, step) for j, v in enumerate(row)]
-        metrics += [Metric(k, float(v), now, step) for k, v in values.items()]
-        self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
+        self.metrics += [Metric(f"acc/exp_{j}", float(v), now, step) for j, v in enumerate(row)]
+        self.metrics += [Metric(k, float(v), now, step) for k, v in values.items()]
+        if time.monotonic() - self.flushed_at > self.FLUSH_SECONDS:
+            self.flush()
+
+    def pending(self) -> list[tuple]:
+        """Metrics not yet written, as plain values for the checkpoint."""
+        return [(m.key, m.value, m.timestamp, m.step) for m in self.metrics]
 
     def flush(self) -> None:
-        """Wait for the queued steps; raises if MLflow refused one."""
-        for operation in self.pending:
-            operation.wait()
-        self.pending.clear()
+        while self.params or self.metrics:  # MLflow's per-call limits: 100 params, 1000 values
+            params, self.params = self.params[:100], self.params[100:]
+            metrics, self.metrics = self.metrics[:1000], self.metrics[1000:]
+            self.client.log_batch(self.run_id, metrics=metrics, params=params)
+        self.flushed_at = time.monotonic()
 
     def finish(self, summary: dict[str, float], artifacts: Path) -> None:
-        """Final metrics, the files in `artifacts`, then FINISHED."""
-        self.flush()
+        """Final metrics and the files in `artifacts` (config and manifest added), FINISHED."""
         now = int(time.time() * 1000)
-        metrics = [Metric(f"final/{k}", float(v), now, 0) for k, v in summary.items()]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        self.metrics += [Metric(f"final/{k}", float(v), now, 0) for k, v in summary.items()]
+        self.flush()
+        self._write_config(artifacts)
         self.client.log_artifacts(self.run_id, str(artifacts))
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, reason: str) -> None:
         try:
             self.flush()
+            with tempfile.TemporaryDirectory() as folder:
+                self._write_config(Path(folder))
+                self.client.log_artifacts(self.run_id, folder)
         finally:
             self.client.log_batch(self.run_id, tags=[RunTag(f"{TAG}error", reason[:5000])])
             self.client.set_terminated(self.run_id, "FAILED")
+
+    def _write_config(self, folder: Path) -> None:
+        (folder / "config.yaml").write_text(yaml.safe_dump(self.cell.config, sort_keys=False))
+        (folder / "stream_manifest.json").write_text(json.dumps({"experiences": self.manifest}))
 
     def status(self) -> str:
         return RunStatus.to_string(self.client.get_run(self.run_id).info.status)
