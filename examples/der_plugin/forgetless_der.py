@@ -1,8 +1,9 @@
 """Dark Experience Replay (DER): replay past inputs and match the logits the model gave them.
 
 Buzzega et al., "Dark Experience for General Continual Learning", NeurIPS 2020, eq. 3:
-loss = CE(new batch) + alpha * ||f(x_past) - z_past||^2. This version stores the logits
-at the end of each experience (the paper stores them while training, per batch).
+loss = CE(new batch) + alpha * ||f(x_past) - z_past||^2. It reuses rehearsal's buffer,
+budget and checkpointing, storing logits where rehearsal stores labels. This version
+stores the logits at the end of each experience (the paper stores them while training).
 """
 
 from dataclasses import dataclass
@@ -11,28 +12,25 @@ import torch
 import torch.nn.functional as F
 
 from forgetless.experiments.schema import param
-from forgetless.strategies import Strategy
-from forgetless.strategies.buffers import BufferConfig, ReplayBuffer
+from forgetless.strategies.rehearsal import Rehearsal, RehearsalConfig
 from forgetless.streams import Experience, Samples
 
 
 @dataclass
-class DERConfig:
+class DERConfig(RehearsalConfig):
     alpha: float = param(0.5, "weight of the logit-matching term")
-    buffer: BufferConfig = param(BufferConfig(size=200), "the buffer of (input, logits) pairs")
 
 
-class DER(Strategy):
+class DER(Rehearsal):
     Config = DERConfig
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.buffer = ReplayBuffer(self.config.buffer, self.device)
+    def compose(self, batch: Samples) -> Samples:
+        return batch  # replayed samples enter through the loss, not the batch
 
     def loss(self, batch: Samples) -> torch.Tensor:
         loss = super().loss(batch)
         if len(self.buffer):
-            past = self.buffer.sample(self.train_config.batch_size)
+            past = self.buffer.sample(self.replay_batch_size)
             loss = loss + self.config.alpha * F.mse_loss(self.model(past.x), past.y)
         return loss
 
@@ -42,13 +40,3 @@ class DER(Strategy):
         inputs = experience.train.x.to(self.device)
         self.buffer.add(Samples(inputs, self.model(inputs)))  # y holds the logits
         self.model.train()
-
-    def memory_bytes(self) -> int:
-        return self.buffer.nbytes
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "buffer": self.buffer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.buffer.load_state_dict(state["buffer"])
