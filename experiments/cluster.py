@@ -40,13 +40,11 @@ def connect(address: str | None) -> None:
             _check_reachable(address)
             ray.init(address=address, log_to_driver=False)
         else:
-            # Workers see what the driver sees (a plugin module beside the grid, say).
-            path = os.pathsep.join(p for p in sys.path if p)
-            ray.init(
-                include_dashboard=False,
-                log_to_driver=False,
-                runtime_env={"env_vars": {"PYTHONPATH": path}},
-            )
+            # Workers see what the driver sees (a plugin module beside the grid, say). Set
+            # through the environment, not a runtime_env, which would discard the workers
+            # Ray prestarts; address="local" never joins another `ray start` on the machine.
+            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError(
             f"--address {address!r}: no Ray cluster answers ({e}); start one with "

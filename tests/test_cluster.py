@@ -24,7 +24,8 @@ FIVE = [{"name": "split_digits", "n_experiences": 5}]
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": never join another `ray start` cluster on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -80,8 +81,8 @@ def test_killed_worker_resumes_its_cell_and_matches_an_undisturbed_run(
         if any(s is not None and 1 <= s["next"] < 4 for s in states):
             workers = [
                 p
-                for p in psutil.process_iter(["cmdline"])
-                if " ".join(p.info["cmdline"] or []).startswith("ray::_run_cell_task")
+                for p in psutil.Process().children(recursive=True)  # this test's workers only
+                if " ".join(p.cmdline()).startswith("ray::_run_cell_task")
             ]
             victim = workers[0] if workers else None  # fmt: skip
         time.sleep(0.05)
