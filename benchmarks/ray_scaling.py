@@ -3,9 +3,9 @@
 The grid: 8 equal cells (split_digits, 5 experiences; `rehearsal` with a reservoir buffer
 of 200; an MLP with hidden [256, 256]; SGD lr 0.05 momentum 0.9, batch size 32, EPOCHS
 epochs per experience; seeds 0..7), built with `grid_from_dict`. A cell trains for about
-4 s on this machine (about 4.5-5 s with scoring and logging), so the fixed costs (worker
-start-up, imports, MLflow) weigh as they would in a small real grid without being the
-whole story.
+3.5-4 s on this machine when it has a free core (4-5 s with scoring and logging), so the
+fixed costs (worker start-up, imports, MLflow) weigh as they would in a small real grid
+without being the whole story.
 
 In one run, this times:
 
