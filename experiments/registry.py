@@ -9,7 +9,7 @@ the grid. Nothing else is ever imported.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
@@ -37,10 +37,6 @@ class Registry(Generic[T]):
         """Registered names and installed entry points (plugins are not imported)."""
         plugins = [ep.name for ep in entry_points(group=self.group)]
         return sorted(set(self._entries) | set(plugins))
-
-    def items(self) -> Iterator[tuple[str, T]]:
-        for name in self.names():
-            yield name, self.get(name, where=name)
 
     def get(self, name: str, where: str) -> T:
         if name in self._entries:

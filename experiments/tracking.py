@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 
 from forgetless.experiments.config import Cell
 from forgetless.experiments.schema import ConfigError
@@ -237,9 +237,6 @@ class CellRun:
     def _write_config(self, folder: Path) -> None:
         (folder / "config.yaml").write_text(yaml.safe_dump(self.cell.config, sort_keys=False))
         (folder / "stream_manifest.json").write_text(json.dumps({"experiences": self.manifest}))
-
-    def status(self) -> str:
-        return RunStatus.to_string(self.client.get_run(self.run_id).info.status)
 
 
 def log_groups(grid_run: GridRun, groups: dict[tuple[str, str, str], dict[str, float]]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from forgetless.experiments.registry import Registry
@@ -82,7 +81,3 @@ def model_factory(name: str, where: str):
 
 def build_model(name: str, config: object, stream: Stream) -> nn.Module:
     return model_factory(name, "model.name")(config, stream)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
