@@ -26,7 +26,6 @@ import torch
 from forgetless.experiments import checkpoint, metrics, tracking
 from forgetless.experiments.config import Cell, Grid, build_params
 from forgetless.experiments.evaluate import PRIMARY, score_stream
-from forgetless.experiments.plots import accuracy_heatmap
 from forgetless.models import build_model, model_factory
 from forgetless.strategies import Strategy, TrainConfig, strategy_class
 from forgetless.streams import Stream, build_stream, stream_factory
@@ -159,6 +158,10 @@ def run_cell(
         names = [e.name for e in stream]
         matrix = {"experiences": names, "R": R.tolist(), "baseline": baseline,
                   "score": PRIMARY[stream.kind]}  # fmt: skip
+        # Imported here: at module level, every Ray worker would import matplotlib before
+        # its first cell could start.
+        from forgetless.experiments.plots import accuracy_heatmap
+
         with tempfile.TemporaryDirectory() as folder:
             Path(folder, "accuracy_matrix.json").write_text(json.dumps(matrix))
             accuracy_heatmap(R, names, cell.label(), Path(folder, "accuracy_matrix.png"))

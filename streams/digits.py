@@ -6,12 +6,13 @@ same images; the cell seed draws the class order, permutations and rotation orde
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 
 from forgetless.experiments.schema import ConfigError, param, positive
 from forgetless.streams import Experience, Samples, Stream, register_stream
@@ -19,18 +20,33 @@ from forgetless.streams import Experience, Samples, Stream, register_stream
 NUM_CLASSES = 10
 
 
+def read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 8, 8) in 0..16, labels (N,)) from the CSV that scikit-learn ships.
+
+    Read straight from the file `sklearn.datasets.load_digits` reads: importing
+    scikit-learn costs a Ray worker 1-3 s of start-up for a 50 kB file.
+    """
+    package = importlib.util.find_spec("sklearn")  # locates it without importing it
+    path = Path(package.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    if not path.is_file():  # another layout: let scikit-learn find its own file
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
 @cache
 def load_digits_split() -> tuple[Samples, Samples]:
     """Digits as (N, 1, 8, 8) floats in [0, 1], split 75/25 per class."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(digits.target, dtype=torch.long)
+    images, labels = read_digits()
+    x = torch.tensor(images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(labels, dtype=torch.long)
     rng = np.random.default_rng(0)
     test = np.zeros(len(y), dtype=bool)
     for c in range(NUM_CLASSES):
-        members = np.flatnonzero(digits.target == c)
+        members = np.flatnonzero(labels == c)
         test[rng.choice(members, size=len(members) // 4, replace=False)] = True
     test_index = torch.from_numpy(np.flatnonzero(test))
     train_index = torch.from_numpy(np.flatnonzero(~test))
@@ -136,6 +152,8 @@ class RotatedDigitsConfig:
 @register_stream("rotated_digits")
 def rotated_digits(config: RotatedDigitsConfig, seed: int) -> Stream:
     """Domain-incremental: all 10 classes each time, rotated; the seed orders the angles."""
+    import torchvision.transforms.functional as TF  # here: 2-3 s of import for one stream
+
     train, test = load_digits_split()
     angles = np.linspace(0.0, config.max_angle, config.n_experiences, endpoint=False)
     angles = np.random.default_rng(seed).permutation(angles)

@@ -15,6 +15,7 @@ from forgetless.streams.digits import (
     RotatedDigitsConfig,
     SplitDigitsConfig,
     load_digits_split,
+    read_digits,
 )
 
 N_TRAIN, N_TEST = (len(s) for s in load_digits_split())
@@ -252,3 +253,12 @@ def test_grid_with_avalanche_benchmark_without_data_fails_validation(tmp_path):
     }
     with pytest.raises(ConfigError, match=str(empty)):
         grid_from_dict(data)
+
+
+def test_read_digits_reads_the_same_images_and_labels_as_scikit_learn():
+    from sklearn.datasets import load_digits
+
+    images, labels = read_digits()
+    digits = load_digits()
+    assert images.shape == (1797, 8, 8)
+    assert (images == digits.images).all() and (labels == digits.target).all()
