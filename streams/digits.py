@@ -55,7 +55,16 @@ def load_digits_split() -> tuple[Samples, Samples]:
 
 @dataclass
 class SplitDigitsConfig:
-    n_experiences: int = param(5, "number of experiences; must divide the 10 classes")
+    n_experiences: int = param(
+        5,
+        "number of experiences; must divide the 10 classes (with base_classes: n - 1 must "
+        "divide the rest)",
+    )
+    base_classes: int | None = param(
+        None,
+        "classes of a larger first (base) experience, as REMIND's base initialisation; the "
+        "other 10 - base_classes are split evenly over the remaining experiences",
+    )
     task_labels: bool = param(
         False, "task-incremental: attach task labels and score each task over its own classes"
     )
@@ -65,7 +74,9 @@ class SplitDigitsConfig:
 
     def validate(self, where: str) -> None:
         positive(self.n_experiences, f"{where}.n_experiences")
-        if NUM_CLASSES % self.n_experiences:
+        if self.base_classes is not None:
+            self._validate_base(where)
+        elif NUM_CLASSES % self.n_experiences:
             divisors = [d for d in range(1, NUM_CLASSES + 1) if NUM_CLASSES % d == 0]
             raise ConfigError(
                 f"{where}.n_experiences: {self.n_experiences} does not divide the "
@@ -79,17 +90,39 @@ class SplitDigitsConfig:
                 f"got {self.fixed_class_order}"
             )
 
+    def _validate_base(self, where: str) -> None:
+        if not 0 < self.base_classes < NUM_CLASSES:
+            raise ConfigError(
+                f"{where}.base_classes: must be between 1 and {NUM_CLASSES - 1}, "
+                f"got {self.base_classes}"
+            )
+        rest = NUM_CLASSES - self.base_classes
+        if self.n_experiences < 2 or rest % (self.n_experiences - 1):
+            counts = [d + 1 for d in range(1, rest + 1) if rest % d == 0]
+            raise ConfigError(
+                f"{where}.n_experiences: with base_classes {self.base_classes} the other {rest} "
+                f"classes must split evenly over n_experiences - 1 experiences; "
+                f"{self.n_experiences} does not, use one of {counts}"
+            )
+
+    def class_groups(self, order: list[int]) -> list[list[int]]:
+        """The classes of each experience, in `order`: the base ones first, if any."""
+        base = self.base_classes or 0
+        per = (NUM_CLASSES - base) // (self.n_experiences - (1 if base else 0))
+        starts = ([0] if base else []) + list(range(base, NUM_CLASSES, per))
+        return [order[a:b] for a, b in zip(starts, [*starts[1:], NUM_CLASSES])]
+
 
 @register_stream("split_digits")
 def split_digits(config: SplitDigitsConfig, seed: int) -> Stream:
-    """Class-incremental (or, with task_labels, task-incremental) digits."""
+    """Class-incremental (or, with task_labels, task-incremental) digits; with base_classes
+    the first experience holds more classes (a base for methods that pre-train on it)."""
     train, test = load_digits_split()
     if config.fixed_class_order is not None:
         order = list(config.fixed_class_order)
     else:
         order = np.random.default_rng(seed).permutation(NUM_CLASSES).tolist()
-    per = NUM_CLASSES // config.n_experiences
-    groups = [order[i * per : (i + 1) * per] for i in range(config.n_experiences)]
+    groups = config.class_groups(order)
     experiences = []
     for i, classes in enumerate(groups):
         parts = []

@@ -110,6 +110,32 @@ def test_split_digits_config_refuses_n_experiences_not_dividing_10():
         SplitDigitsConfig(n_experiences=3).validate("streams[0]")
 
 
+@pytest.mark.parametrize(
+    "n_experiences, sizes", [(4, [4, 2, 2, 2]), (3, [4, 3, 3]), (7, [4] + [1] * 6)]
+)
+def test_split_digits_base_classes_make_a_larger_first_experience(n_experiences, sizes):
+    stream = split(seed=3, n_experiences=n_experiences, base_classes=4)
+    classes = [e.info["classes"] for e in stream]
+    assert [len(c) for c in classes] == sizes
+    assert list(itertools.chain(*classes)) == [c for e in split(seed=3) for c in e.info["classes"]]
+    for e in stream:
+        assert set(e.train.y.tolist()) == set(e.info["classes"])
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"n_experiences": 5, "base_classes": 4}, r"other 6 classes.*use one of \[2, 3, 4, 7\]"),
+        ({"n_experiences": 1, "base_classes": 4}, r"n_experiences - 1"),
+        ({"n_experiences": 2, "base_classes": 10}, r"base_classes: must be between 1 and 9"),
+        ({"n_experiences": 2, "base_classes": 0}, r"base_classes: must be between 1 and 9"),
+    ],
+)
+def test_split_digits_refuses_base_classes_that_leave_an_uneven_rest(params, message):
+    with pytest.raises(ConfigError, match=message):
+        SplitDigitsConfig(**params).validate("streams[0]")
+
+
 # --- permuted and rotated digits -----------------------------------------------------------
 
 
