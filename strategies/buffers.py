@@ -5,7 +5,8 @@ Vitter's algorithm R, as in Mammoth's ER) and `class_balanced` (the budget is sp
 evenly over the classes seen; a class with fewer samples gives its share to the
 others, and a new class takes its share from the largest ones, as in REMIND).
 Randomness comes from torch's global generator, which the runner seeds and
-checkpoints.
+checkpoints. With `compact`, images are held as an image file holds them (uint8 pixels,
+uint8 labels) so a byte budget compares with methods that store compressed codes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ class BufferConfig:
     size: int | None = param(None, "capacity in samples (give size or bytes)")
     bytes: int | None = param(None, "capacity in bytes of stored inputs and labels")
     policy: Literal["reservoir", "class_balanced"] = param("reservoir", "what to keep")
+    compact: bool = param(
+        False,
+        "store inputs in [0, 1] as uint8 pixels (x * 255, rounded) and labels in the smallest "
+        "integer type (an 8x8 digit: 64 + 1 bytes); replayed as float32 and int64",
+    )
 
     def validate(self, where: str) -> None:
         if (self.size is None) == (self.bytes is None):
@@ -56,6 +62,8 @@ class ReplayBuffer:
         if len(new) == 0:
             return
         new = new.to(self.device)
+        if self.config.compact:
+            new = compact_images(new)
         capacity = self.capacity(new)
         if self.config.policy == "reservoir":
             self._reservoir_add(new, capacity)
@@ -91,7 +99,11 @@ class ReplayBuffer:
 
     def sample(self, n: int) -> Samples:
         """`n` stored samples drawn uniformly with replacement."""
-        return self.samples.subset(torch.randint(len(self), (n,)).to(self.device))
+        drawn = self.samples.subset(torch.randint(len(self), (n,)).to(self.device))
+        if not self.config.compact:
+            return drawn
+        task = None if drawn.task is None else drawn.task.long()
+        return Samples(drawn.x.float() / 255, drawn.y.long(), task)
 
     def state_dict(self) -> dict:
         s = self.samples
@@ -102,6 +114,26 @@ class ReplayBuffer:
         s = state["samples"]
         self.samples = None if s is None else Samples(s["x"], s["y"], s["task"]).to(self.device)
         self.seen = state["seen"]
+
+
+def label_dtype(n_values: int) -> torch.dtype:
+    """The smallest integer type for labels 0 .. n_values - 1: uint8 up to 256 classes."""
+    return torch.uint8 if n_values <= 256 else torch.int16 if n_values <= 2**15 else torch.int64
+
+
+def compact_images(samples: Samples) -> Samples:
+    """Inputs in [0, 1] as uint8 pixels, labels and task labels in their smallest type."""
+    x = samples.x
+    if not x.is_floating_point() or x.min() < 0 or x.max() > 1:
+        seen = f"[{x.min().item():.3g}, {x.max().item():.3g}] ({x.dtype})"
+        raise ValueError(
+            f"buffer.compact: inputs range over {seen}; uint8 storage holds float images in "
+            "[0, 1]: set compact: false for other inputs"
+        )
+    pixels = (x * 255).round().to(torch.uint8)
+    task = samples.task
+    task = None if task is None else task.to(label_dtype(int(task.max()) + 1))
+    return Samples(pixels, samples.y.to(label_dtype(int(samples.y.max()) + 1)), task)
 
 
 def class_balanced_keep(labels: torch.Tensor, capacity: int) -> torch.Tensor:

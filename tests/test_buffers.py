@@ -158,6 +158,42 @@ def test_class_balanced_buffer_gives_a_new_class_its_share():
     assert all(i < 100 for i, y in zip(ids(buffer), buffer.samples.y.tolist()) if y < 2)
 
 
+# --- compact storage: an image as an image file holds it ---------------------------------
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_compact_buffer_counts_a_digit_at_65_bytes_and_never_exceeds_its_budget(policy):
+    torch.manual_seed(0)
+    budget = 25 * 65 + 64  # 25 digits and not quite 26
+    buffer = ReplayBuffer(BufferConfig(bytes=budget, policy=policy, compact=True))
+    for first in range(0, 200, 40):
+        x = torch.randint(0, 17, (40, 1, 8, 8)) / 16.0  # digits' pixel levels
+        buffer.add(Samples(x, torch.arange(first, first + 40) % 10))
+        assert buffer.nbytes <= budget
+    assert len(buffer) == 25 and buffer.nbytes == 25 * 65
+    assert buffer.samples.x.dtype == torch.uint8 and buffer.samples.y.dtype == torch.uint8
+
+
+def test_compact_buffer_replays_float_images_within_half_a_level_and_int64_labels():
+    x = torch.rand(30, 1, 8, 8)
+    buffer = ReplayBuffer(BufferConfig(size=30, compact=True))
+    buffer.add(Samples(x, torch.arange(30) % 10, torch.zeros(30, dtype=torch.long)))
+    torch.manual_seed(0)
+    drawn = buffer.sample(30)
+    torch.manual_seed(0)
+    index = torch.randint(30, (30,))
+    assert drawn.x.dtype == torch.float32 and drawn.y.dtype == torch.long
+    assert drawn.task.dtype == torch.long
+    assert (drawn.x - x[index]).abs().max() <= 0.5 / 255 + 1e-7
+    assert torch.equal(drawn.y, (torch.arange(30) % 10)[index])
+
+
+def test_compact_buffer_refuses_inputs_outside_the_unit_range():
+    buffer = ReplayBuffer(BufferConfig(size=3, compact=True))
+    with pytest.raises(ValueError, match=r"compact.*\[0, 1\]"):
+        buffer.add(Samples(torch.full((2, 4), 2.0), torch.tensor([0, 1])))
+
+
 # --- checkpoints ---------------------------------------------------------------------------
 
 
