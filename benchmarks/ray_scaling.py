@@ -220,7 +220,7 @@ def main() -> None:
         print(f"ray: {CELLS} cells, cpu 1 each ...", file=out)
         cpu, cpu_before = time.process_time(), descendant_cpu()
         ray_start_epoch, ray_s, ray_outcomes = timed_grid(
-            grid, tmp / "ray", ray_executor(grid.resources)
+            grid, tmp / "ray", ray_executor(grid.resources, len(grid.cells))
         )
         cpu_after = descendant_cpu()
         ray_cpu_s = {"driver": time.process_time() - cpu}

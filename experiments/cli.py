@@ -35,21 +35,24 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("streams", help="list streams and their parameters")
 
     compare = commands.add_parser("compare", help="final metrics, mean ± std over seeds")
-    compare.add_argument("grid_name", help="the grid's `name:` (its MLflow experiment)")
-    compare.add_argument("--tracking-uri")
-    compare.add_argument("--stream", help="only this stream")
-    compare.add_argument("--strategy", help="only this strategy")
-    compare.add_argument(
-        "--where",
-        action="append",
-        default=[],
-        metavar="PARAM=VALUE",
-        help="only cells with this parameter value, e.g. train.lr=0.1",
-    )
-    compare.add_argument("--sort", default="final/avg_acc", help="metric to sort by (descending)")
+    _add_grid_arguments(compare)
+    compare.add_argument("--sort", default="final/avg_acc",
+                         help="metric to sort by, best first (lowest first for forgetting, "
+                         "train_time_s, memory_bytes)")  # fmt: skip
     compare.add_argument("--csv", help="also write the table to this CSV file")
 
-    ui = commands.add_parser("ui", help="open the MLflow UI on the grid's store")
+    report = commands.add_parser(
+        "report", help="one report file: table, statistics over seeds and plots"
+    )
+    _add_grid_arguments(report)
+    report.add_argument("--out", help="the report file (default: GRID_NAME-report.html or .md)")
+    report.add_argument("--format", choices=["html", "markdown"],
+                        help="html (images embedded) or markdown (images in OUT_files/); "
+                        "default from --out's suffix, else html")  # fmt: skip
+    report.add_argument("--csv", help="also write the final-metrics table to this CSV file")
+
+    ui = commands.add_parser("ui", help="start the MLflow UI on the grid's store, print its URL")
+    ui.add_argument("grid_name", nargs="?", help="print the URL of this grid's experiment")
     ui.add_argument("--tracking-uri")
     ui.add_argument("--port", type=int, default=UI_PORT)
 
@@ -98,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from forgetless.experiments.cluster import connect, ray_executor
 
         connect(args.address)
-        executor = ray_executor(grid.resources, on_running)
+        executor = ray_executor(grid.resources, len(grid.cells), on_running)
     run_grid(grid, uri, executor, on_outcome=on_outcome)
     bar.close()
     print(format_table(compare_table(uri, grid.name)))
@@ -161,21 +164,40 @@ def _print_entry(name: str, doc: str, config: type, extra: str) -> None:
     print()
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from forgetless.experiments.compare import compare_table, format_table
-    from forgetless.experiments.tracking import resolve_tracking_uri
+def _add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """The grid, its store and the filters: the same for `compare` and `report`."""
+    parser.add_argument("grid_name", help="the grid's `name:` (its MLflow experiment)")
+    parser.add_argument("--tracking-uri", help="MLflow store: sqlite:///PATH or a server's "
+                        "http://HOST:PORT (default: $MLFLOW_TRACKING_URI or "
+                        "sqlite:///mlflow.db)")  # fmt: skip
+    parser.add_argument("--stream", action="append", help="only this stream (repeatable)")
+    parser.add_argument("--strategy", action="append", help="only this strategy (repeatable)")
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="PARAM=VALUE",
+        help="only cells with this parameter value, e.g. train.lr=0.1 (repeatable)",
+    )
 
+
+def _where(items: list[str]) -> dict[str, str]:
     where = {}
-    for item in args.where:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--where {item!r}: expected PARAM=VALUE, e.g. train.lr=0.1")
         where[key] = value
+    return where
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from forgetless.experiments.compare import compare_table, format_table
+    from forgetless.experiments.tracking import resolve_tracking_uri
+
     uri = resolve_tracking_uri(args.tracking_uri)
-    try:
-        table = compare_table(uri, args.grid_name, args.stream, args.strategy, where, args.sort)
-    except KeyError as e:
-        raise ConfigError(e.args[0]) from e
+    table = compare_table(uri, args.grid_name, args.stream, args.strategy, _where(args.where),
+                          args.sort)  # fmt: skip
     print(format_table(table))
     if args.csv:
         table.to_csv(args.csv, index=False)
@@ -183,13 +205,53 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
+def cmd_report(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from forgetless.experiments import report
     from forgetless.experiments.tracking import resolve_tracking_uri
 
+    fmt = args.format or ("markdown" if (args.out or "").endswith(".md") else "html")
+    out = Path(args.out or f"{args.grid_name}-report.{'md' if fmt == 'markdown' else 'html'}")
     uri = resolve_tracking_uri(args.tracking_uri)
-    print(f"MLflow UI on {uri}: http://127.0.0.1:{args.port}  (Ctrl-C to stop)", flush=True)
+    built = report.build(uri, args.grid_name, args.stream, args.strategy, _where(args.where))
+    report.write(built, out, fmt, Path(args.csv) if args.csv else None)
+    print(f"wrote {out}" + (f" and {args.csv}" if args.csv else ""))
+    for section in built.sections:
+        print(f"  {section.title}" + (f": {len(section.images)} figure(s)" if section.images
+                                      else ""))  # fmt: skip
+    if fmt == "html":
+        print(f"open it in a browser: {out.resolve().as_uri()}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import socket
+    from pathlib import Path
+
+    from forgetless.experiments.tracking import grid_experiment, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    served = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if served else f"http://127.0.0.1:{args.port}"
+    url = base + "/"
+    if args.grid_name:
+        url += f"#/experiments/{grid_experiment(uri, args.grid_name).experiment_id}"
+    if served:
+        print(f"{uri} is an MLflow server: its UI is at {url}", flush=True)
+        return 0
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", args.port)) == 0:
+            raise ConfigError(f"--port {args.port}: already in use; pick another, e.g. "
+                              f"--port {args.port + 1}")  # fmt: skip
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                "--host", "127.0.0.1", "--port", str(args.port)]  # fmt: skip
+    if uri.startswith("sqlite:///"):  # runs logged through this UI keep artifacts by the store
+        store = Path(uri[len("sqlite:///") :]).expanduser().resolve()
+        command += ["--artifacts-destination", str(store.parent / "mlartifacts")]
+    print(f"MLflow UI on {uri}: {url}  (Ctrl-C to stop)", flush=True)
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:
@@ -202,6 +264,7 @@ COMMANDS = {
     "strategies": cmd_strategies,
     "streams": cmd_streams,
     "compare": cmd_compare,
+    "report": cmd_report,
     "ui": cmd_ui,
 }
 

@@ -95,11 +95,28 @@ def _run_cell_task(fn: Callable[..., CellOutcome], cell: Cell, resources: Resour
     return fn(cell, device=device, threads=threads_for(resources.cpu))
 
 
-def ray_executor(resources: Resources, on_running: Callable[[int], None] | None = None):
-    """An executor for `run_grid`: every cell as a Ray task, yielded as each one ends."""
+@ray.remote
+def _warm_up() -> None:
+    import torch
+
+    from forgetless.experiments import runner  # noqa: F401 - torch, MLflow, the strategies
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # the first imports torch._dynamo
+
+
+def ray_executor(resources: Resources, cells: int, on_running: Callable[[int], None] | None = None):
+    """An executor for `run_grid`: every cell as a Ray task, yielded as each one ends.
+
+    Made before `run_grid` reads the store, it sets the workers that will take the first
+    `cells` cells on their one-time costs at once: 4-8 s of imports (torch, MLflow, and
+    torch._dynamo, which torch imports for the first optimizer) that would otherwise
+    delay each worker's first cell.
+    """
+    check_resources(resources)
+    for _ in range(min(cells, _slots(resources))):
+        _warm_up.options(num_cpus=resources.cpu).remote()
 
     def execute(cells: list[Cell], fn: Callable[..., CellOutcome]) -> Iterator[CellOutcome]:
-        check_resources(resources)
         task = _run_cell_task.options(num_cpus=resources.cpu, num_gpus=resources.gpu)
         pending = {task.remote(fn, cell, resources): cell for cell in cells}
         slots = _slots(resources)

@@ -50,7 +50,7 @@ def test_worker_device_is_the_gpu_ray_assigned_or_the_cpu():
 
 def test_parallel_cells_on_ray_lose_no_metric_in_sqlite(local_ray, write_grid, tracking_uri):
     grid = write_grid(seeds=[0, 1, 2], strategies=["naive", {"name": "rehearsal"}], streams=FIVE)
-    outcomes = run_grid(grid, tracking_uri, ray_executor(grid.resources))
+    outcomes = run_grid(grid, tracking_uri, ray_executor(grid.resources, len(grid.cells)))
     assert [o.status for o in outcomes] == ["FINISHED"] * 6
     client = MlflowClient(tracking_uri)
     runs = cell_runs(tracking_uri, grid.name)
@@ -71,7 +71,9 @@ def test_killed_worker_resumes_its_cell_and_matches_an_undisturbed_run(
                       strategies=[{"name": "rehearsal", "buffer": {"size": 60}}])  # fmt: skip
     outcomes: list = []
     driver = threading.Thread(
-        target=lambda: outcomes.extend(run_grid(grid, tracking_uri, ray_executor(grid.resources)))
+        target=lambda: outcomes.extend(
+            run_grid(grid, tracking_uri, ray_executor(grid.resources, len(grid.cells)))
+        )
     )
     driver.start()
     victim = None
