@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from torch import nn
@@ -59,6 +60,127 @@ def cnn(config: CNNConfig, stream: Stream) -> nn.Module:
         nn.Linear(config.hidden, stream.num_classes),
     ]
     return nn.Sequential(*layers)
+
+
+@dataclass
+class LatentCNNConfig:
+    channels: list[int] = param(
+        [32, 64, 64], "conv3x3-BN-ReLU blocks of G; each after the first halves the size"
+    )
+    latent_channels: int = param(4, "channels of the latent map: a 1x1 conv with no ReLU")
+    head_channels: int = param(64, "channels of F's conv3x3-BN-ReLU block")
+    hidden: int = param(128, "width of F's fully connected layer before the classifier")
+
+
+@register_model("latent_cnn")
+def latent_cnn(config: LatentCNNConfig, stream: Stream) -> nn.Module:
+    """A small CNN with a split point: G (`block*`, `latent`) ends in a linear spatial
+    latent (C x H x W; 4 x 2 x 2 on 8x8 digits), F (`head`, `classifier`) reads it.
+
+    The latent has no ReLU: after a base training a ReLU left many units dead, which
+    product quantization then spends codes on. Latent replay splits it at `head`.
+    """
+    in_channels, height, width = stream.input_shape
+    blocks: OrderedDict[str, nn.Module] = OrderedDict()
+    for i, out in enumerate(config.channels):
+        layers = [nn.Conv2d(in_channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+        if i > 0:
+            layers.append(nn.MaxPool2d(2))
+            height, width = height // 2, width // 2
+        blocks[f"block{i}"] = nn.Sequential(*layers)
+        in_channels = out
+    if height < 1 or width < 1:
+        raise ConfigError(
+            f"model.channels: {len(config.channels)} blocks halve the {stream.input_shape[1:]} "
+            "input to nothing; use fewer blocks"
+        )
+    blocks["latent"] = nn.Conv2d(in_channels, config.latent_channels, 1)
+    blocks["head"] = nn.Sequential(
+        nn.Conv2d(config.latent_channels, config.head_channels, 3, padding=1),
+        nn.BatchNorm2d(config.head_channels),
+        nn.ReLU(),
+    )
+    blocks["classifier"] = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(config.head_channels * height * width, config.hidden),
+        nn.ReLU(),
+        nn.Linear(config.hidden, stream.num_classes),
+    )
+    model = nn.Sequential(blocks)
+    model.latent_split = "head"
+    return model
+
+
+@dataclass
+class ResNet18Config:
+    small_input: bool = param(
+        False,
+        "CIFAR-style stem (3x3 stride-1 first conv, no max-pool) for 32x32 inputs, so layer4 "
+        "maps are 4x4 rather than 1x1",
+    )
+
+
+@register_model("resnet18")
+def resnet18(config: ResNet18Config, stream: Stream) -> nn.Module:
+    """torchvision's ResNet-18 (untrained) as named blocks: stem, layer1..4, pool, fc.
+
+    Latent replay splits it at `layer4.1` as REMIND does (Hayes et al., ECCV 2020, sec. 4):
+    G runs through the first block of layer4 and its 512 x 7 x 7 output (on 224x224 inputs)
+    is the latent; unlike latent_cnn's, it ends in that block's ReLU.
+    """
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None, num_classes=stream.num_classes)
+    in_channels = stream.input_shape[0]
+    if config.small_input:
+        net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    model = nn.Sequential(
+        OrderedDict(
+            stem=nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool),
+            layer1=net.layer1,
+            layer2=net.layer2,
+            layer3=net.layer3,
+            layer4=net.layer4,
+            pool=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+            fc=net.fc,
+        )
+    )
+    model.latent_split = "layer4.1"
+    return model
+
+
+def split_points(model: nn.Module, prefix: str = "") -> list[str]:
+    """Names of the blocks a Sequential model can be split before (`head`, `layer4.1`):
+    its children, and the blocks inside a child that is a Sequential of blocks."""
+    if not isinstance(model, nn.Sequential):
+        return []
+    names = []
+    for i, (name, child) in enumerate(model.named_children()):
+        if i > 0 or prefix:
+            names.append(prefix + name)
+        if all(next(c.children(), None) is not None for c in child.children()):
+            names += split_points(child, f"{prefix}{name}.")[1:]
+    return names
+
+
+def split_model(model: nn.Module, at: str, where: str) -> tuple[nn.Sequential, nn.Sequential]:
+    """(G, F): the modules before `at` and from `at` on; both share the model's modules."""
+    if at not in split_points(model):
+        points = split_points(model) or ["(none: the model is not a Sequential of blocks)"]
+        raise ConfigError(
+            f"{where}: the model has no split point {at!r}; its split points are "
+            f"{', '.join(points)} (models with one: latent_cnn, resnet18)"
+        )
+    head, _, rest = at.partition(".")
+    children = list(model.named_children())
+    i = [name for name, _ in children].index(head)
+    lower, upper = OrderedDict(children[:i]), OrderedDict(children[i:])
+    if rest:
+        lower[head], upper[head] = split_model(children[i][1], rest, where)
+    return nn.Sequential(lower), nn.Sequential(upper)
 
 
 register_model("llama_tiny")(llama_tiny)

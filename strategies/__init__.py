@@ -33,7 +33,14 @@ __all__ = [
 
 def strategy_class(name: str, where: str) -> type[Strategy]:
     """The class registered (or plugged in) under `name`; `a+b` combines two methods."""
-    from forgetless.strategies import cumulative, hft, lora, naive, rehearsal  # noqa: F401
+    from forgetless.strategies import (  # noqa: F401
+        compressed_replay,
+        cumulative,
+        hft,
+        lora,
+        naive,
+        rehearsal,
+    )
 
     if "+" in name:
         parts = name.split("+")

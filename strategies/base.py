@@ -123,10 +123,13 @@ class Strategy:
     # --- shared pieces --------------------------------------------------------------
     def logits(self, batch: Samples) -> torch.Tensor:
         """Model outputs; task-incremental streams mask them to the batch's task classes."""
-        out = self.model(batch.x)
-        if self.class_mask is not None and batch.task is not None:
-            out = out.masked_fill(~self.class_mask[batch.task], float("-inf"))
-        return out
+        return self.mask_to_task(self.model(batch.x), batch.task)
+
+    def mask_to_task(self, out: torch.Tensor, task: torch.Tensor | None) -> torch.Tensor:
+        """-inf outside the classes of each sample's task (task-incremental streams only)."""
+        if self.class_mask is None or task is None:
+            return out
+        return out.masked_fill(~self.class_mask[task], float("-inf"))
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         """An optimizer over the parameters that currently require gradients."""
