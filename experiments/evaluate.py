@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from forgetless.models.causal_lm import IGNORE
+from forgetless.models.causal_lm import IGNORE, trim_padding
 from forgetless.strategies import Strategy
 from forgetless.streams import Samples, Stream
 
@@ -30,6 +30,8 @@ def evaluate(strategy: Strategy, data: Samples, kind: str) -> dict[str, float]:
         index = slice(start, start + batch_size)
         task = None if data.task is None else data.task[index]
         batch = Samples(data.x[index], data.y[index], task).to(strategy.device)
+        if kind == "generation":
+            batch = trim_padding(batch)
         logits = strategy.logits(batch)
         counts = _generation_counts(logits, batch.y) if kind == "generation" else {
             "accuracy": (logits.argmax(dim=1) == batch.y).sum(),

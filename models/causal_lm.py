@@ -89,6 +89,19 @@ class CausalLM(nn.Module):
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
+def trim_padding(batch: Samples) -> Samples:
+    """The batch without the trailing columns that are padding in every row.
+
+    A stream's sequences are right-padded to one width so that its sets concatenate; left
+    as they are, a batch of short examples would pay for the longest example of any task
+    (twice the tokens or more on the built-in streams). Under the causal mask the outputs
+    at the kept positions do not depend on the dropped ones.
+    """
+    labelled = (batch.y != IGNORE).any(dim=0).nonzero()
+    width = int(labelled.max()) + 1 if len(labelled) else batch.y.shape[1]
+    return Samples(batch.x[:, :width], batch.y[:, :width], batch.task)
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy where labels are not -100."""
     return nn.functional.cross_entropy(

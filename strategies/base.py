@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forgetless.experiments.schema import ConfigError, param, positive
-from forgetless.models.causal_lm import lm_loss
+from forgetless.models.causal_lm import lm_loss, trim_padding
 from forgetless.streams import Experience, Samples, Stream
 
 
@@ -68,7 +68,8 @@ class Strategy:
         self.config = config
         self.train_config = train
         self.device = next(model.parameters()).device
-        self.criterion = lm_loss if stream.kind == "generation" else F.cross_entropy
+        self.generation = stream.kind == "generation"
+        self.criterion = lm_loss if self.generation else F.cross_entropy
         self.optimizer = self.make_optimizer()
         self.class_mask = None
         if stream.task_classes is not None:
@@ -89,6 +90,8 @@ class Strategy:
             total = torch.zeros((), device=self.device)
             for start in range(0, len(data), batch_size):
                 batch = self.compose(data.subset(order[start : start + batch_size]))
+                if self.generation:
+                    batch = trim_padding(batch)
                 loss = self.loss(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -25,7 +25,15 @@ from forgetless.experiments.evaluate import _generation_counts, evaluate, score_
 from forgetless.experiments.runner import build_cell, run_grid
 from forgetless.experiments.schema import ConfigError
 from forgetless.models import build_model
-from forgetless.models.causal_lm import IGNORE, CausalLM, HFConfig, LlamaTinyConfig, llama_tiny
+from forgetless.models.causal_lm import (
+    IGNORE,
+    CausalLM,
+    HFConfig,
+    LlamaTinyConfig,
+    llama_tiny,
+    lm_loss,
+    trim_padding,
+)
 from forgetless.strategies import NoParams, TrainConfig
 from forgetless.strategies.naive import Naive
 from forgetless.streams import Example, Experience, Samples, Stream, build_stream
@@ -128,7 +136,8 @@ def test_an_answer_right_but_for_a_missing_eos_is_not_an_exact_match():
 
 
 class HandMadeStrategy:
-    """What `evaluate` reads of a strategy; row i of the data holds the index i."""
+    """What `evaluate` reads of a strategy; row i of the data holds the index i, and the
+    logits cover as many positions as the batch's labels (evaluate trims the padding)."""
 
     def __init__(self, logits: torch.Tensor, eval_batch_size: int) -> None:
         self.model = nn.Linear(1, 1)
@@ -137,7 +146,7 @@ class HandMadeStrategy:
         self.hand_made = logits
 
     def logits(self, batch: Samples) -> torch.Tensor:
-        return self.hand_made[batch.x[:, 0]]
+        return self.hand_made[batch.x[:, 0], : batch.y.shape[1]]
 
 
 @pytest.mark.parametrize("eval_batch_size", [1, 2, 512])
@@ -557,3 +566,17 @@ def test_two_task_stream_runs_end_to_end_into_mlflow(
     assert run.data.metrics["final/general_retention"] == pytest.approx(
         final_general / base_general
     )
+
+
+def test_trim_padding_keeps_every_labelled_position_and_the_model_outputs_there():
+    torch.manual_seed(0)
+    model = llama_tiny(LlamaTinyConfig(layers=1, hidden=32, heads=2, intermediate=64), None)
+    data = model.encode([Example("a: x\n", "X"), Example("abc: xyz\n", "XYZ")], width=30)
+    trimmed = trim_padding(data)
+    assert trimmed.x.shape == (2, len("abc: xyz\n") + len("XYZ") + 1)  # + EOS
+    assert (data.y[:, trimmed.y.shape[1] :] == IGNORE).all()
+    assert (data.x[:, trimmed.x.shape[1] :] == model.pad_id).all()
+    with torch.no_grad():
+        full, short = model(data.x), model(trimmed.x)
+    assert torch.allclose(full[:, : short.shape[1]], short, atol=1e-5)
+    assert lm_loss(full, data.y).item() == pytest.approx(lm_loss(short, trimmed.y).item(), rel=1e-5)
