@@ -228,32 +228,48 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    import os
     import socket
     from pathlib import Path
+    from urllib.parse import quote
+
+    import mlflow
 
     from forgetless.experiments.tracking import grid_experiment, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     served = uri.startswith(("http://", "https://"))
-    base = uri.rstrip("/") if served else f"http://127.0.0.1:{args.port}"
-    url = base + "/"
+    url = (uri.rstrip("/") if served else f"http://127.0.0.1:{args.port}") + "/"
+    charts = None
     if args.grid_name:
-        url += f"#/experiments/{grid_experiment(uri, args.grid_name).experiment_id}"
+        # MLflow 3 opens an experiment on its GenAI overview; its runs are one tab further.
+        tab = "/runs" if int(mlflow.__version__.split(".")[0]) >= 3 else ""
+        url += f"#/experiments/{grid_experiment(uri, args.grid_name).experiment_id}{tab}"
+        charts = url + "?searchFilter=" + quote("tags.`forgetless.role` = 'cell'", safe="")
+        charts += "&compareRunsMode=CHART"
     if served:
         print(f"{uri} is an MLflow server: its UI is at {url}", flush=True)
+    else:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", args.port)) == 0:
+                raise ConfigError(f"--port {args.port}: already in use; pick another, e.g. "
+                                  f"--port {args.port + 1}")  # fmt: skip
+        print(f"MLflow UI on {uri}: {url}  (Ctrl-C to stop)", flush=True)
+    if charts:
+        print(f"the cells' charts: {charts}\n  then Group by > forgetless.strategy for mean "
+              "and band over seeds (README: Reports and the MLflow UI)", flush=True)  # fmt: skip
+    if served:
         return 0
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", args.port)) == 0:
-            raise ConfigError(f"--port {args.port}: already in use; pick another, e.g. "
-                              f"--port {args.port + 1}")  # fmt: skip
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-               "--host", "127.0.0.1", "--port", str(args.port)]  # fmt: skip
+    # `mlflow server` is `mlflow ui` with --workers in every version; one worker and no
+    # GenAI job runner start in seconds and are plenty for one person's browser.
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+               "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]  # fmt: skip
     if uri.startswith("sqlite:///"):  # runs logged through this UI keep artifacts by the store
         store = Path(uri[len("sqlite:///") :]).expanduser().resolve()
         command += ["--artifacts-destination", str(store.parent / "mlartifacts")]
-    print(f"MLflow UI on {uri}: {url}  (Ctrl-C to stop)", flush=True)
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     try:
-        return subprocess.call(command)
+        return subprocess.call(command, env=env)
     except KeyboardInterrupt:
         return 0
 

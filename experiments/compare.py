@@ -1,20 +1,27 @@
 """Reading results back from MLflow: the compare table and the seed-group runs.
 
-One aggregation serves both, so the terminal table and the group runs in the MLflow
-UI always agree: cells are grouped by (stream, strategy, grid point) and every final
-metric gets a mean and a standard deviation over seeds.
+One aggregation serves the terminal table, the report and the group runs in the MLflow
+UI, so they always agree: cells are grouped by (stream, strategy, grid point) and every
+final metric gets a mean and a standard deviation over seeds.
 """
 
 from __future__ import annotations
+
+import difflib
 
 import pandas as pd
 from mlflow import MlflowClient
 
 from forgetless.experiments import tracking
+from forgetless.experiments.schema import ConfigError
 
 TAG = tracking.TAG
 GROUP_KEYS = ["stream", "strategy", "variant"]
 HEADLINE = ["avg_acc", "learning_acc", "forgetting", "bwt", "fwt", "train_time_s", "memory_bytes"]
+# Shown after the headline when a grid logs them (editing and language-model streams).
+EXTRA = ["reliability", "generalization", "locality", "edit_latency_s", "general_retention"]
+# "Best" is the smallest value for these; the largest for every other metric.
+LOWER_IS_BETTER = {"forgetting", "train_time_s", "memory_bytes", "edit_latency_s"}
 
 
 def cell_frame(uri: str, grid_name: str) -> pd.DataFrame:
@@ -36,10 +43,15 @@ def cell_frame(uri: str, grid_name: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def metric_names(cells: pd.DataFrame) -> list[str]:
+    """The final metrics the cells carry, without the `final/` prefix."""
+    return [c for c in cells.columns if c not in GROUP_KEYS + ["seed", "run_id"]
+            and not c.startswith("param:")]  # fmt: skip
+
+
 def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds per group; columns `<metric>_mean`, `<metric>_std`, `seeds`."""
-    metric_columns = [c for c in cells.columns if c not in GROUP_KEYS + ["seed", "run_id"]
-                      and not c.startswith("param:")]  # fmt: skip
+    metric_columns = metric_names(cells)
     grouped = cells.groupby(GROUP_KEYS, sort=False)
     mean = grouped[metric_columns].mean().add_suffix("_mean")
     std = grouped[metric_columns].std(ddof=0).add_suffix("_std")
@@ -48,56 +60,104 @@ def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
-def compare_table(
-    uri: str,
-    grid_name: str,
-    stream: str | None = None,
-    strategy: str | None = None,
+def select(
+    cells: pd.DataFrame,
+    streams: list[str] | None = None,
+    strategies: list[str] | None = None,
     where: dict[str, str] | None = None,
-    sort: str = "final/avg_acc",
 ) -> pd.DataFrame:
-    """The aggregated table, filtered by stream / strategy / parameter values and sorted."""
-    cells = cell_frame(uri, grid_name)
-    if cells.empty:
-        return cells
-    if stream:
-        cells = cells[cells["stream"] == stream]
-    if strategy:
-        cells = cells[cells["strategy"] == strategy]
+    """The cells of these streams and strategies whose parameters have these values.
+
+    A filter that matches nothing is an error naming what exists, so a typo is never
+    mistaken for an empty result.
+    """
+    for column, wanted in (("stream", streams), ("strategy", strategies)):
+        if not wanted:
+            continue
+        missing = sorted(set(wanted) - set(cells[column]))
+        if missing:
+            raise ConfigError(
+                f"--{column} {missing[0]}: no finished cell has it; this grid has "
+                f"{', '.join(sorted(set(cells[column])))}"
+            )
+        cells = cells[cells[column].isin(wanted)]
     for key, value in (where or {}).items():
         column = f"param:{key}"
         if column not in cells:
-            raise KeyError(f"--where {key}: no cell has parameter {key!r}")
-        cells = cells[cells[column].astype(str) == value]
-    table = aggregate(cells)
+            params = [c[len("param:") :] for c in cells.columns if c.startswith("param:")]
+            close = difflib.get_close_matches(key, params, n=3)
+            varying = [p for p in params if cells[f"param:{p}"].nunique() > 1]
+            hint = f"did you mean {', '.join(close)}?" if close else (
+                f"parameters that vary here: {', '.join(varying) or '(none)'}")  # fmt: skip
+            raise ConfigError(f"--where {key}: no cell has parameter {key!r}; {hint}")
+        keep = cells[column].map(lambda v, value=value: _same_value(v, value))
+        if not keep.any():
+            values = ", ".join(sorted(set(cells[column].astype(str))))
+            raise ConfigError(f"--where {key}={value}: no cell has it; values here: {values}")
+        cells = cells[keep]
+    return cells
+
+
+def _same_value(logged: object, wanted: str) -> bool:
+    """MLflow keeps params as strings: `train.lr=0.10` matches a logged `0.1`."""
+    try:
+        return float(logged) == float(wanted)
+    except (TypeError, ValueError):
+        return str(logged) == wanted
+
+
+def compare_table(
+    uri: str,
+    grid_name: str,
+    streams: list[str] | None = None,
+    strategies: list[str] | None = None,
+    where: dict[str, str] | None = None,
+    sort: str = "final/avg_acc",
+) -> pd.DataFrame:
+    """The aggregated table, filtered by stream / strategy / parameter values, best first."""
+    cells = cell_frame(uri, grid_name)
+    if cells.empty:
+        return cells
+    table = aggregate(select(cells, streams, strategies, where))
     key = sort.removeprefix("final/")
     column = key if key in table else f"{key}_mean"
     if column not in table:
-        raise KeyError(
-            f"--sort {sort}: no such metric; try one of final/{', final/'.join(HEADLINE)}"
+        raise ConfigError(
+            f"--sort {sort}: no run of {grid_name!r} has this metric; it has "
+            f"final/{', final/'.join(metric_names(cells))}"
         )
-    return table.sort_values(column, ascending=False, ignore_index=True)
+    ascending = key.removesuffix("_mean").removesuffix("_std") in LOWER_IS_BETTER
+    return table.sort_values(column, ascending=ascending, ignore_index=True)
+
+
+def formatted(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as text: `mean ± std` per shown metric (the mean alone for one seed)."""
+    out = table[GROUP_KEYS].copy()
+    for metric in HEADLINE + EXTRA:
+        if f"{metric}_mean" not in table:
+            continue
+        digits = 0 if metric == "memory_bytes" else 3
+        out[metric] = [
+            f"{m:.{digits}f}" if n < 2 else f"{m:.{digits}f} ± {s:.{digits}f}"
+            for m, s, n in zip(table[f"{metric}_mean"], table[f"{metric}_std"], table["seeds"])
+        ]
+    out["seeds"] = table["seeds"]
+    if (out["variant"] == "-").all():
+        out = out.drop(columns="variant")
+    return out
 
 
 def format_table(table: pd.DataFrame) -> str:
     """`mean ± std` per headline metric, a row per stream x strategy (x grid point)."""
     if table.empty:
         return "(no finished cells)"
-    out = table[GROUP_KEYS].copy()
-    for metric in HEADLINE:
-        if f"{metric}_mean" not in table:
-            continue
-        fmt = "{:.0f} ± {:.0f}" if metric == "memory_bytes" else "{:.3f} ± {:.3f}"
-        out[metric] = [fmt.format(m, s) for m, s in
-                       zip(table[f"{metric}_mean"], table[f"{metric}_std"])]  # fmt: skip
-    out["seeds"] = table["seeds"]
-    if (out["variant"] == "-").all():
-        out = out.drop(columns="variant")
-    return out.to_string(index=False)
+    return formatted(table).to_string(index=False)
 
 
 def log_seed_groups(grid_run: tracking.GridRun, grid_name: str) -> None:
-    """Replace the grid's group runs with fresh ones from every FINISHED cell."""
+    """Replace the grid's group runs with fresh ones from every FINISHED cell, and write
+    the table with links to every cell run as the parent run's description, so the
+    parent run shows what the grid found and leads to each of its cells."""
     client = MlflowClient(grid_run.tracking_uri)
     old = client.search_runs([grid_run.experiment_id], f"tags.`{TAG}role` = 'group'")
     for run in old:
@@ -112,3 +172,32 @@ def log_seed_groups(grid_run: tracking.GridRun, grid_name: str) -> None:
         groups[key] = {c: row[c] for c in table.columns if c.endswith(("_mean", "_std"))}
         groups[key]["seeds"] = int(row["seeds"])
     tracking.log_groups(grid_run, groups)
+    client.set_tag(grid_run.parent_run_id, "mlflow.note.content",
+                   grid_note(grid_run.experiment_id, cells, table))  # fmt: skip
+
+
+def grid_note(experiment_id: str, cells: pd.DataFrame, table: pd.DataFrame) -> str:
+    """Markdown for the parent run: the table over seeds, then a link to every cell run."""
+    link = "#/experiments/{}/runs/{}".format
+    runs = cells.sort_values(GROUP_KEYS + ["seed"])
+    lines = [
+        "Final metrics, mean ± std over seeds (the group runs carry them as metrics):",
+        "",
+        formatted(table.sort_values("avg_acc_mean", ascending=False)).to_markdown(
+            index=False, disable_numparse=True
+        ),
+        "",
+        "Cell runs:",
+        "",
+    ]
+    lines += [
+        f"- [{r.stream} / {group_label(r.strategy, r.variant)} / seed {r.seed}]"
+        f"({link(experiment_id, r.run_id)})"
+        for r in runs.itertuples()
+    ]
+    return "\n".join(lines)
+
+
+def group_label(strategy: str, variant: str) -> str:
+    """A strategy's name in tables and legends, with its grid point when the grid has one."""
+    return strategy if variant == "-" else f"{strategy} [{variant}]"

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Experiment, Metric, Param, RunTag
 
 from forgetless.experiments.config import Cell
 from forgetless.experiments.schema import ConfigError
@@ -127,11 +127,22 @@ def finished_cells(uri: str, grid_name: str) -> dict[str, str]:
     return {r.data.tags[f"{TAG}cell_hash"]: r.info.run_id for r in runs}
 
 
-def cell_runs(uri: str, grid_name: str, status: str | None = "FINISHED") -> list:
+def grid_experiment(uri: str, grid_name: str) -> Experiment:
+    """The grid's MLflow experiment; a name not in the store is an error listing the grids."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(grid_name)
     if experiment is None:
-        raise ConfigError(f"no MLflow experiment named {grid_name!r} in {uri}; run the grid first")
+        names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        raise ConfigError(
+            f"no grid named {grid_name!r} in {uri}; grids there: {', '.join(names) or '(none)'}"
+            " (or run the grid first)"
+        )
+    return experiment
+
+
+def cell_runs(uri: str, grid_name: str, status: str | None = "FINISHED") -> list:
+    client = MlflowClient(uri)
+    experiment = grid_experiment(uri, grid_name)
     query = f"tags.`{TAG}role` = 'cell'"
     if status:
         query += f" and attributes.status = '{status}'"

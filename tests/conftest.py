@@ -1,8 +1,16 @@
-"""Shared fixtures: one MLflow store per test session, tiny grids written to tmp folders."""
+"""Shared fixtures: one MLflow store per test session, tiny grids written to tmp folders,
+one small finished grid for the tests that read results, and servers started on free ports."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,24 +32,88 @@ def write_grid(tmp_path: Path):
     """write_grid(**fields) -> Grid: a tiny split_digits grid, overridable field by field."""
 
     def write(**fields) -> Grid:
-        data = {
-            "name": f"test-{next(_names)}",
-            "seeds": [0],
-            "streams": [
-                {
-                    "name": "split_digits",
-                    "n_experiences": 2,
-                    "fixed_class_order": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
-                }
-            ],  # fmt: skip
-            "model": {"name": "mlp", "hidden": [32]},
-            "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
-            "strategies": ["naive"],
-            "storage": str(tmp_path / "runs"),
-        }
-        data.update(fields)
-        path = tmp_path / f"{data['name']}.yaml"
-        path.write_text(yaml.safe_dump(data))
-        return load_grid(path)
+        return _grid(tmp_path, **fields)
 
     return write
+
+
+def _grid(folder: Path, **fields) -> Grid:
+    data = {
+        "name": f"test-{next(_names)}",
+        "seeds": [0],
+        "streams": [
+            {
+                "name": "split_digits",
+                "n_experiences": 2,
+                "fixed_class_order": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+            }
+        ],  # fmt: skip
+        "model": {"name": "mlp", "hidden": [32]},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
+        "strategies": ["naive"],
+        "storage": str(folder / "runs"),
+    }
+    data.update(fields)
+    path = folder / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_grid(path)
+
+
+@pytest.fixture(scope="session")
+def finished_grid(tmp_path_factory) -> tuple[str, str]:
+    """(tracking URI, grid name) of naive and rehearsal x 2 seeds x 2 experiences, run once
+    into a store of its own: the grid the report, compare and browser tests read."""
+    from forgetless.experiments.runner import run_grid
+
+    folder = tmp_path_factory.mktemp("finished-grid")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    grid = _grid(folder, name="finished", seeds=[0, 1],
+                 strategies=["naive", {"name": "rehearsal", "buffer": {"size": 50}}])  # fmt: skip
+    assert {o.status for o in run_grid(grid, uri)} == {"FINISHED"}
+    return uri, grid.name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve():
+    """serve(command, port, folder) -> its stdout file: start a server process, wait until
+    http://127.0.0.1:port/health answers, and stop its whole process group at the end."""
+    groups = []
+
+    def start(command: list[str], port: int, folder: Path) -> Path:
+        out, err = folder / "server.out", folder / "server.err"
+        # One worker and no GenAI job runner: the MLflow server starts in seconds, not half
+        # a minute, on two shared cores.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with out.open("w") as stdout, err.open("w") as stderr:
+            process = subprocess.Popen(command, cwd=folder, stdout=stdout, stderr=stderr,
+                                       env=env, start_new_session=True)  # fmt: skip
+        groups.append(process)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(
+                    f"{command[:4]} exited {process.returncode}:\n{err.read_text()[-3000:]}"
+                )
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                return out
+            except OSError:
+                time.sleep(0.5)
+        pytest.fail(f"{command[:4]} did not answer on port {port} in 120 s:\n"
+                    f"{err.read_text()[-3000:]}")  # fmt: skip
+
+    yield start
+    for process in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in groups:
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)

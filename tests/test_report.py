@@ -1,0 +1,262 @@
+"""The report and the compare command, read back from MLflow: sections, numbers, statistics."""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+from html.parser import HTMLParser
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from forgetless.experiments import report
+from forgetless.experiments.cli import main
+from forgetless.experiments.compare import HEADLINE, compare_table
+
+FIGURE_SECTIONS = ["curves", "heatmaps", "tradeoff", "memory", "time"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class Page(HTMLParser):
+    """Section ids in order, the images and table rows inside each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: dict[str, dict[str, list]] = {}
+        self.current: dict[str, list] | None = None
+        self.in_body = False
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attrs = dict(attrs)
+        if tag == "section":
+            self.current = self.sections.setdefault(attrs["id"], {"img": [], "tr": []})
+        elif tag == "tbody":
+            self.in_body = True
+        elif self.current is not None and tag == "img":
+            self.current["img"].append(attrs["src"])
+        elif self.current is not None and tag == "tr" and self.in_body:
+            self.current["tr"].append(attrs)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "tbody":
+            self.in_body = False
+
+
+def markdown_table(text: str, heading: str) -> pd.DataFrame:
+    """The first pipe table after `## heading`, as text cells."""
+    lines = text.split(f"## {heading}", 1)[1].splitlines()
+    rows = [line for line in lines if line.startswith("|")]
+    rows = rows[: next((i for i, r in enumerate(rows) if not r.startswith("|")), len(rows))]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    return pd.DataFrame(cells[2:], columns=cells[0])
+
+
+def test_report_has_every_section_and_one_image_per_plot(finished_grid, tmp_path):
+    uri, name = finished_grid
+    out = tmp_path / "report.html"
+    assert main(["report", name, "--tracking-uri", uri, "--out", str(out)]) == 0
+    page = Page()
+    page.feed(out.read_text())
+    expected = ["glance", "table", "statistics", *FIGURE_SECTIONS]
+    assert list(page.sections) == expected  # no editing section: these runs do not edit
+    for key in FIGURE_SECTIONS:
+        (source,) = page.sections[key]["img"]  # one stream: one image per plot
+        prefix = "data:image/png;base64,"
+        assert source.startswith(prefix)
+        assert base64.b64decode(source[len(prefix) :]).startswith(PNG)
+    for key in ("glance", "table", "statistics"):
+        assert page.sections[key]["img"] == []
+    assert len(page.sections["table"]["tr"]) == 2  # naive, rehearsal
+    assert len(page.sections["statistics"]["tr"]) == 4  # 2 strategies x (avg_acc, forgetting)
+    assert "forgets least" in out.read_text()
+
+
+def test_markdown_table_numbers_equal_the_metrics_in_mlflow(finished_grid, tmp_path):
+    uri, name = finished_grid
+    out, csv = tmp_path / "report.md", tmp_path / "table.csv"
+    argv = ["report", name, "--tracking-uri", uri, "--out", str(out), "--csv", str(csv)]
+    assert main(argv) == 0
+    text = out.read_text()
+    table = markdown_table(text, "Final metrics over seeds").set_index("strategy")
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    groups = client.search_runs([experiment.experiment_id], "tags.`forgetless.role` = 'group'")
+    assert len(groups) == 2
+    for run in groups:
+        row = table.loc[run.data.tags["forgetless.strategy"]]
+        for metric in HEADLINE:
+            mean = run.data.metrics[f"final/{metric}_mean"]
+            std = run.data.metrics[f"final/{metric}_std"]
+            digits = 0 if metric == "memory_bytes" else 3
+            assert row[metric].strip("*") == f"{mean:.{digits}f} ± {std:.{digits}f}", metric
+        assert row["seeds"] == "2"
+    # The best final accuracy is bold, and only there.
+    best = max(groups, key=lambda r: r.data.metrics["final/avg_acc_mean"])
+    column = table["avg_acc"]
+    assert column[best.data.tags["forgetless.strategy"]].startswith("**")
+    assert sum(v.startswith("**") for v in column) == 1
+    # Every figure is a file beside the report, linked from it.
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(links) == len(FIGURE_SECTIONS)
+    assert all((out.parent / link).read_bytes().startswith(PNG) for link in links)
+    # The CSV holds the unrounded numbers of the group runs.
+    exported = pd.read_csv(csv).set_index("strategy")
+    for run in groups:
+        for key, value in run.data.metrics.items():
+            assert exported.at[run.data.tags["forgetless.strategy"], key[len("final/") :]] == (
+                pytest.approx(value)
+            )
+
+
+def test_seed_statistics_match_values_computed_by_hand():
+    rows = []
+    values = {"a": [0.80, 0.85, 0.90], "b": [0.70, 0.80, 0.75], "c": [0.70, 0.75, 0.80]}
+    for strategy, scores in values.items():
+        rows += [{"stream": "s", "strategy": strategy, "variant": "-", "seed": seed,
+                  "avg_acc": v, "forgetting": 1 - v} for seed, v in enumerate(scores)]  # fmt: skip
+    rows.append({"stream": "s", "strategy": "d", "variant": "-", "seed": 0, "avg_acc": 0.5,
+                 "forgetting": 0.5})  # fmt: skip
+    cells = pd.DataFrame(rows)
+    stats = report.seed_statistics(cells, "avg_acc").set_index("strategy")
+
+    # a: mean 0.85, sample std 0.05; t(0.975, 2 df) = 0.95 / sqrt(2 * 0.975 * 0.025).
+    t_975 = 0.95 / math.sqrt(2 * 0.975 * 0.025)
+    assert t_975 == pytest.approx(4.302653, abs=1e-6)
+    half = t_975 * 0.05 / math.sqrt(3)
+    assert stats.at["a", "mean"] == pytest.approx(0.85)
+    assert (stats.at["a", "ci_low"], stats.at["a", "ci_high"]) == pytest.approx(
+        (0.85 - half, 0.85 + half)
+    )
+    assert list(stats["best"]) == ["a"] * 4
+    assert np.isnan(stats.at["a", "p_value"])  # the best is not tested against itself
+    # b - a by seed: -0.10, -0.05, -0.15: mean -0.10, sample std 0.05, t = -0.1 / (0.05 / sqrt 3)
+    # and with 2 degrees of freedom the two-sided p is 1 - |t| / sqrt(t^2 + 2).
+    t = -0.10 / (0.05 / math.sqrt(3))
+    assert stats.at["b", "diff"] == pytest.approx(-0.10)
+    assert stats.at["b", "pairs"] == 3
+    assert stats.at["b", "p_value"] == pytest.approx(1 - abs(t) / math.sqrt(t * t + 2))
+    assert stats.at["b", "p_value"] == pytest.approx(0.074180, abs=1e-6)
+    # c - a is -0.10 for every seed: t is not finite, so no p-value rather than a fake 0.
+    assert stats.at["c", "diff"] == pytest.approx(-0.10)
+    assert np.isnan(stats.at["c", "p_value"])
+    # d ran one seed: no interval, one pair, no test.
+    assert np.isnan(stats.at["d", "ci_low"]) and stats.at["d", "pairs"] == 1
+    assert np.isnan(stats.at["d", "p_value"])
+
+    # Forgetting: lower is better, so the best is a (forgetting 0.15) again.
+    forgetting = report.seed_statistics(cells, "forgetting").set_index("strategy")
+    assert list(forgetting.index[:1]) == ["a"] and set(forgetting["best"]) == {"a"}
+    assert forgetting.at["b", "diff"] == pytest.approx(0.10)
+
+
+def log_editing_grid(uri: str, name: str) -> None:
+    """Two editors x two seeds, 3 edit batches of 4 edits each, logged with MLflow's API."""
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment(name)
+    manifest = {"experiences": [{"index": i, "name": f"edits_{i}", "train": 4, "test": 4}
+                                for i in range(3)]}  # fmt: skip
+    for strategy, level in (("grace", 0.9), ("ft_l", 0.6)):
+        for seed in (0, 1):
+            run = client.create_run(experiment_id, run_name=f"facts/{strategy} seed={seed}", tags={
+                "forgetless.role": "cell", "forgetless.stream": "facts",
+                "forgetless.strategy": strategy, "forgetless.seed": str(seed),
+                "forgetless.variant": "-", "forgetless.grid": name,
+            })  # fmt: skip
+            run_id = run.info.run_id
+            R = np.tril(np.full((3, 3), level - 0.1 * seed))
+            for step in range(3):
+                client.log_metric(run_id, "reliability", level - 0.1 * step, step=step)
+                client.log_metric(run_id, "generalization", level - 0.2 * step, step=step)
+                client.log_metric(run_id, "locality", 1.0 - 0.05 * step - 0.01 * seed, step=step)
+            final = {"avg_acc": level, "learning_acc": level, "forgetting": 0.1, "bwt": -0.1,
+                     "fwt": 0.0, "train_time_s": 1.0 + seed, "memory_bytes": 100.0,
+                     "reliability": level - 0.2, "generalization": level - 0.4,
+                     "locality": 0.9}  # fmt: skip
+            for key, value in final.items():
+                client.log_metric(run_id, f"final/{key}", value)
+            client.log_dict(run_id, {"experiences": ["e0", "e1", "e2"], "R": R.tolist(),
+                                     "baseline": [0, 0, 0]}, "accuracy_matrix.json")  # fmt: skip
+            client.log_dict(run_id, manifest, "stream_manifest.json")
+            client.set_terminated(run_id, "FINISHED")
+
+
+def test_editing_section_plots_edit_metrics_against_the_number_of_edits(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_editing_grid(uri, "editing")
+    built = report.build(uri, "editing")
+    sections = {s.key: s for s in built.sections}
+    assert [name for name, _ in sections["editing"].images] == ["editing-facts"]
+    assert sections["editing"].images[0][1].startswith(PNG)
+    table = sections["table"].table.set_index("strategy")
+    assert table.at["grace", "reliability"] == "0.700 ± 0.000"
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("editing").experiment_id])[0]
+    assert list(report.edits_applied(client, run.info.run_id)) == [4, 8, 12]
+
+
+def test_unknown_grid_names_the_grids_that_exist(finished_grid, capsys):
+    uri, name = finished_grid
+    for command in ("compare", "report"):
+        assert main([command, "finishd", "--tracking-uri", uri]) == 2
+        assert f"no grid named 'finishd' in {uri}; grids there: {name}" in capsys.readouterr().err
+
+
+def test_unknown_metric_lists_the_metrics_that_exist(finished_grid, capsys):
+    uri, name = finished_grid
+    assert main(["compare", name, "--tracking-uri", uri, "--sort", "final/acuracy"]) == 2
+    err = capsys.readouterr().err
+    assert "--sort final/acuracy: no run of 'finished' has this metric" in err
+    assert all(f"final/{metric}" in err for metric in HEADLINE)
+
+
+def test_compare_filters_and_sorts_best_first(finished_grid, capsys):
+    uri, name = finished_grid
+    by_forgetting = compare_table(uri, name, sort="final/forgetting")
+    assert list(by_forgetting["forgetting_mean"]) == sorted(by_forgetting["forgetting_mean"])
+    by_accuracy = compare_table(uri, name, sort="final/avg_acc")
+    assert list(by_accuracy["avg_acc_mean"]) == sorted(by_accuracy["avg_acc_mean"], reverse=True)
+    only = compare_table(
+        uri, name, strategies=["rehearsal"], where={"strategy.buffer.size": "50.0"}
+    )
+    assert list(only["strategy"]) == ["rehearsal"]
+    assert main(["compare", name, "--tracking-uri", uri, "--strategy", "naive",
+                 "--where", "train.lr=0.050"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "naive" in out and "rehearsal" not in out
+    assert main(["compare", name, "--tracking-uri", uri, "--strategy", "ewc"]) == 2
+    assert "--strategy ewc: no finished cell has it; this grid has naive, rehearsal" in (
+        capsys.readouterr().err
+    )
+    assert main(["compare", name, "--tracking-uri", uri, "--where", "train.l=0.05"]) == 2
+    assert "did you mean train.lr" in capsys.readouterr().err
+
+
+def test_parent_run_describes_the_grid_and_links_every_cell(finished_grid):
+    uri, name = finished_grid
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`forgetless.role` = 'grid'")
+    note = parent.data.tags["mlflow.note.content"]
+    cells = client.search_runs([experiment.experiment_id], "tags.`forgetless.role` = 'cell'")
+    for run in cells:
+        assert f"#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}" in note
+    assert "| rehearsal" in note and "± " in note
+
+
+def test_readme_search_runs_query_ranks_strategies_by_forgetting(finished_grid, monkeypatch):
+    uri, name = finished_grid
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    runs = mlflow.search_runs(
+        experiment_names=[name],
+        filter_string="tags.forgetless.role = 'group'",
+        order_by=["metrics.`final/forgetting_mean` ASC"],
+    )
+    ranked = runs[["tags.forgetless.strategy", "metrics.final/forgetting_mean",
+                   "metrics.final/memory_bytes_mean", "metrics.final/avg_acc_mean"]]  # fmt: skip
+    assert set(ranked["tags.forgetless.strategy"]) == {"naive", "rehearsal"}
+    assert ranked["metrics.final/forgetting_mean"].is_monotonic_increasing
