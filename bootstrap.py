@@ -6,12 +6,15 @@
 
 Needs only Python >= 3.10. Installs into `.venv` beside this file, once; it reinstalls
 when pyproject.toml changes. Extra arguments go to `forgetless run` or to pytest.
+`test` also installs Chromium and ChromeDriver for the browser tests where the system
+allows (apt-get on Debian-like machines, as root or with password-less sudo).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -23,6 +26,7 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / "python"
 STAMP = VENV / ".forgetless-installed"
 PYTEST_NO_TESTS = 5
+BROWSER_PACKAGES = ["chromium", "chromium-driver"]  # Debian's names; Ubuntu's are snaps
 
 
 def install() -> None:
@@ -41,6 +45,35 @@ def install() -> None:
     STAMP.write_text(wanted)
 
 
+def install_browser() -> None:
+    """Chromium and ChromeDriver from the system's packages, only when missing.
+
+    The browser tests skip without them, and fail under CI, so a machine that cannot
+    install them says why here rather than in a skipped test.
+    """
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        return
+    how = (
+        "install Chromium and ChromeDriver yourself (Debian: apt-get install chromium "
+        "chromium-driver) to run the browser tests"
+    )
+    apt = shutil.which("apt-get")
+    if not apt:
+        print(f"no apt-get on this machine: {how}", file=sys.stderr, flush=True)
+        return
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    prefix = [] if root else ["sudo", "-n"]
+    if not root and not shutil.which("sudo"):
+        print(f"not root and no sudo: {how}", file=sys.stderr, flush=True)
+        return
+    print("installing chromium and chromium-driver (apt-get) for the browser tests", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["update", "-qq"], ["install", "-y", "-qq", *BROWSER_PACKAGES]):
+        if subprocess.call([*prefix, apt, *command], env=env) != 0:
+            print(f"apt-get {command[0]} failed: {how}", file=sys.stderr, flush=True)
+            return
+
+
 def main() -> int:
     command, rest = (sys.argv[1] if len(sys.argv) > 1 else ""), sys.argv[2:]
     if command not in ("quickstart", "test"):
@@ -51,6 +84,7 @@ def main() -> int:
     if command == "quickstart":
         grid = ROOT / "grids" / "quickstart.yaml"
         return subprocess.call([str(BIN / "forgetless"), "run", str(grid), *rest], env=env)
+    install_browser()
     code = subprocess.call([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT, env=env)
     if code == PYTEST_NO_TESTS:
         print("pytest collected no tests: that is a failure here", file=sys.stderr)

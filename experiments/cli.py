@@ -107,10 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(format_table(compare_table(uri, grid.name)))
     print(f"\n{counts['FINISHED']} cells run, {counts['SKIPPED']} already finished, "
           f"{counts['FAILED']} failed.")  # fmt: skip
-    print(
-        f"Compare runs in the MLflow UI: forgetless ui --tracking-uri {uri}  "
-        f"(then open http://127.0.0.1:{UI_PORT}, experiment {grid.name!r})"
-    )
+    print(f"Report: forgetless report {grid.name} --tracking-uri {uri}\n"
+          f"MLflow UI: forgetless ui {grid.name} --tracking-uri {uri}")  # fmt: skip
     return 1 if counts["FAILED"] else 0
 
 

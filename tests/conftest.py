@@ -60,40 +60,47 @@ def _grid(folder: Path, **fields) -> Grid:
 
 
 @pytest.fixture(scope="session")
-def finished_grid(tmp_path_factory) -> tuple[str, str]:
+def make_grid(tmp_path_factory):
+    """make_grid(**fields) -> Grid: write_grid for fixtures wider than one test."""
+    return lambda **fields: _grid(tmp_path_factory.mktemp("grid"), **fields)
+
+
+@pytest.fixture(scope="session")
+def finished_grid(make_grid, tmp_path_factory) -> tuple[str, str]:
     """(tracking URI, grid name) of naive and rehearsal x 2 seeds x 2 experiences, run once
     into a store of its own: the grid the report, compare and browser tests read."""
     from forgetless.experiments.runner import run_grid
 
-    folder = tmp_path_factory.mktemp("finished-grid")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    grid = _grid(folder, name="finished", seeds=[0, 1],
-                 strategies=["naive", {"name": "rehearsal", "buffer": {"size": 50}}])  # fmt: skip
+    uri = f"sqlite:///{tmp_path_factory.mktemp('finished-grid') / 'mlflow.db'}"
+    grid = make_grid(
+        name="finished",
+        seeds=[0, 1],
+        strategies=["naive", {"name": "rehearsal", "buffer": {"size": 50}}],
+    )
     assert {o.status for o in run_grid(grid, uri)} == {"FINISHED"}
     return uri, grid.name
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def serve():
-    """serve(command, port, folder) -> its stdout file: start a server process, wait until
-    http://127.0.0.1:port/health answers, and stop its whole process group at the end."""
-    groups = []
+    """serve(command, folder) -> (base URL, stdout file): start a server on a free port (the
+    command's "{port}"), wait until its /health answers, stop its process group at the end."""
+    processes = []
 
-    def start(command: list[str], port: int, folder: Path) -> Path:
+    def start(command: list[str], folder: Path) -> tuple[str, Path]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [part.replace("{port}", str(port)) for part in command]
         out, err = folder / "server.out", folder / "server.err"
-        # One worker and no GenAI job runner: the MLflow server starts in seconds, not half
-        # a minute, on two shared cores.
+        # No GenAI job runner: an MLflow server starts in seconds, not half a minute, on two
+        # shared cores, and stops at once.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with out.open("w") as stdout, err.open("w") as stderr:
             process = subprocess.Popen(command, cwd=folder, stdout=stdout, stderr=stderr,
                                        env=env, start_new_session=True)  # fmt: skip
-        groups.append(process)
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -101,18 +108,17 @@ def serve():
                     f"{command[:4]} exited {process.returncode}:\n{err.read_text()[-3000:]}"
                 )
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-                return out
+                urllib.request.urlopen(f"{url}/health", timeout=2).read()
+                return url, out
             except OSError:
                 time.sleep(0.5)
-        pytest.fail(f"{command[:4]} did not answer on port {port} in 120 s:\n"
-                    f"{err.read_text()[-3000:]}")  # fmt: skip
+        pytest.fail(f"{command[:4]} did not answer at {url} in 120 s:\n{err.read_text()[-3000:]}")
 
     yield start
-    for process in groups:
+    for process in processes:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-    for process in groups:
+    for process in processes:
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:

@@ -6,12 +6,14 @@ import base64
 import math
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 
 from forgetless.experiments import report
 from forgetless.experiments.cli import main
@@ -154,10 +156,10 @@ def test_seed_statistics_match_values_computed_by_hand():
     assert forgetting.at["b", "diff"] == pytest.approx(0.10)
 
 
-def log_editing_grid(uri: str, name: str) -> None:
+def log_editing_grid(uri: str, name: str, artifacts: Path) -> None:
     """Two editors x two seeds, 3 edit batches of 4 edits each, logged with MLflow's API."""
     client = MlflowClient(uri)
-    experiment_id = client.create_experiment(name)
+    experiment_id = client.create_experiment(name, artifact_location=artifacts.as_uri())
     manifest = {"experiences": [{"index": i, "name": f"edits_{i}", "train": 4, "test": 4}
                                 for i in range(3)]}  # fmt: skip
     for strategy, level in (("grace", 0.9), ("ft_l", 0.6)):
@@ -168,34 +170,37 @@ def log_editing_grid(uri: str, name: str) -> None:
                 "forgetless.variant": "-", "forgetless.grid": name,
             })  # fmt: skip
             run_id = run.info.run_id
-            R = np.tril(np.full((3, 3), level - 0.1 * seed))
-            for step in range(3):
-                client.log_metric(run_id, "reliability", level - 0.1 * step, step=step)
-                client.log_metric(run_id, "generalization", level - 0.2 * step, step=step)
-                client.log_metric(run_id, "locality", 1.0 - 0.05 * step - 0.01 * seed, step=step)
+            steps = [
+                Metric(key, value, 0, step)
+                for step in range(3)
+                for key, value in (("reliability", level - 0.1 * step),
+                                   ("generalization", level - 0.2 * step),
+                                   ("locality", 1.0 - 0.05 * step - 0.01 * seed))
+            ]  # fmt: skip
             final = {"avg_acc": level, "learning_acc": level, "forgetting": 0.1, "bwt": -0.1,
                      "fwt": 0.0, "train_time_s": 1.0 + seed, "memory_bytes": 100.0,
                      "reliability": level - 0.2, "generalization": level - 0.4,
                      "locality": 0.9}  # fmt: skip
-            for key, value in final.items():
-                client.log_metric(run_id, f"final/{key}", value)
+            steps += [Metric(f"final/{key}", value, 0, 0) for key, value in final.items()]
+            client.log_batch(run_id, metrics=steps)
+            R = np.tril(np.full((3, 3), level - 0.1 * seed))
             client.log_dict(run_id, {"experiences": ["e0", "e1", "e2"], "R": R.tolist(),
                                      "baseline": [0, 0, 0]}, "accuracy_matrix.json")  # fmt: skip
             client.log_dict(run_id, manifest, "stream_manifest.json")
             client.set_terminated(run_id, "FINISHED")
 
 
-def test_editing_section_plots_edit_metrics_against_the_number_of_edits(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    log_editing_grid(uri, "editing")
-    built = report.build(uri, "editing")
+def test_editing_section_plots_edit_metrics_against_the_number_of_edits(tracking_uri, tmp_path):
+    log_editing_grid(tracking_uri, "report-editing", tmp_path)
+    built = report.build(tracking_uri, "report-editing")
     sections = {s.key: s for s in built.sections}
     assert [name for name, _ in sections["editing"].images] == ["editing-facts"]
     assert sections["editing"].images[0][1].startswith(PNG)
     table = sections["table"].table.set_index("strategy")
     assert table.at["grace", "reliability"] == "0.700 ± 0.000"
-    client = MlflowClient(uri)
-    run = client.search_runs([client.get_experiment_by_name("editing").experiment_id])[0]
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("report-editing")
+    run = client.search_runs([experiment.experiment_id])[0]
     assert list(report.edits_applied(client, run.info.run_id)) == [4, 8, 12]
 
 
@@ -256,7 +261,7 @@ def test_readme_search_runs_query_ranks_strategies_by_forgetting(finished_grid, 
         filter_string="tags.forgetless.role = 'group'",
         order_by=["metrics.`final/forgetting_mean` ASC"],
     )
-    ranked = runs[["tags.forgetless.strategy", "metrics.final/forgetting_mean",
-                   "metrics.final/memory_bytes_mean", "metrics.final/avg_acc_mean"]]  # fmt: skip
+    means = [f"metrics.final/{m}_mean" for m in ("forgetting", "avg_acc", "memory_bytes")]
+    ranked = runs[["tags.forgetless.strategy", *means]]
     assert set(ranked["tags.forgetless.strategy"]) == {"naive", "rehearsal"}
     assert ranked["metrics.final/forgetting_mean"].is_monotonic_increasing

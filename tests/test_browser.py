@@ -1,0 +1,130 @@
+"""Seen in a real browser: the report and the MLflow UI in headless Chromium.
+
+The browser is the system's (Debian's chromium and chromium-driver), driven by selenium with
+both paths given, so nothing is downloaded. Without a browser these tests skip and say how
+to get one; under CI (CI=true) they fail instead, so a green CI means they ran.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from forgetless.experiments.cli import main
+
+HOW = (
+    "browser tests need Chromium and ChromeDriver: `apt-get install chromium chromium-driver` "
+    "on Debian or Ubuntu (`python3 bootstrap.py test` does it where it can), and selenium "
+    "(the dev extra)"
+)
+
+
+def unavailable(reason: str):
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason}; {HOW}. CI must run the browser tests.", pytrace=False)
+    pytest.skip(f"{reason}; {HOW}")
+
+
+@pytest.fixture(scope="session")  # before the session grid: a skip costs nothing
+def browser(tmp_path_factory):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromedriver = shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        unavailable(f"no chromium / chromedriver on PATH ({chromium}, {chromedriver})")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        unavailable("selenium is not installed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    # Headless as root in a container, and no calls home: this machine has no network.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--window-size=1400,1000",
+                 f"--user-data-dir={profile}"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
+    yield driver
+    driver.quit()
+
+
+def wait(driver, condition, seconds: float = 60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, seconds, poll_frequency=0.5).until(condition)
+
+
+def test_report_images_decode_and_its_table_renders_in_chromium(browser, finished_grid, tmp_path):
+    uri, name = finished_grid
+    out = tmp_path / "report.html"
+    assert main(["report", name, "--tracking-uri", uri, "--out", str(out)]) == 0
+    browser.get(out.as_uri())
+    wait(browser, lambda d: d.execute_script("return document.readyState") == "complete")
+    images = browser.execute_script(
+        "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]);"
+    )
+    assert len(images) == 5
+    for alt, complete, width in images:
+        assert complete and width > 0, f"image {alt} did not decode"
+    rows = browser.execute_script(
+        "return Array.from(document.querySelectorAll('section#table tbody tr'))"
+        ".map(r => [r.offsetHeight, Array.from(r.cells).map(c => c.innerText)]);"
+    )
+    assert [cells[0:2] for _, cells in rows] == [["split_digits", s] for s in _order(uri, name)]
+    assert all(height > 0 for height, _ in rows)
+    bold = browser.execute_script(
+        "return Array.from(document.querySelectorAll('section#table td.best'))"
+        ".map(c => getComputedStyle(c).fontWeight);"
+    )
+    assert bold and all(int(weight) >= 600 for weight in bold)
+
+
+def _order(uri: str, name: str) -> list[str]:
+    """Strategies by final average accuracy, best first: the report's row order."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    groups = client.search_runs([experiment.experiment_id], "tags.`forgetless.role` = 'group'")
+    groups.sort(key=lambda r: -r.data.metrics["final/avg_acc_mean"])
+    return [r.data.tags["forgetless.strategy"] for r in groups]
+
+
+def test_mlflow_ui_started_by_forgetless_ui_shows_the_grid_runs(browser, finished_grid, serve,
+                                                                tmp_path):  # fmt: skip
+    from selenium.webdriver.common.by import By
+
+    uri, name = finished_grid
+    command = [sys.executable, "-m", "forgetless.experiments.cli", "ui", name,
+               "--tracking-uri", uri, "--port", "{port}"]  # fmt: skip
+    base, stdout = serve(command, tmp_path)
+    printed = stdout.read_text()
+    match = re.search(r"MLflow UI on \S+: (\S+)", printed)
+    assert match and match.group(1).startswith(base + "/#/experiments/"), printed
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags["forgetless.role"] == "grid"]
+    children = [r.info.run_id for r in runs if r is not parent]
+    assert len(children) == 6  # 4 cells and 2 seed groups
+
+    def linked_run_ids(driver) -> set[str]:
+        hrefs = driver.execute_script(
+            "return Array.from(document.querySelectorAll('a[href*=\"/runs/\"]')).map(a => a.href);"
+        )
+        return {href.rsplit("/runs/", 1)[1].split("?")[0] for href in hrefs}
+
+    browser.get(match.group(1))
+    # The runs table shows the grid's parent run; its cells are nested under it.
+    wait(browser, lambda d: parent.info.run_id in linked_run_ids(d))
+    cell = browser.find_element(
+        By.CSS_SELECTOR, '[role="gridcell"][col-id="attributes.`Run Name`"]'
+    )
+    cell.find_element(By.TAG_NAME, "button").click()  # expand the nested runs
+    wait(browser, lambda d: set(children) <= linked_run_ids(d))
