@@ -55,12 +55,16 @@ def palette(labels: list[str]) -> dict[str, tuple]:
 def heatmap_row(matrices: dict[str, np.ndarray], title: str) -> Figure:
     """Accuracy matrices side by side on one colour scale, one panel per strategy."""
     n = len(matrices)
+    rows = -(-n // 4)  # at most 4 panels a row, so each stays readable on a page
+    columns = -(-n // rows)
     T = len(next(iter(matrices.values())))
-    side = 1.2 + 0.45 * T
-    fig = _figure((side * n + 0.8, side + 0.6))
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    side = 1.6 + 0.5 * T
+    fig = _figure((side * columns + 0.8, side * rows + 0.4))
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for ax, (label, R) in zip(axes, matrices.items()):
         image = _draw_matrix(ax, R, label)
+    for ax in axes[n:]:
+        ax.set_axis_off()
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="accuracy")
     fig.suptitle(title, fontsize=10)
     return fig
@@ -99,7 +103,7 @@ def trade_off(
 
     `better` names the corner where a strategy would rather be, e.g. "lower right".
     """
-    fig = _figure((6.4, 4.4))
+    fig = _figure((7.6, 4.4))
     ax = fig.add_subplot()
     for label, (x, x_std, y, y_std) in points.items():
         ax.errorbar(
@@ -113,7 +117,6 @@ def trade_off(
             color=colors[label],
             label=label,
         )
-        ax.annotate(label, (x, y), xytext=(6, 6), textcoords="offset points", fontsize=8)
     if xscale == "symlog":  # 0 bytes is a real value (naive): linear below 1 kB, log above
         ax.set_xscale("symlog", linthresh=1000)
         top = max(1000.0, max(x + x_std for x, x_std, _, _ in points.values()))
@@ -129,6 +132,7 @@ def trade_off(
         ha=horizontal,
         va="bottom" if vertical == "lower" else "top",
     )
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

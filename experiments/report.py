@@ -191,20 +191,26 @@ FIGURES = [
 
 
 def at_a_glance(table: pd.DataFrame) -> Section:
-    """Per stream, the strategy that forgets least and what it costs, in one sentence each."""
+    """Per stream, the strategies from least to most forgetting, each beside what it costs."""
     lines = []
     for stream, rows in table.groupby("stream", sort=False):
         stable = rows.loc[rows["forgetting_mean"].idxmin()]
         accurate = rows.loc[rows["avg_acc_mean"].idxmax()]
         lines.append(
-            f"{stream}: {stable.label} forgets least (forgetting {stable.forgetting_mean:.3f} "
-            f"± {stable.forgetting_std:.3f}, final accuracy {stable.avg_acc_mean:.3f}), at "
-            f"{stable.memory_bytes_mean:,.0f} bytes of memory and "
-            f"{stable.train_time_s_mean:.1f} s of training per cell. Highest final accuracy: "
-            f"{accurate.label} ({accurate.avg_acc_mean:.3f} ± {accurate.avg_acc_std:.3f}, "
-            f"{accurate.memory_bytes_mean:,.0f} bytes, {accurate.train_time_s_mean:.1f} s)."
+            f"{stream}: {stable.label} forgets least ({stable.forgetting_mean:.3f}), at "
+            f"{stable.memory_bytes_mean:,.0f} bytes of memory and {stable.train_time_s_mean:.1f}"
+            f" s of training per cell; {accurate.label} ends most accurate "
+            f"({accurate.avg_acc_mean:.3f})."
         )
-    return Section("glance", "At a glance", "\n\n".join(lines))
+    shown = compare.formatted(table)
+    keys = [c for c in compare.GROUP_KEYS if c in shown]
+    order = table.sort_values(["stream", "forgetting_mean"]).index
+    columns = keys + ["forgetting", "avg_acc", "memory_bytes", "train_time_s"]
+    text = (
+        "\n\n".join(lines)
+        + "\n\nForgetting, least first, beside its costs (mean ± std over seeds):"
+    )
+    return Section("glance", "At a glance", text, shown.loc[order, columns])
 
 
 def final_table(table: pd.DataFrame) -> Section:
