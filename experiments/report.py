@@ -49,7 +49,6 @@ class Section:
 @dataclass
 class Report:
     grid: str
-    uri: str
     meta: str
     sections: list[Section]
     table: pd.DataFrame  # numeric: what `--csv` writes
@@ -97,7 +96,7 @@ def build(
         f"seeds {', '.join(map(str, seeds))}. Store: {uri}. "
         f"Made {time.strftime('%Y-%m-%d %H:%M')}."
     )
-    return Report(grid_name, uri, meta, sections, table.drop(columns="label"))
+    return Report(grid_name, meta, sections, table.drop(columns="label"))
 
 
 def stream_figures(
