@@ -72,8 +72,17 @@ class CausalLM(nn.Module):
         return max(tokens(e.prompt) + tokens(e.answer) for e in examples) + 1
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
-        """Greedy decoding with the KV cache, batched with left padding."""
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[str]:
+        """Greedy decoding with the KV cache, batched with left padding; with `do_sample`,
+        nucleus sampling at `temperature` from torch's global generator (SSR writes its own
+        rehearsal inputs this way, reproducibly under the cell seed)."""
         self.tokenizer.padding_side = "left"
         batch = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
         device = next(self.parameters()).device
@@ -81,7 +90,8 @@ class CausalLM(nn.Module):
             input_ids=batch.input_ids.to(device),
             attention_mask=batch.attention_mask.to(device),
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            do_sample=do_sample,
+            **({"temperature": temperature, "top_p": top_p} if do_sample else {}),
             pad_token_id=self.pad_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )

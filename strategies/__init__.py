@@ -40,6 +40,7 @@ def strategy_class(name: str, where: str) -> type[Strategy]:
         lora,
         naive,
         rehearsal,
+        ssr,
     )
 
     if "+" in name:

