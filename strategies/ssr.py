@@ -152,7 +152,9 @@ class SelfSynthesizedRehearsal(Strategy):
             ]
         else:
             prompts = [head] * cfg.candidates_per_task
-        written = self._generate(self.generator, prompts, do_sample=True)
+        # An input longer than this cannot fit the width with its prompt prefix.
+        longest = self.width - len(self._tokens(head))
+        written = self._generate(self.generator, prompts, longest, do_sample=True)
         real = {e.prompt for e in task} if cfg.drop_copies else set()
         inputs = []
         for text in written:
@@ -165,18 +167,25 @@ class SelfSynthesizedRehearsal(Strategy):
     def refine(self, prompts: list[str]) -> list[Example]:
         """Outputs of the latest model for the synthetic inputs (step b); instances that are
         empty or do not fit the stream's width (a run-on answer) are dropped as malformed."""
-        answers = self._generate(self.model, prompts, do_sample=False)
-        tokens = self.model.tokenizer
+        prompts = [p for p in prompts if len(self._tokens(p)) + 2 <= self.width]  # answer, EOS
+        if not prompts:
+            return []
+        # One token more than any answer that fits, so that a run-on shows as too long.
+        longest = self.width - min(len(self._tokens(p)) for p in prompts)
+        answers = self._generate(self.model, prompts, longest, do_sample=False)
         instances = []
         for prompt, answer in zip(prompts, answers):
-            size = len(tokens(prompt + answer, add_special_tokens=False).input_ids) + 1
+            size = len(self._tokens(prompt)) + len(self._tokens(answer)) + 1  # as encode counts
             if answer.strip() and size <= self.width:
                 instances.append(Example(prompt, answer))
         return instances
 
-    def _generate(self, model: CausalLM, prompts: list[str], do_sample: bool) -> list[str]:
-        if not prompts:
-            return []
+    def _tokens(self, text: str) -> list[int]:
+        return self.model.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _generate(
+        self, model: CausalLM, prompts: list[str], max_new_tokens: int, do_sample: bool
+    ) -> list[str]:
         was_training = model.training
         model.eval()
         cfg = self.config
@@ -184,7 +193,7 @@ class SelfSynthesizedRehearsal(Strategy):
         for start in range(0, len(prompts), self.train_config.eval_batch_size):
             chunk = prompts[start : start + self.train_config.eval_batch_size]
             texts += model.generate(
-                chunk, self.width, do_sample=do_sample, temperature=cfg.temperature, top_p=cfg.top_p
+                chunk, max_new_tokens, do_sample, temperature=cfg.temperature, top_p=cfg.top_p
             )
         model.train(was_training)
         return texts

@@ -132,7 +132,9 @@ def test_malformed_and_repeated_inputs_are_dropped(stream_and_fluent_weights):
     ssr = make(stream_and_fluent_weights, synthesis="sample", drop_copies=True)
     task = [Example("uppercase: abc\n", "ABC"), Example("uppercase: de\n", "DE")]
     written = ["xyz\nXYZ", "", "  \nQ", "xyz", "abc", "ab" * 40]
-    ssr._generate = lambda model, prompts, do_sample: written if do_sample else ["A"] * len(prompts)
+    ssr._generate = lambda model, prompts, longest, do_sample: (
+        written if do_sample else ["A"] * len(prompts)
+    )
     inputs = ssr.synthesize_inputs(task)
     # empty and blank inputs, a repeat and a copy of a real input go; the run-on goes at refine
     assert inputs == ["uppercase: xyz\n", f"uppercase: {'ab' * 40}\n"]

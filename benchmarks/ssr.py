@@ -1,0 +1,151 @@
+"""Naive fine-tuning vs real rehearsal vs self-synthesized rehearsal (SSR), from one base.
+
+One grid (the strategies of grids/ssr.yaml, every seed) runs in this process through
+forgetless' runner, on an instruction stream that starts from the cached pre-trained base,
+which is also SSR's generator. Rehearsal keeps real instances (k per finished task at the
+last stage: a reservoir of k * (tasks - 1)); SSR keeps k synthetic ones per finished task.
+Reported: final average exact match and general retention per method (means over seeds),
+the share of rehearsal's gain over naive that SSR recovers on each, and the real training
+instances found in SSR's buffers (read back from the cells' checkpoints). The last line is
+one JSON object.
+
+    python benchmarks/ssr.py [--seeds 0,1,2] [--tasks a,b,c,d,e] [--train-size 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import tempfile
+import time
+
+BATCH_SIZE = 16
+
+
+def grid(args: argparse.Namespace, storage: str) -> dict:
+    tasks = args.tasks.split(",")
+    k = args.instances_per_task
+    return {
+        "name": "ssr-benchmark",
+        "seeds": [int(s) for s in args.seeds.split(",")],
+        "streams": [
+            {
+                "name": "instructions",
+                "tasks": tasks,
+                "train_size": args.train_size,
+                "test_size": args.test_size,
+                "base": {"train_size": args.base_train_size, "epochs": args.base_epochs},
+            }
+        ],  # fmt: skip
+        "model": {"name": "llama_tiny"},
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": BATCH_SIZE,
+            "lr": 1e-3,
+            "optimizer": "adamw",
+        },  # fmt: skip
+        "strategies": [
+            "naive",
+            {"name": "rehearsal", "buffer": {"size": k * (len(tasks) - 1)}},
+            {
+                "name": "ssr",
+                "synthesis": "sample",
+                "generator": "base",
+                "instances_per_task": k,
+                "candidates_per_task": args.candidates_per_task,
+            },
+        ],  # fmt: skip
+        "storage": storage,
+    }
+
+
+def recovered(ssr: float, naive: float, rehearsal: float) -> float | None:
+    """(ssr - naive) / (rehearsal - naive); None (undefined) when rehearsal gains nothing or a
+    score is undefined (general retention of a base that scores 0)."""
+    gain = rehearsal - naive
+    ratio = (ssr - naive) / gain if abs(gain) > 1e-9 else float("nan")
+    return ratio if math.isfinite(ratio) else None
+
+
+def real_instances_kept(cells, storage: str) -> int:
+    """Rows of SSR's final buffers that equal a real training row of any task."""
+    from forgetless.experiments import checkpoint
+    from forgetless.experiments.runner import build_cell, checkpoint_path
+
+    found = 0
+    for cell in cells:
+        if cell.config["strategy"]["name"] != "ssr":
+            continue
+        stream, _ = build_cell(cell, "cpu")
+        real = {tuple(r) for e in stream for r in e.train.x.tolist()}
+        buffer = checkpoint.load(checkpoint_path(storage, cell))["strategy"]["buffer"]["samples"]
+        rows = [] if buffer is None else buffer["x"].tolist()
+        found += sum(tuple(r) in real for r in rows)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", default="country_alpha3,uppercase,reverse,shift,alpha3_numeric")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--train-size", type=int, default=400)
+    parser.add_argument("--test-size", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--base-train-size", type=int, default=2400)
+    parser.add_argument("--base-epochs", type=int, default=2)
+    parser.add_argument("--instances-per-task", type=int, default=20)
+    parser.add_argument("--candidates-per-task", type=int, default=100)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import numpy as np
+    import torch
+
+    from forgetless.experiments.config import grid_from_dict
+    from forgetless.experiments.runner import build_cell, run_grid
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as folder:
+        g = grid_from_dict(grid(args, f"{folder}/runs"))
+        start = time.perf_counter()
+        build_cell(g.cells[0], "cpu")  # trains or loads the cached base outside the timing
+        base_s = time.perf_counter() - start
+        start = time.perf_counter()
+        outcomes = run_grid(g, f"sqlite:///{folder}/mlflow.db")
+        grid_s = time.perf_counter() - start
+        failed = [o for o in outcomes if o.status != "FINISHED"]
+        if failed:
+            raise RuntimeError("; ".join(f"{o.label}: {o.error}" for o in failed))
+        kept = real_instances_kept(g.cells, g.storage)
+    by_method: dict[str, list[dict]] = {}
+    for cell, outcome in zip(g.cells, outcomes):
+        by_method.setdefault(cell.config["strategy"]["name"], []).append(outcome.summary)
+    summary: dict = {}
+    for method, runs in by_method.items():
+        for key, name in (("avg_acc", "acc"), ("general_retention", "retention")):
+            values = [r.get(key, float("nan")) for r in runs]
+            finite = all(math.isfinite(v) for v in values)  # JSON has no NaN
+            summary[f"{name}_{method}"] = float(np.mean(values)) if finite else None
+            summary[f"{name}_{method}_std"] = float(np.std(values)) if finite else None
+        summary[f"memory_bytes_{method}"] = float(np.mean([r["memory_bytes"] for r in runs]))
+        summary[f"train_time_s_{method}"] = float(np.mean([r["train_time_s"] for r in runs]))
+    s = summary
+    s["gain_recovered"] = recovered(s["acc_ssr"], s["acc_naive"], s["acc_rehearsal"])
+    retention = [s[f"retention_{m}"] for m in ("ssr", "naive", "rehearsal")]
+    s["retention_recovered"] = None if None in retention else recovered(*retention)
+    s["real_instances_in_ssr_buffers"] = kept
+    s.update(seeds=len(args.seeds.split(",")), tasks=args.tasks, train_size=args.train_size,
+             instances_per_task=args.instances_per_task, base_s=base_s, grid_s=grid_s)  # fmt: skip
+    s["targets"] = {
+        "gain_recovered_at_least_0.9": (s["gain_recovered"] or 0) >= 0.9,
+        "retention_recovered_at_least_0.9": (s["retention_recovered"] or 0) >= 0.9,
+        "no_real_instance_kept": kept == 0,
+        "under_30_minutes": base_s + grid_s < 1800,
+    }
+    print(json.dumps(s))
+
+
+if __name__ == "__main__":
+    main()
