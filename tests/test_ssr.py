@@ -12,6 +12,7 @@ import torch
 from forgetless.experiments import checkpoint
 from forgetless.experiments.base_model import encode_stream
 from forgetless.experiments.config import grid_from_dict, load_grid
+from forgetless.experiments.runner import run_grid
 from forgetless.experiments.schema import ConfigError
 from forgetless.models.causal_lm import IGNORE, LlamaTinyConfig, llama_tiny, lm_loss
 from forgetless.strategies import TrainConfig, strategy_class
@@ -250,3 +251,18 @@ def test_generate_stays_greedy_by_default_and_samples_reproducibly(stream_and_fl
     torch.manual_seed(3)
     assert model.generate(["uppercase: "] * 6, 8, do_sample=True, temperature=1.5) == first
     assert len(set(first)) > 1
+
+
+def test_an_ssr_cell_runs_end_to_end_with_checkpoints(write_grid, tracking_uri):
+    grid = write_grid(
+        streams=[{"name": "instructions", "tasks": ["uppercase", "reverse"], "train_size": 8,
+                  "test_size": 4, "base": None}],
+        model={"name": "llama_tiny", "layers": 1, "hidden": 32, "heads": 2, "intermediate": 64,
+               "context": 64},
+        train={"epochs": 1, "batch_size": 8, "lr": 1e-3, "optimizer": "adamw"},
+        strategies=[{"name": "ssr", "synthesis": "sample", "instances_per_task": 2,
+                     "candidates_per_task": 4}],
+    )  # fmt: skip
+    (outcome,) = run_grid(grid, tracking_uri)
+    assert outcome.status == "FINISHED", outcome.error
+    assert outcome.summary["memory_bytes"] > 0  # the frozen base generator at least
