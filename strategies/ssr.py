@@ -1,5 +1,4 @@
-"""Self-synthesized rehearsal (SSR): rehearse on instances the model writes itself, so no
-real instance of a finished task is kept.
+"""Self-synthesized rehearsal (SSR): replay instances the model wrote, never real ones.
 
 After each task, SSR (Huang et al., "Mitigating Catastrophic Forgetting in Large Language
 Models with Self-Synthesized Rehearsal", ACL 2024, Sec. 3) (a) synthesizes inputs of that
@@ -15,8 +14,7 @@ from what it has learned of the task's prompts. The prefix and suffix of the tas
 (`"uppercase: "`, `"\\n"`) are read from its training data while it is being learned; an input
 ends at the first suffix or where the generator stops (a model trained with labels on answers
 only rarely writes the suffix), and one that runs on past the stream's width is dropped. The
-generator is the base model as it was before the stream (the
-paper's), or the current model.
+generator is the base model as it was before the stream (the paper's), or the current model.
 """
 
 from __future__ import annotations
