@@ -1,13 +1,16 @@
 """Scaling of a grid on Ray over this machine's 2 cores against the same grid in one process.
 
 The grid: 8 equal cells (split_digits, 5 experiences; `rehearsal` with a reservoir buffer
-of 200; an MLP with hidden [256, 256]; SGD lr 0.05 momentum 0.9, batch size 32, EPOCHS
-epochs per experience; seeds 0..7), built with `grid_from_dict`. A cell trains for about
-3.5-4 s on this machine when it has a free core (4-5 s with scoring and logging), so the
-fixed costs (worker start-up, imports, MLflow) weigh as they would in a small real grid
-without being the whole story.
+of 200; an MLP with hidden [256, 256]; SGD lr 0.05 momentum 0.9, batch size 32, E epochs
+per experience; seeds 0..7), built with `grid_from_dict`, at two cell lengths, each
+measured in a fresh process with a fresh Ray:
 
-In one run, this times:
+  E = 240  a cell trains for about 15 s on a free core: a small real grid. `speedup`.
+  E = 60   about 4 s: every worker's one-time start-up (its process, importing torch
+           and MLflow, torch._dynamo on the first optimizer: several seconds) is then a
+           large share of the work. `speedup_short_cells`.
+
+For each length, this times:
 
   sequential  `run_grid` with `local_executor`, every cell in this process, one after
               another, with torch limited to 1 thread (as each Ray cell is: the Ray
@@ -39,15 +42,18 @@ that load barely moves, it sums CPU seconds: the driver's for the sequential run
 driver's, the Ray workers' and Ray's daemons' for the Ray run. `speedup_cpu_bound` =
 sequential CPU / (Ray CPU / 2) is the speedup the Ray run would reach on 2 free cores.
 
-Run: `.venv/bin/python benchmarks/ray_scaling.py`. The last line is one JSON object.
+Run: `.venv/bin/python benchmarks/ray_scaling.py` (`--epochs E`: one length only). The last
+line is one JSON object.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +66,7 @@ from forgetless.experiments.config import Grid, grid_from_dict
 from forgetless.experiments.runner import CellOutcome, local_executor, run_grid
 
 CELLS = 8
-EPOCHS = 60
+LONG_EPOCHS, SHORT_EPOCHS = 240, 60
 HIDDEN = [256, 256]
 TARGET_SPEEDUP = 1.7  # 85% parallel efficiency on 2 cores
 
@@ -69,14 +75,15 @@ GRID = {
     "seeds": list(range(CELLS)),
     "streams": [{"name": "split_digits", "n_experiences": 5}],
     "model": {"name": "mlp", "hidden": HIDDEN},
-    "train": {"epochs": EPOCHS, "batch_size": 32, "lr": 0.05, "optimizer": "sgd", "momentum": 0.9},
+    "train": {"batch_size": 32, "lr": 0.05, "optimizer": "sgd", "momentum": 0.9},
     "strategies": [{"name": "rehearsal", "buffer": {"size": 200, "policy": "reservoir"}}],
     "resources": {"cpu": 1, "gpu": 0},
 }
 
 
-def build_grid(storage: Path) -> Grid:
-    grid = grid_from_dict({**GRID, "storage": str(storage)})
+def build_grid(storage: Path, epochs: int) -> Grid:
+    train = {**GRID["train"], "epochs": epochs}
+    grid = grid_from_dict({**GRID, "train": train, "storage": str(storage)})
     if len(grid.cells) != CELLS:
         raise RuntimeError(f"the grid expands to {len(grid.cells)} cells, not {CELLS}")
     return grid
@@ -181,7 +188,8 @@ def median_train(outcomes: list[CellOutcome]) -> float:
     return statistics.median(o.summary["train_time_s"] for o in outcomes)
 
 
-def main() -> None:
+def measure(epochs: int) -> dict:
+    """Sequential against Ray for cells of `epochs` epochs per experience (see the top)."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     refuse_running_cluster()
@@ -200,7 +208,7 @@ def main() -> None:
         print(f"sequential: {CELLS} cells in this process, 1 torch thread ...", file=out)
         cpu = time.process_time()
         _, sequential_s, seq_outcomes = timed_grid(
-            build_grid(tmp / "sequential" / "runs"), tmp / "sequential", local_executor
+            build_grid(tmp / "sequential" / "runs", epochs), tmp / "sequential", local_executor
         )
         sequential_cpu_s = time.process_time() - cpu
         print(f"  {sequential_s:.2f} s", file=out)
@@ -216,7 +224,7 @@ def main() -> None:
         cpus = ray.cluster_resources().get("CPU", 0)
         print(f"ray.init (cluster.connect(None)): {ray_startup_s:.2f} s, {cpus:g} CPUs", file=out)
 
-        grid = build_grid(tmp / "ray" / "runs")
+        grid = build_grid(tmp / "ray" / "runs", epochs)
         print(f"ray: {CELLS} cells, cpu 1 each ...", file=out)
         cpu, cpu_before = time.process_time(), descendant_cpu()
         ray_start_epoch, ray_s, ray_outcomes = timed_grid(
@@ -248,7 +256,7 @@ def main() -> None:
 
     print(
         f"\n{CELLS} cells: split_digits x5, rehearsal (reservoir 200), mlp {HIDDEN}, "
-        f"{EPOCHS} epochs, 1 torch thread per cell; load average {load_before:.2f} -> "
+        f"{epochs} epochs, 1 torch thread per cell; load average {load_before:.2f} -> "
         f"{load_after:.2f}",
         file=out,
     )
@@ -336,7 +344,7 @@ def main() -> None:
             "strategy": "rehearsal",
             "buffer": 200,
             "hidden": HIDDEN,
-            "epochs": EPOCHS,
+            "epochs": epochs,
             "seeds": GRID["seeds"],
             "threads_per_cell": 1,
             "ray_cpus": cpus,
@@ -345,7 +353,39 @@ def main() -> None:
             "load_average": [load_before, load_after],
         },
     }
-    print(json.dumps(result))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, help="measure one cell length only")
+    args = parser.parse_args()
+    if args.epochs:
+        print(json.dumps(measure(args.epochs)))
+        return
+    runs = {}
+    for epochs in (LONG_EPOCHS, SHORT_EPOCHS):  # each in a fresh process: nothing warm
+        out = subprocess.run(
+            [sys.executable, __file__, "--epochs", str(epochs)],
+            stdout=subprocess.PIPE, text=True, check=True,
+        )  # fmt: skip
+        runs[epochs] = json.loads(out.stdout.strip().splitlines()[-1])
+    long, short = runs[LONG_EPOCHS], runs[SHORT_EPOCHS]
+    summary = {
+        "speedup": long["speedup"],
+        "speedup_short_cells": short["speedup"],
+        "ray_startup_s": long["ray_startup_s"],
+        "per_cell_overhead_s": long["per_cell_overhead_s"],
+        "per_cell_overhead_s_short_cells": short["per_cell_overhead_s"],
+        "speedup_cpu_bound": long["speedup_cpu_bound"],
+        "speedup_cpu_bound_short_cells": short["speedup_cpu_bound"],
+        "cell_train_s_median": long["cell_train_s_median"]["sequential"],
+        "cell_train_s_median_short_cells": short["cell_train_s_median"]["sequential"],
+        "target_speedup": TARGET_SPEEDUP,
+        "target_met": long["target_met"],
+        "runs": {f"epochs_{e}": r for e, r in runs.items()},
+    }
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
