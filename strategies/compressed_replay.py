@@ -63,6 +63,11 @@ class LatentReplayConfig:
     mixup_alpha: float = param(
         0.0, "mixup of pairs of replayed latents, weight ~ Beta(alpha, alpha) (REMIND: 0.1)"
     )
+    score_decoded: bool = param(
+        True,
+        "score test inputs on their decoded latents, as REMIND does; false scores G's latents "
+        "as they are (the codec then shapes only what is stored)",
+    )
 
     def validate(self, where: str) -> None:
         for name in ("bytes", "base_epochs", "base_lr", "replay_batch_size"):
@@ -95,12 +100,13 @@ class RemindConfig(LatentReplayConfig):
 
 
 class LatentModel(nn.Module):
-    """F(Q(G(x))): scoring sees latents as training does, through the codec once it is set."""
+    """F(G(x)), or F(Q(G(x))) when scoring through the codec Q; G stops learning once frozen."""
 
     def __init__(self, lower: nn.Module, upper: nn.Module) -> None:
         super().__init__()
         self.lower, self.upper = lower, upper
-        self.codec: Float16Codec | ProductQuantizer | None = None  # set when G is frozen
+        self.frozen = False
+        self.codec: Float16Codec | ProductQuantizer | None = None  # scoring decodes through it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         latents = self.lower(x)
@@ -110,7 +116,7 @@ class LatentModel(nn.Module):
 
     def train(self, mode: bool = True) -> LatentModel:
         super().train(mode)
-        if self.codec is not None:
+        if self.frozen:
             self.lower.eval()  # frozen G keeps the BatchNorm statistics of its base training
         return self
 
@@ -218,7 +224,7 @@ class LatentReplay(Strategy):
     # --- the hooks ------------------------------------------------------------------------
     def before_experience(self, experience: Experience) -> None:
         super().before_experience(experience)
-        if self.model.codec is None:
+        if not self.model.frozen:
             self.train_base(experience)
 
     def training_data(self, experience: Experience) -> Samples:
@@ -273,7 +279,8 @@ class LatentReplay(Strategy):
     def freeze_lower(self) -> None:
         """G stops learning: no gradient, BatchNorm in eval mode, the optimizer holds only F."""
         self.model.lower.requires_grad_(False)
-        self.model.codec = self.codec
+        self.model.frozen = True
+        self.model.codec = self.codec if self.config.score_decoded else None
         self.model.train()
         self.optimizer = self.make_optimizer()
 
@@ -325,7 +332,7 @@ class LatentReplay(Strategy):
             **super().state_dict(),
             "memory": self.memory.state_dict(),
             "codec": self.codec.state_dict(),
-            "frozen": self.model.codec is not None,
+            "frozen": self.model.frozen,
         }
 
     def load_state_dict(self, state: dict) -> None:

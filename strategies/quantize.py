@@ -5,6 +5,9 @@ A codec turns latents (N, C) or (N, C, H, W) into the tensor a memory keeps and 
 C-dimensional vector at each spatial location, M codes of `bits` bits (faiss's product
 quantizer), as REMIND does (Hayes et al., ECCV 2020, sec. 3.2: one codebook shared by
 the 7 x 7 locations of a ResNet-18 feature map, 32 sub-quantizers of 256 centroids).
+A sample's codes are bit-packed across its locations, so bits that do not fill a byte
+(2 x 5 bits a location) are not rounded up per location; at 8 bits this is REMIND's
+layout, one byte a code.
 """
 
 from __future__ import annotations
@@ -61,8 +64,8 @@ class ProductQuantizer:
     """faiss's product quantizer on each location's C-vector, its codebook held as float16.
 
     The vector is cut into M sub-vectors of C / M values, and each is replaced by the index
-    of its nearest of 2**bits centroids; a location costs ceil(M * bits / 8) bytes, the
-    codebook C * 2**bits float16 values. After training, the centroids are rounded to
+    of its nearest of 2**bits centroids; a sample costs ceil(locations * M * bits / 8)
+    bytes, the codebook C * 2**bits float16 values. After training, the centroids are rounded to
     float16 and written back, so codes are computed against the codebook that is stored.
     """
 
@@ -89,7 +92,7 @@ class ProductQuantizer:
         return 2 * self.pq.M * self.pq.ksub * self.pq.dsub
 
     def code_bytes(self) -> int:
-        return self.locations * self.pq.code_size
+        return (self.locations * self.pq.M * self.pq.nbits + 7) // 8
 
     def fit(self, vectors: np.ndarray) -> None:
         """Train the codebook on (n, C) vectors; torch's RNG draws faiss's k-means seed."""
@@ -107,13 +110,24 @@ class ProductQuantizer:
         self.codebook = torch.from_numpy(centroids.reshape(self.pq.M, self.pq.ksub, -1))
 
     def encode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(N, C, *spatial) -> (N, locations * code_size) uint8."""
-        codes = self.pq.compute_codes(to_vectors(latents))
-        return torch.from_numpy(codes).reshape(len(latents), -1)
+        """(N, C, *spatial) -> (N, code_bytes) uint8: every location's M codes, packed."""
+        import faiss
+
+        pq = self.pq
+        per_location = faiss.unpack_bitstrings(
+            pq.compute_codes(to_vectors(latents)), pq.M, pq.nbits
+        )
+        return torch.from_numpy(
+            faiss.pack_bitstrings(per_location.reshape(len(latents), -1), pq.nbits)
+        )
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        flat = codes.cpu().numpy().reshape(-1, self.pq.code_size)
-        return from_vectors(self.pq.decode(flat), self.latent_shape)
+        import faiss
+
+        pq = self.pq
+        per_sample = faiss.unpack_bitstrings(codes.cpu().numpy(), self.locations * pq.M, pq.nbits)
+        per_location = faiss.pack_bitstrings(per_sample.reshape(-1, pq.M), pq.nbits)
+        return from_vectors(pq.decode(per_location), self.latent_shape)
 
     def state_dict(self) -> dict:
         return {"codebook": None if self.codebook is None else self.codebook.clone()}

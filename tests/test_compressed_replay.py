@@ -15,13 +15,19 @@ from forgetless.experiments.evaluate import score_stream
 from forgetless.experiments.runner import build_cell, run_cell
 from forgetless.experiments.schema import ConfigError
 from forgetless.models import LatentCNNConfig, ResNet18Config, latent_cnn, resnet18, split_model
-from forgetless.strategies.compressed_replay import Remind, random_resized_crop
-from forgetless.strategies.quantize import Float16Codec, ProductQuantizer, to_vectors
-from forgetless.streams import Stream
+from forgetless.strategies import TrainConfig
+from forgetless.strategies.compressed_replay import Remind, RemindConfig, random_resized_crop
+from forgetless.strategies.quantize import (
+    Float16Codec,
+    ProductQuantizer,
+    from_vectors,
+    to_vectors,
+)
+from forgetless.streams import Experience, Samples, Stream
 
 BASE_STREAM = {"name": "split_digits", "n_experiences": 4, "base_classes": 4}
 TRAIN = {"epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9}
-REMIND = {"name": "remind", "bytes": 1625, "subquantizers": 2, "bits": 4,
+REMIND = {"name": "remind", "bytes": 1625, "subquantizers": 1, "bits": 3,
           "base": "autoencoder", "base_epochs": 2}  # fmt: skip
 
 
@@ -66,16 +72,28 @@ def test_budget_is_never_exceeded_codebook_included(strategy, monkeypatch):
     assert codebook + (remind.capacity + 1) * remind.sample_bytes > strategy["bytes"]
 
 
-def test_pq_memory_holds_codes_and_one_byte_labels():
+def test_pq_memory_holds_packed_codes_and_one_byte_labels():
     stream, remind = build(REMIND)
-    assert remind.latent_shape == (4, 2, 2)
-    assert remind.codec.codebook_bytes == 2 * 16 * 2 * 2  # M x 2**bits x dsub float16
-    assert remind.sample_bytes == 4 + 1  # a byte of codes per location, a label byte
-    assert remind.capacity == (1625 - 128) // 5
+    assert remind.latent_shape == (2, 4, 4)
+    assert remind.codec.codebook_bytes == 2 * 1 * 8 * 2  # M x 2**bits x dsub, float16
+    assert remind.sample_bytes == 6 + 1  # 16 locations x 3 bits, packed; a label byte
+    assert remind.capacity == (1625 - 32) // 7
     remind.train(stream.experiences[0])
     assert remind.memory.samples.x.dtype == torch.uint8
     assert remind.memory.samples.y.dtype == torch.uint8
-    assert remind.memory.samples.x.shape[1] == 4
+    assert remind.memory.samples.x.shape[1] == 6
+
+
+@pytest.mark.parametrize("subquantizers, bits, size", [(2, 4, 4), (2, 5, 5), (4, 3, 6), (4, 8, 16)])
+def test_pq_codes_are_bit_packed_per_sample_and_decode_as_faiss_does(subquantizers, bits, size):
+    torch.manual_seed(0)
+    latents = torch.randn(400, 4, 2, 2)
+    pq = ProductQuantizer((4, 2, 2), subquantizers, bits)
+    pq.fit(to_vectors(latents))
+    codes = pq.encode(latents)
+    assert codes.shape == (400, size) == (400, pq.code_bytes())
+    per_location = pq.pq.decode(pq.pq.compute_codes(to_vectors(latents)))
+    assert torch.equal(pq.decode(codes), from_vectors(per_location, (4, 2, 2)))
 
 
 # --- the codec -----------------------------------------------------------------------------
@@ -194,6 +212,19 @@ def test_resumed_cell_equals_uninterrupted_run(write_grid, tracking_uri, tmp_pat
                        again["strategy"]["memory"]["samples"]["x"])  # fmt: skip
 
 
+@pytest.mark.parametrize("score_decoded", [True, False])
+def test_scoring_decodes_test_latents_only_when_asked(score_decoded):
+    stream, remind = build({**REMIND, "score_decoded": score_decoded})
+    remind.train(stream.experiences[0])
+    remind.model.eval()
+    x = stream.experiences[0].test.x[:20]
+    latents = remind.model.lower(x)
+    decoded = remind.codec.decode(remind.codec.encode(latents))
+    expected = remind.model.upper(decoded if score_decoded else latents)
+    assert torch.equal(remind.model(x), expected)
+    assert not torch.equal(decoded, latents)
+
+
 # --- latent augmentation -------------------------------------------------------------------
 
 
@@ -244,44 +275,70 @@ def test_resnet18_splits_at_layer4_1_as_remind():
     assert len(upper.layer4) == 1 and len(lower.layer4) == 1
 
 
+def test_remind_runs_on_resnet18_split_at_layer4_1_with_cifar_shaped_images():
+    """REMIND's own setting (512-channel maps, 32 sub-quantizers of 8 bits), on a tiny
+    stream of random 3x32x32 images so that it runs on a CPU in seconds."""
+    torch.manual_seed(0)
+
+    def images(n: int, classes: list[int]) -> Samples:
+        return Samples(torch.rand(n, 3, 32, 32), torch.tensor(classes).repeat(n // len(classes)))
+
+    experiences = [
+        Experience(i, f"exp_{i}", images(n, c), images(4, c), info={"classes": c})
+        for i, (n, c) in enumerate([(16, [0, 1]), (8, [2, 3])])
+    ]
+    stream = Stream("cifar_shaped", "class", experiences, 4, (3, 32, 32))
+    model = resnet18(ResNet18Config(small_input=True), stream)
+    config = RemindConfig(bytes=300_000, subquantizers=32, bits=8, base_epochs=1,
+                          crop_min_scale=2 / 7, mixup_alpha=0.1)  # fmt: skip
+    remind = Remind(model, config, TrainConfig(epochs=1, batch_size=8), stream)
+    assert remind.split == "layer4.1" and remind.latent_shape == (512, 4, 4)
+    assert remind.sample_bytes == 16 * 32 + 1
+    assert remind.codec.codebook_bytes == 2 * 512 * 256
+    for experience in stream:
+        remind.train(experience)
+    assert len(remind.memory) == 24 and remind.memory_bytes() <= 300_000
+    assert score_stream(remind, stream)[0]
+
+
 # --- bad input, refused before training ----------------------------------------------------
 
 
 def test_budget_smaller_than_the_codebook_names_both_sizes():
-    with pytest.raises(ConfigError, match=r"budget of 1000 bytes .* codebook of 2048 bytes"):
+    with pytest.raises(ConfigError, match=r"budget of 1000 bytes .* codebook of 1024 bytes"):
         build({**REMIND, "bytes": 1000, "bits": 8, "subquantizers": 1})
 
 
 def test_budget_smaller_than_any_codebook_is_refused_at_grid_validation():
     with pytest.raises(
-        ConfigError, match=r"strategies\[0\]\.bytes: 50 bytes cannot hold.*at least 64"
+        ConfigError, match=r"strategies\[0\]\.bytes: 10 bytes cannot hold.*at least 16"
     ):
         grid_from_dict({"name": "g", "streams": [BASE_STREAM], "model": {"name": "latent_cnn"},
-                        "strategies": [{**REMIND, "bytes": 50}]})  # fmt: skip
+                        "strategies": [{**REMIND, "bytes": 10}]})  # fmt: skip
 
 
 def test_budget_that_holds_the_codebook_but_no_sample_is_refused():
-    with pytest.raises(ConfigError, match=r"hold no sample.*codebook takes 128 bytes.*sample 5"):
-        build({**REMIND, "bytes": 130})
+    with pytest.raises(ConfigError, match=r"hold no sample.*codebook takes 32 bytes.*sample 7"):
+        build({**REMIND, "bytes": 35})
 
 
 def test_subquantizers_not_dividing_the_channels_list_the_divisors():
-    with pytest.raises(ConfigError, match=r"subquantizers: 3 does not divide the 4 channels.*"
-                                          r"4x2x2.*\[1, 2, 4\]"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"subquantizers: 3 does not divide the 2 channels.*"
+                                          r"2x4x4.*\[1, 2\]"):  # fmt: skip
         build({**REMIND, "subquantizers": 3})
 
 
 def test_missing_split_point_lists_the_model_s_split_points():
-    with pytest.raises(ConfigError, match=r"no split point 'layer4.1'.*block1, block2, latent, "
-                                          r"head, classifier"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"no split point 'layer4.1'.*are block1, latent, head, "
+                                          r"classifier"):  # fmt: skip
         build({**REMIND, "split": "layer4.1"})
 
 
 def test_base_experience_too_small_for_the_codebook_is_refused():
-    # One base class of ~135 images x 4 locations = ~540 latent vectors < 2**10 centroids.
+    # One base class of ~135 images x 16 locations = ~2,200 latent vectors < 2**12 centroids.
     small_base = {"name": "split_digits", "n_experiences": 10}
-    with pytest.raises(ConfigError, match=r"bits: .* latent vectors .* fewer than the 2\*\*10"):
-        build({**REMIND, "bits": 10, "subquantizers": 4, "bytes": 100_000}, stream=small_base)
+    with pytest.raises(ConfigError, match=r"bits: .* latent vectors .* fewer than the 2\*\*12"):
+        build({**REMIND, "bits": 12, "bytes": 100_000}, stream=small_base)
 
 
 def test_streaming_needs_one_epoch_and_mixup_needs_one_task():
