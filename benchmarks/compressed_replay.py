@@ -119,10 +119,11 @@ def main() -> None:
     grid = load_grid(GRID)
     with tempfile.TemporaryDirectory(prefix="forgetless-remind-") as folder:
         rows = run(grid, folder)
-        ceiling = [
-            r["acc"] for r in run(variant(grid, "ceiling", "latent_replay", bytes=10**6), folder)
-        ]
-        published = run(variant(grid, "score-decoded", "remind", score_decoded=True), folder)
+        ceiling_grid = variant(grid, "ceiling", "latent_replay", bytes=10**6)
+        published_grid = variant(grid, "score-decoded", "remind", score_decoded=True)
+        ceiling = [r["acc"] for r in run(ceiling_grid, folder)]
+        published = run(published_grid, folder)
+    extra_cells = len(ceiling_grid.cells) + len(published_grid.cells)
     wall = time.perf_counter() - started
 
     def cells(strategy: str, budget: int | None = None) -> list[dict]:
@@ -184,13 +185,14 @@ def main() -> None:
             "train": grid.cells[0].config["train"],
             "seeds": sorted({c.seed for c in grid.cells}),
             "cells": len(grid.cells),
+            "extra_cells": extra_cells,
             "threads": 1,
             "wall_s": wall,
             "load_average": [load_before, os.getloadavg()[0]],
         },
     }
     out = sys.stderr
-    print(f"\n{GRID.name}: {len(grid.cells)} cells in {wall:.0f} s", file=out)
+    print(f"\n{GRID.name}: {len(grid.cells)} cells + {extra_cells} in {wall:.0f} s", file=out)
     header = f"{'bytes':>7}{'raw':>16}{'latent fp16':>16}{'REMIND (PQ)':>16}{'PQ/raw':>8}"
     print(f"{header}{'PQ scored decoded':>19}", file=out)
     for i, b in enumerate(budgets):
