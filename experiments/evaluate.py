@@ -15,7 +15,7 @@ from forgetless.models.causal_lm import IGNORE, trim_padding
 from forgetless.strategies import Strategy
 from forgetless.streams import Samples, Stream
 
-PRIMARY = {"classification": "accuracy", "generation": "exact_match"}
+PRIMARY = {"classification": "accuracy", "generation": "exact_match", "edit": "exact_match"}
 
 
 @torch.no_grad()
@@ -68,6 +68,10 @@ def _generation_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, 
 
 def score_stream(strategy: Strategy, stream: Stream) -> tuple[list[float], dict[str, float]]:
     """R[i, :] (or b before training) and the secondary scores keyed `<score>/exp_<j>`."""
+    if stream.kind == "edit":
+        from forgetless.experiments.editing import score_edits
+
+        return score_edits(strategy, stream)
     primary = PRIMARY[stream.kind]
     row, extra = [], {}
     for j, experience in enumerate(stream):

@@ -25,6 +25,7 @@ import torch
 
 from forgetless.experiments import checkpoint, metrics, tracking
 from forgetless.experiments.config import Cell, Grid, build_params
+from forgetless.experiments.editing import applied_scores, edit_summary
 from forgetless.experiments.evaluate import PRIMARY, score_stream
 from forgetless.models import build_model, model_factory
 from forgetless.strategies import Strategy, TrainConfig, strategy_class
@@ -72,6 +73,13 @@ def build_cell(cell: Cell, device: str | torch.device) -> tuple[Stream, Strategy
         if stream.base is not None:
             load_or_train_base(model, stream.base, cfg["model"])
         stream = encode_stream(stream, model)
+    elif stream.kind == "edit":
+        from forgetless.experiments.base_model import load_or_train_base
+        from forgetless.experiments.editing import encode_edit_stream
+
+        if stream.base is not None:
+            load_or_train_base(model, stream.base, cfg["model"])
+        stream = encode_edit_stream(stream, model)  # caches locality answers: before any edit
     cls = strategy_class(cfg["strategy"]["name"], "strategy")
     params = build_params(cls.Config, cfg["strategy"], "strategy")
     train = build_params(TrainConfig, cfg["train"], "train")
@@ -137,6 +145,7 @@ def run_cell(
                 "train_time_s": tock - tick,
                 "eval_time_s": eval_time,
                 **extra,
+                **(applied_scores(R, i, extra, stream) if stream.kind == "edit" else {}),
             })  # fmt: skip
             _warn_if_untrained(run, cell, experience, R[i, i])
             if strategy.resumable:
@@ -149,6 +158,8 @@ def run_cell(
                 })  # fmt: skip
         summary = metrics.summarize(R, baseline)
         summary.update(train_time_s=train_time, memory_bytes=strategy.memory_bytes())
+        if stream.kind == "edit":
+            summary.update(edit_summary(extra, stream, train_time))
         if base_general:
             summary["general_retention"] = extra["general_acc"] / base_general
         elif base_general is not None:

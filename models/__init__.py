@@ -187,7 +187,7 @@ def split_model(model: nn.Module, at: str, where: str) -> tuple[nn.Sequential, n
 
 register_model("llama_tiny")(llama_tiny)
 
-DEFAULT_MODEL = {"classification": "mlp", "generation": "llama_tiny"}
+DEFAULT_MODEL = {"classification": "mlp", "generation": "llama_tiny", "edit": "llama_tiny"}
 HF_PREFIX = "hf:"
 
 

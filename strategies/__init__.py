@@ -36,6 +36,7 @@ def strategy_class(name: str, where: str) -> type[Strategy]:
     from forgetless.strategies import (  # noqa: F401
         compressed_replay,
         cumulative,
+        ft_l,
         hft,
         lora,
         naive,

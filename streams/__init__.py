@@ -149,7 +149,7 @@ def register_stream(name: str, kind: Kind = "classification"):
 
 def stream_factory(name: str, where: str):
     """The factory registered (or plugged in) under `name`."""
-    from forgetless.streams import digits, instructions  # noqa: F401  (the built-ins)
+    from forgetless.streams import digits, editing, instructions  # noqa: F401  (the built-ins)
 
     if name.startswith("avalanche."):
         from forgetless.streams.avalanche_benchmarks import avalanche_stream_factory

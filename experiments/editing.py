@@ -1,0 +1,135 @@
+"""Edit scoring: reliability, generalization and locality, one place for every editor.
+
+- reliability: the edit prompt gives the new target;
+- generalization: the edit's paraphrases give the new target;
+- locality: prompts about facts no edit touches give the model's own answers, greedy
+  answers cached once before the first edit (`cache_locality`).
+
+Exact match is the primary score (the whole answer and its EOS are the greedy output,
+measured with one teacher-forced pass as in experiments.evaluate). Token accuracy,
+EasyEdit's teacher-forced per-token score (`test_prediction_acc`), is reported beside
+it; on short targets it is inflated by tokens any answer shares (EOS, a leading space).
+R[i][j] is the reliability of experience j's edits after experience i: the
+edit-retention matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from forgetless.models.causal_lm import IGNORE, CausalLM
+from forgetless.streams import Example, Samples, Stream
+
+SCORES = ("reliability", "generalization")
+
+
+@dataclass
+class EditSets:
+    """An experience's edits as token ids: its prompts and its paraphrases, new targets."""
+
+    reliability: Samples
+    generalization: Samples
+    edits: int
+
+    def __len__(self) -> int:
+        return self.edits
+
+
+@torch.no_grad()
+def cache_locality(model: CausalLM, prompts: list[Example], max_new_tokens: int = 16) -> Samples:
+    """The model's own greedy answers to the locality prompts (call before any edit), as
+    token ids: prompt + the generated tokens through the first EOS, labels on the latter.
+
+    Ids, not decoded text: text re-encoded need not give the same tokens, and an answer
+    with no EOS within `max_new_tokens` must be scored without one."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos, rows, labels = model.tokenizer.eos_token_id, [], []
+    for e in prompts:
+        ids = model.tokenizer(e.prompt, add_special_tokens=False).input_ids
+        out = model.model.generate(
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=model.pad_id,
+            eos_token_id=eos,
+        )[0, len(ids) :].tolist()  # fmt: skip
+        answer = out[: out.index(eos) + 1] if eos in out else out
+        rows.append(ids + answer)
+        labels.append([IGNORE] * len(ids) + answer)
+    model.train(was_training)
+    width = max(len(r) for r in rows)
+    x = torch.full((len(rows), width), model.pad_id, dtype=torch.long)
+    y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        x[i, : len(r)], y[i, : len(lab)] = torch.tensor(r), torch.tensor(lab)
+    return Samples(x, y)
+
+
+def encode_edit_stream(stream: Stream, model: CausalLM) -> Stream:
+    """Every experience's `test` as EditSets and `general` as the locality set with the
+    model's own answers: the runner calls this once, after the base model is loaded."""
+    texts = [Example(p, r.target) for e in stream for r in e.train
+             for p in (r.prompt, *r.paraphrases)]  # fmt: skip
+    width = model.width(texts)
+    experiences = []
+    for e in stream:
+        reliability = [Example(r.prompt, r.target) for r in e.train]
+        generalization = [Example(p, r.target) for r in e.train for p in r.paraphrases]
+        test = EditSets(
+            model.encode(reliability, width),
+            model.encode(generalization or reliability, width),
+            len(e.train),
+        )
+        experiences.append(dataclasses.replace(e, test=test))
+    return dataclasses.replace(
+        stream, experiences=experiences, general=cache_locality(model, list(stream.general))
+    )
+
+
+def score_edits(strategy, stream: Stream) -> tuple[list[float], dict[str, float]]:
+    """R[i, :] (reliability per experience) and the other scores, as score_stream returns.
+
+    `reliability`, `generalization` and `locality` (exact match over every edit of the
+    stream, applied or not yet) and their `*_token_acc`; `<score>/exp_<j>` per experience.
+    The runner reads the scores of the edits applied so far from the row and the extras.
+    """
+    from forgetless.experiments.evaluate import evaluate
+
+    row, extra = [], {}
+    totals = {f"{s}{k}": [] for s in SCORES for k in ("", "_token_acc")}
+    for j, e in enumerate(stream):
+        for score in SCORES:
+            scores = evaluate(strategy, getattr(e.test, score), "generation")
+            totals[score].append(scores["exact_match"])
+            totals[f"{score}_token_acc"].append(scores["token_accuracy"])
+            extra[f"{score}/exp_{j}"] = scores["exact_match"]
+        row.append(totals["reliability"][-1])
+    locality = evaluate(strategy, stream.general, "generation")
+    extra["locality"] = extra["general_acc"] = locality["exact_match"]
+    extra["locality_token_acc"] = locality["token_accuracy"]
+    extra.update({k: float(np.mean(v)) for k, v in totals.items()})
+    return row, extra
+
+
+def applied_scores(R: np.ndarray, i: int, extra: dict[str, float], stream: Stream) -> dict:
+    """Reliability and generalization over the edits applied through experience `i`
+    (experiences hold equal numbers of edits), and locality: the per-step curves."""
+    gen = [extra[f"generalization/exp_{j}"] for j in range(i + 1)]
+    return {
+        "reliability": float(np.mean(R[i, : i + 1])),
+        "generalization": float(np.mean(gen)),
+        "locality": extra["locality"],
+        "edits_applied": float(sum(len(e.train) for e in stream.experiences[: i + 1])),
+    }
+
+
+def edit_summary(extra: dict[str, float], stream: Stream, train_time_s: float) -> dict:
+    """final/reliability, generalization, locality over all T edits; latency per edit."""
+    edits = sum(len(e.train) for e in stream)
+    keys = [f"{s}{k}" for s in (*SCORES, "locality") for k in ("", "_token_acc")]
+    return {**{k: extra[k] for k in keys}, "edit_latency_s": train_time_s / edits}

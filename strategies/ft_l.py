@@ -1,0 +1,94 @@
+"""FT-L: fine-tune one feed-forward layer on each edit, within a norm constraint.
+
+Zhu et al., "Modifying Memories in Transformer Models", 2020, as EasyEdit runs it
+(easyeditor/models/ft): for every edit request, Adam on one FFN down-projection for a
+few steps on the new target, then each weight is clamped to within `norm_constraint`
+of its value before the edit. The loss is the teacher-forced cross-entropy of every
+target token (EasyEdit's `objective_optimization: target_new`); its `prompt_last`
+variant scores all target tokens from the last prompt position, which cannot make a
+multi-token answer the greedy output, so forgetless does not offer it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.models.causal_lm import lm_loss, trim_padding
+from forgetless.strategies import Strategy, register_strategy
+from forgetless.streams import Example, Experience, Samples
+
+
+def ffn_module(model: nn.Module, layer: int, name: str, where: str) -> nn.Linear:
+    """The feed-forward projection `name` of transformer block `layer` (Llama layout:
+    `layers.<i>.mlp.<name>`); a ConfigError names the blocks the model has."""
+    found = {}
+    for path, module in model.named_modules():
+        parts = path.split(".")
+        block = len(parts) >= 4 and parts[-4] in ("layers", "h") and parts[-2] == "mlp"
+        if block and parts[-1] == name and isinstance(module, nn.Linear):
+            found[int(parts[-3])] = module
+    if layer not in found:
+        have = f"layers 0-{max(found)}" if found else f"no mlp.{name} Linear module"
+        raise ConfigError(f"{where}: the model has no layer {layer} with mlp.{name}; it has {have}")
+    return found[layer]
+
+
+def edit_samples(strategy: Strategy, prompt: str, target: str) -> Samples:
+    """One edit as token ids, labels on the target and its EOS, on the model's device."""
+    return trim_padding(strategy.model.encode([Example(prompt, target)])).to(strategy.device)
+
+
+@dataclass
+class FTLConfig:
+    layer: int = param(2, "transformer block whose mlp.down_proj is fine-tuned")
+    lr: float = param(5e-4, "Adam learning rate (EasyEdit: 5e-4)")
+    steps: int = param(25, "steps per edit at most (EasyEdit: 25)")
+    norm_constraint: float = param(
+        5e-3, "each weight stays within this distance of its pre-edit value (0: none)"
+    )
+    stop_loss: float = param(1e-2, "stop an edit early once its loss is below this")
+
+    def validate(self, where: str) -> None:
+        positive(self.lr, f"{where}.lr")
+        positive(self.steps, f"{where}.steps")
+        if self.norm_constraint < 0 or self.layer < 0:
+            raise ConfigError(f"{where}: layer and norm_constraint must be >= 0")
+
+
+@register_strategy("ft_l")
+class FTL(Strategy):
+    """FT-L (EasyEdit): fine-tune one FFN down_proj on each edit, under a norm constraint."""
+
+    Config = FTLConfig
+    supports = ("edit",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight = ffn_module(
+            self.model, self.config.layer, "down_proj", "strategy.layer"
+        ).weight
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.weight.requires_grad_(True)
+
+    def train(self, experience: Experience) -> None:
+        self.model.eval()  # no dropout: the edit is fitted on what evaluation computes
+        for request in experience.train:
+            batch = edit_samples(self, request.prompt, request.target)
+            before = self.weight.detach().clone()
+            optimizer = torch.optim.Adam([self.weight], lr=self.config.lr)
+            for _ in range(self.config.steps):
+                loss = lm_loss(self.model(batch.x), batch.y)
+                if loss.item() < self.config.stop_loss:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if self.config.norm_constraint:
+                    eps = self.config.norm_constraint
+                    with torch.no_grad():
+                        self.weight.copy_(torch.clamp(self.weight, before - eps, before + eps))

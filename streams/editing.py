@@ -1,0 +1,384 @@
+"""Edit streams: a sequence of fact corrections, for lifelong model editing (issue #8).
+
+`pycountry_edits` turns real facts shipped in pycountry (a country's alpha-3, alpha-2
+and numeric ISO codes) into counterfactual edit requests. Each fact is stated with
+eight prompt templates; one of them, drawn once per fact and the same for every seed,
+is held out of the base model's corpus and becomes the edit's paraphrase, so that
+generalization measures what an edit does to a phrasing the model never saw for that
+fact. The new target of an edit is the true answer of another country for the same
+relation. Locality prompts are facts of countries that no edit touches; the runner
+caches the base model's own answers to them before the first edit.
+
+`load_zsre` and `load_counterfact` read the JSON files EasyEdit publishes (ZsRE's
+MEND split; CounterFact in EasyEdit's flat form and ROME's nested form).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from forgetless.experiments.schema import ConfigError, param, positive, suggest
+from forgetless.streams import Example, Experience, Stream, register_stream
+from forgetless.streams.instructions import BaseMixture
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Make the model answer `prompt` with `target` (it knew `original`)."""
+
+    subject: str
+    relation: str
+    prompt: str
+    target: str
+    original: str
+    paraphrases: tuple[str, ...] = ()
+
+    @property
+    def answer(self) -> str:
+        """The answer the edit teaches (so a request reads like an `Example`)."""
+        return self.target
+
+
+RELATIONS = {
+    "alpha3": (
+        lambda c: c.alpha_3,
+        [
+            "The alpha-3 code of {} is ",
+            "{} has the alpha-3 code ",
+            "ISO alpha-3 for {}: ",
+            "Q: alpha-3 code of {}? A: ",
+            "{}'s three-letter code is ",
+            "Three-letter ISO code of {}: ",
+            "In three letters, {} is written ",
+            "alpha3({}) = ",
+        ],
+    ),
+    "alpha2": (
+        lambda c: c.alpha_2,
+        [
+            "The alpha-2 code of {} is ",
+            "{} has the alpha-2 code ",
+            "ISO alpha-2 for {}: ",
+            "Q: alpha-2 code of {}? A: ",
+            "{}'s two-letter code is ",
+            "Two-letter ISO code of {}: ",
+            "In two letters, {} is written ",
+            "alpha2({}) = ",
+        ],
+    ),
+    "numeric": (
+        lambda c: c.numeric,
+        [
+            "The numeric code of {} is ",
+            "{} has the numeric code ",
+            "ISO numeric for {}: ",
+            "Q: numeric code of {}? A: ",
+            "{}'s three-digit code is ",
+            "Three-digit ISO code of {}: ",
+            "In digits, {} is written ",
+            "numeric({}) = ",
+        ],
+    ),
+}
+
+
+@cache
+def countries(max_name: int = 14) -> list[tuple[str, object]]:
+    """(name, record) of pycountry's countries with a short plain name, in alpha-3 order."""
+    import pycountry
+
+    found = sorted(pycountry.countries, key=lambda c: c.alpha_3)
+    return [(c.name, c) for c in found if len(c.name) <= max_name and not set(c.name) & set(",()")]
+
+
+@dataclass(frozen=True)
+class Fact:
+    subject: str
+    relation: str
+    answer: str
+    held_out: int  # index of the template held out of the base corpus (the paraphrase)
+
+    def prompt(self, template: int) -> str:
+        return RELATIONS[self.relation][1][template].format(self.subject)
+
+
+def facts(relations: list[str], n_subjects: int) -> list[Fact]:
+    """Every (subject, relation) fact, with its held-out template drawn once for all seeds."""
+    rng = np.random.default_rng(0)
+    chosen = countries()[:n_subjects]
+    n_templates = len(RELATIONS["alpha3"][1])
+    return [
+        Fact(name, rel, RELATIONS[rel][0](record), int(rng.integers(n_templates)))
+        for rel in relations
+        for name, record in chosen
+    ]
+
+
+@dataclass
+class FactBaseConfig:
+    """How the base model learns the fact corpus once (cached by this config and the model's)."""
+
+    epochs: int = param(40, "passes over the fact corpus")
+    lr: float = param(1e-3, "AdamW learning rate")
+    batch_size: int = param(32, "examples per step")
+    warmup_steps: int = param(100, "steps of linear learning-rate warm-up")
+    # Filled from the stream so that the cache key covers the corpus too.
+    relations: list[str] = param([], "(set by the stream) relations of the corpus")
+    subjects: int = param(0, "(set by the stream) subjects of the corpus")
+
+
+@dataclass
+class PycountryEditsConfig:
+    relations: list[str] = param(["alpha3", "numeric"], "relations of the facts")
+    subjects: int = param(80, "countries whose facts the base model learns")
+    edits: int = param(10, "T: edits in total, applied in sequence")
+    edits_per_experience: int = param(1, "edits in one experience (one edit batch)")
+    locality: int = param(20, "subjects whose facts (all relations) must not change")
+    base: FactBaseConfig = param(FactBaseConfig(), "pre-training of the base model")
+
+    def validate(self, where: str) -> None:
+        for name in ("subjects", "edits", "edits_per_experience", "locality"):
+            positive(getattr(self, name), f"{where}.{name}")
+        if not self.relations:
+            raise ConfigError(f"{where}.relations: list at least one of {sorted(RELATIONS)}")
+        for i, rel in enumerate(self.relations):
+            if rel not in RELATIONS:
+                raise ConfigError(
+                    f"{where}.relations[{i}]: unknown relation {rel!r}"
+                    f"{suggest(rel, RELATIONS)}; known: {', '.join(sorted(RELATIONS))}"
+                )
+        available = len(countries())
+        if self.subjects > available:
+            raise ConfigError(f"{where}.subjects: {self.subjects} > the {available} countries")
+        if self.edits % self.edits_per_experience:
+            raise ConfigError(
+                f"{where}.edits: {self.edits} is not a multiple of edits_per_experience="
+                f"{self.edits_per_experience}; every experience must hold the same number"
+            )
+        editable = (self.subjects - self.locality) * len(self.relations)
+        if self.locality >= self.subjects or self.edits > editable:
+            raise ConfigError(
+                f"{where}: {self.edits} edits need as many facts of the {self.subjects} - "
+                f"{self.locality} subjects kept out of the locality set ({max(editable, 0)} "
+                "facts); raise subjects or lower edits / locality"
+            )
+
+
+@dataclass
+class EditCorpus:
+    """The base model's corpus (every fact under every template but its held-out one)."""
+
+    config: FactBaseConfig
+    train: list[Example] = field(default_factory=list)
+    paraphrases: list[Example] = field(default_factory=list)  # held-out, true answers
+
+
+def edit_stream(
+    name: str,
+    requests: list[EditRequest],
+    per_experience: int,
+    locality: list[Example],
+    base: BaseMixture | None = None,
+) -> Stream:
+    """Experiences of `per_experience` requests each; `general` holds the locality prompts
+    (answers replaced by the model's own before the first edit, see experiments.editing)."""
+    for i, r in enumerate(requests):
+        check_request(r, f"{name}: edit {i}")
+    locality = drop_overlap(locality, requests, name)
+    experiences = [
+        Experience(
+            k,
+            f"edits_{k * per_experience}-{(k + 1) * per_experience - 1}",
+            requests[k * per_experience : (k + 1) * per_experience],
+            requests[k * per_experience : (k + 1) * per_experience],
+            kind="edit",
+            info={"edits": per_experience},
+        )
+        for k in range(len(requests) // per_experience)
+    ]
+    return Stream(name, "editing", experiences, general=locality, base=base)
+
+
+def check_request(r: EditRequest, where: str) -> None:
+    for name in ("prompt", "target"):
+        if not str(getattr(r, name)).strip():
+            raise ConfigError(f"{where} ({r.subject!r}): empty {name}; every edit needs one")
+
+
+def drop_overlap(locality: list[Example], requests: list[EditRequest], where: str) -> list[Example]:
+    """Locality prompts that mention an edited subject or equal an edit prompt are dropped."""
+    prompts = {p for r in requests for p in (r.prompt, *r.paraphrases)}
+    subjects = {r.subject for r in requests if r.subject}
+    kept = [e for e in locality
+            if e.prompt not in prompts and not any(s in e.prompt for s in subjects)]  # fmt: skip
+    if len(kept) < len(locality):
+        log.warning(
+            "%s: dropped %d locality prompts that overlap the edits",
+            where,
+            len(locality) - len(kept),
+        )
+    if not kept:
+        raise ConfigError(f"{where}: every locality prompt overlaps an edit; none left to score")
+    return kept
+
+
+@register_stream("pycountry_edits", kind="edit")
+def pycountry_edits(config: PycountryEditsConfig, seed: int) -> Stream:
+    """Counterfactual edits of pycountry facts, from a base model that learned them all."""
+    corpus = facts(config.relations, config.subjects)
+    base_config = FactBaseConfig(
+        **{k: getattr(config.base, k) for k in ("epochs", "lr", "batch_size", "warmup_steps")},
+        relations=list(config.relations),
+        subjects=config.subjects,
+    )
+    n_templates = len(RELATIONS["alpha3"][1])
+    train = [Example(f.prompt(t), f.answer) for f in corpus
+             for t in range(n_templates) if t != f.held_out]  # fmt: skip
+    paraphrases = [Example(f.prompt(f.held_out), f.answer) for f in corpus]
+    base = EditCorpus(base_config, train, paraphrases)
+
+    # Locality subjects first, then T edited facts among the other subjects' facts (a
+    # subject may be edited in several relations); the draw is the cell seed's.
+    rng = np.random.default_rng(seed)
+    subjects = sorted({f.subject for f in corpus})
+    order = rng.permutation(len(subjects))
+    unrelated = {subjects[i] for i in order[: config.locality]}
+    editable = [f for f in corpus if f.subject not in unrelated]
+    requests = []
+    for k in rng.permutation(len(editable))[: config.edits]:
+        fact = editable[k]
+        others = sorted({f.answer for f in corpus if f.relation == fact.relation} - {fact.answer})
+        target = others[rng.integers(len(others))]
+        trained = [t for t in range(n_templates) if t != fact.held_out]
+        template = trained[rng.integers(len(trained))]
+        requests.append(
+            EditRequest(
+                fact.subject,
+                fact.relation,
+                fact.prompt(template),
+                target,
+                fact.answer,
+                (fact.prompt(fact.held_out),),
+            )
+        )
+    locality = []
+    for f in corpus:
+        if f.subject in unrelated:
+            trained = [t for t in range(n_templates) if t != f.held_out]
+            locality.append(Example(f.prompt(trained[rng.integers(len(trained))]), f.answer))
+    return edit_stream("pycountry_edits", requests, config.edits_per_experience, locality, base)
+
+
+# --- EasyEdit's JSON formats -----------------------------------------------------------
+
+
+def _records(path: str | Path) -> list[dict]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read a JSON list of edit records ({e})") from e
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def _field(record: dict, name: str, where: str):
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(record).__name__}")
+    value = record.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ConfigError(f"{where}: missing field {name!r}; the record has {sorted(record)}")
+    return value
+
+
+def load_zsre(path: str | Path) -> tuple[list[EditRequest], list[Example]]:
+    """ZsRE as EasyEdit and WISE load it (`zsre_mend_*.json`): requests, and the NQ
+    locality pairs (`loc`, `loc_ans`) of the same records."""
+    requests, locality = [], []
+    for i, r in enumerate(_records(path)):
+        where = f"{path}: record {i}"
+        answers = r.get("answers") if isinstance(r, dict) else None
+        original = answers[0] if answers else _field(r, "pred", where)
+        requests.append(
+            EditRequest(
+                _field(r, "subject", where), "zsre", _field(r, "src", where),
+                _field(r, "alt", where), original, (_field(r, "rephrase", where),),
+            )
+        )  # fmt: skip
+        locality.append(Example(_field(r, "loc", where), _field(r, "loc_ans", where)))
+    return requests, locality
+
+
+def load_counterfact(path: str | Path) -> tuple[list[EditRequest], list[Example]]:
+    """CounterFact in EasyEdit's flat form (`prompt, target_new, ground_truth, subject,
+    rephrase_prompt, locality_prompt, locality_ground_truth`) or ROME's nested form
+    (`requested_rewrite{prompt with {}, subject, target_new{str}, target_true{str}},
+    paraphrase_prompts[], neighborhood_prompts[]`)."""
+    requests, locality = [], []
+    for i, r in enumerate(_records(path)):
+        where = f"{path}: record {i}"
+        if isinstance(r, dict) and "requested_rewrite" in r:
+            rw = _field(r, "requested_rewrite", where)
+            subject = _field(rw, "subject", f"{where}.requested_rewrite")
+            target = _field(_field(rw, "target_new", where), "str", f"{where}.target_new")
+            true = _field(_field(rw, "target_true", where), "str", f"{where}.target_true")
+            prompt = _field(rw, "prompt", f"{where}.requested_rewrite").format(subject)
+            paraphrases = tuple(_field(r, "paraphrase_prompts", where))
+            requests.append(EditRequest(subject, rw.get("relation_id", ""), prompt, target,
+                                        true, paraphrases))  # fmt: skip
+            locality += [Example(p, true) for p in r.get("neighborhood_prompts", [])]
+            continue
+        requests.append(
+            EditRequest(
+                _field(r, "subject", where), "counterfact", _field(r, "prompt", where),
+                _field(r, "target_new", where), _field(r, "ground_truth", where),
+                (_field(r, "rephrase_prompt", where),),
+            )
+        )  # fmt: skip
+        loc_answer = _field(r, "locality_ground_truth", where)
+        locality.append(Example(_field(r, "locality_prompt", where), loc_answer))
+    return requests, locality
+
+
+@dataclass
+class EditFileConfig:
+    path: str = param("", "the JSON file, as EasyEdit publishes it")
+    edits: int = param(10, "T: the first T records are applied in sequence")
+    edits_per_experience: int = param(1, "edits in one experience")
+
+    def validate(self, where: str) -> None:
+        positive(self.edits, f"{where}.edits")
+        positive(self.edits_per_experience, f"{where}.edits_per_experience")
+        if not Path(self.path).is_file():
+            raise ConfigError(f"{where}.path: no file {self.path!r}")
+        if self.edits % self.edits_per_experience:
+            raise ConfigError(f"{where}.edits: not a multiple of edits_per_experience")
+
+
+def _file_stream(name: str, loader, config: EditFileConfig) -> Stream:
+    requests, locality = loader(config.path)
+    if len(requests) < config.edits:
+        raise ConfigError(f"stream.edits: {config.path} holds only {len(requests)} records")
+    requests = requests[: config.edits]
+    return edit_stream(name, requests, config.edits_per_experience, locality[: config.edits])
+
+
+@register_stream("zsre", kind="edit")
+def zsre(config: EditFileConfig, seed: int) -> Stream:
+    """ZsRE edits from an EasyEdit JSON file (no base corpus: use an `hf:` model)."""
+    return _file_stream("zsre", load_zsre, config)
+
+
+@register_stream("counterfact", kind="edit")
+def counterfact(config: EditFileConfig, seed: int) -> Stream:
+    """CounterFact edits from an EasyEdit or ROME JSON file (use an `hf:` model)."""
+    return _file_stream("counterfact", load_counterfact, config)

@@ -1,0 +1,264 @@
+"""Lifelong editing: edit streams, loaders, edit scoring and the editors on tiny models."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from forgetless.experiments.editing import (
+    applied_scores,
+    cache_locality,
+    edit_summary,
+    encode_edit_stream,
+    score_edits,
+)
+from forgetless.experiments.schema import ConfigError, parse
+from forgetless.models.causal_lm import LlamaTinyConfig, llama_tiny
+from forgetless.strategies import TrainConfig
+from forgetless.streams import Example
+from forgetless.streams.editing import (
+    EditRequest,
+    PycountryEditsConfig,
+    edit_stream,
+    load_counterfact,
+    load_zsre,
+    pycountry_edits,
+)
+
+DATA = "/work/shared/data"
+SMALL = {"subjects": 12, "edits": 4, "edits_per_experience": 2, "locality": 4}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(layers: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    config = LlamaTinyConfig(layers=layers, hidden=32, heads=2, intermediate=64, context=64)
+    return llama_tiny(config, None).eval()
+
+
+# --- the stream ------------------------------------------------------------------------
+
+
+def test_pycountry_edits_hold_counterfactuals_of_the_same_relation_and_a_held_out_paraphrase():
+    stream = pycountry_edits(parse(PycountryEditsConfig, SMALL, "stream"), seed=0)
+    assert stream.kind == "edit" and stream.scenario == "editing" and len(stream) == 2
+    requests = [r for e in stream for r in e.train]
+    assert len(requests) == 4
+    trained = {(e.prompt, e.answer) for e in stream.base.train}
+    for r in requests:
+        assert r.target != r.original and r.target and len(r.paraphrases) == 1
+        assert (r.prompt, r.original) in trained  # the base model learned the edited fact
+        assert (r.paraphrases[0], r.original) not in trained  # held out of the corpus
+        assert not any(r.paraphrases[0] == p for p, _ in trained)
+        answers = {a for p, a in trained if p.startswith(r.prompt.split(r.subject)[0])}
+        assert r.target in answers  # drawn from the same relation's answers
+    edited = {r.subject for r in requests}
+    assert not any(s in e.prompt for e in stream.general for s in edited)
+    # 12 subjects x 2 relations x 7 of 8 templates
+    assert len(stream.base.train) == 12 * 2 * 7 and len(stream.base.paraphrases) == 24
+
+
+def test_pycountry_edits_differ_by_seed_but_share_one_base_corpus():
+    config = parse(PycountryEditsConfig, SMALL, "stream")
+    a, b = pycountry_edits(config, 0), pycountry_edits(config, 1)
+    assert a.base.train == b.base.train and a.base.config == b.base.config
+    edits = [r for e in a for r in e.train]
+    assert edits != [r for e in b for r in e.train]
+    assert edits == [r for e in pycountry_edits(config, 0) for r in e.train]
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"relations": ["alpha4"]}, "relations[0]"),
+        ({**SMALL, "edits": 3}, "edits"),
+        ({**SMALL, "edits": 40}, ""),
+    ],
+)
+def test_pycountry_edits_refuse_bad_parameters_naming_the_field(params, field):
+    with pytest.raises(ConfigError, match=re.escape(f"stream.{field}:" if field else "raise")):
+        parse(PycountryEditsConfig, params, "stream")
+
+
+def test_an_empty_target_is_refused_and_overlapping_locality_dropped(caplog):
+    good = EditRequest("France", "alpha3", "The alpha-3 code of France is ", "DEU", "FRA")
+    empty = EditRequest("Peru", "alpha3", "The alpha-3 code of Peru is ", " ", "PER")
+    with pytest.raises(ConfigError, match="edit 1 .'Peru'.: empty target"):
+        edit_stream("s", [good, empty], 1, [Example("x", "y")])
+    locality = [Example("alpha3(France) = ", "FRA"), Example("alpha3(Peru) = ", "PER")]
+    stream = edit_stream("s", [good], 1, locality)
+    assert stream.general == [locality[1]]
+    assert "dropped 1 locality prompts" in caplog.text
+
+
+# --- EasyEdit's files ------------------------------------------------------------------
+
+
+def test_load_zsre_and_counterfact_read_the_real_samples():
+    requests, locality = load_zsre(f"{DATA}/zsre/zsre_mend_train.sample.json")
+    assert len(requests) == len(locality) == 60
+    assert requests[0] == EditRequest(
+        "UniFirst", "zsre", "What is the product made by UniFirst?", "unmanned aircraft",
+        "uniform", ("What will be the product of UniFirst?",),
+    )  # fmt: skip
+    assert locality[0].answer == "Walter Sobchak"
+    requests, locality = load_counterfact(f"{DATA}/counterfact/counterfact-edit.sample.json")
+    assert len(requests) == 60
+    assert (requests[0].target, requests[0].original) == ("English", "French")
+    assert locality[0] == Example("Michel Rocard is a native speaker of", "French")
+
+
+def test_load_counterfact_reads_roms_nested_form(tmp_path):
+    record = {
+        "case_id": 0,
+        "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "D. D.",
+                              "relation_id": "P103", "target_new": {"str": "English"},
+                              "target_true": {"str": "French"}},
+        "paraphrase_prompts": ["D. D. speaks"], "neighborhood_prompts": ["M. R. speaks"],
+    }  # fmt: skip
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([record]))
+    (request,), locality = load_counterfact(path)
+    assert request == EditRequest(
+        "D. D.", "P103", "The mother tongue of D. D. is", "English", "French", ("D. D. speaks",)
+    )
+    assert locality == [Example("M. R. speaks", "French")]
+
+
+def test_loaders_name_the_record_and_the_missing_field(tmp_path):
+    path = tmp_path / "zsre.json"
+    good = {"subject": "a", "src": "q?", "alt": "b", "pred": "c", "rephrase": "q2?",
+            "loc": "nq", "loc_ans": "x"}  # fmt: skip
+    path.write_text(json.dumps([good, {**good, "rephrase": None}]))
+    with pytest.raises(ConfigError, match="record 1: missing field 'rephrase'"):
+        load_zsre(path)
+    path.write_text(json.dumps([{"prompt": "p", "subject": "s"}]))
+    with pytest.raises(ConfigError, match="record 0: missing field 'target_new'"):
+        load_counterfact(path)
+
+
+# --- scoring ---------------------------------------------------------------------------
+
+
+class NextTokenOracle(nn.Module):
+    """Predicts the true next token, except in rows whose prompt contains a word of `wrong`."""
+
+    def __init__(self, wrong: set[str]) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))
+        self.tokenizer = tiny_model().tokenizer
+        self.wrong = wrong
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*x.shape, len(self.tokenizer))
+        following = torch.cat([x[:, 1:], x[:, -1:]], dim=1)
+        logits.scatter_(2, following.unsqueeze(-1), 1.0)
+        for i, row in enumerate(x.tolist()):
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            if any(w in text for w in self.wrong):
+                logits[i] = 0
+                logits[i, :, 7] = 1  # a wrong token everywhere
+        return logits
+
+
+class Scored:
+    """Just what the evaluator reads from a strategy."""
+
+    def __init__(self, model) -> None:
+        self.model, self.device = model, torch.device("cpu")
+        self.train_config = TrainConfig()
+
+    def logits(self, batch):
+        return self.model(batch.x)
+
+
+def test_edit_scores_on_hand_made_predictions():
+    requests = [
+        EditRequest("Aa", "r", "Aa is ", "X", "Y", ("aa = ",)),
+        EditRequest("Bb", "r", "Bb is ", "X", "Y", ("bb = ",)),
+        EditRequest("Cc", "r", "Cc is ", "X", "Y", ("cc = ",)),
+        EditRequest("Dd", "r", "Dd is ", "X", "Y", ("dd = ",)),
+    ]
+    locality = [Example("Ee is ", "Y"), Example("Ff is ", "Y")]
+    stream = edit_stream("s", requests, 2, locality)
+    model = tiny_model()
+    stream = encode_edit_stream(stream, model)
+    # The oracle gets wrong: the prompt of Bb, the paraphrases of Cc and Dd, locality Ff.
+    scored = Scored(NextTokenOracle({"Bb is", "cc =", "dd =", "Ff is"}))
+    row, extra = score_edits(scored, stream)
+    assert row == [0.5, 1.0]
+    assert extra["generalization/exp_0"] == 1.0 and extra["generalization/exp_1"] == 0.0
+    assert extra["locality"] == 0.5
+    assert extra["reliability"] == 0.75 and extra["generalization"] == 0.5
+    # Token accuracy counts the "X" and EOS of a right row (2 of 2) and neither of a wrong one.
+    assert extra["reliability_token_acc"] == 0.75
+    import numpy as np
+
+    R = np.array([[0.5, 0.0], row])
+    assert applied_scores(R, 0, extra, stream)["reliability"] == 0.5
+    assert applied_scores(R, 1, extra, stream)["edits_applied"] == 4
+    assert edit_summary(extra, stream, train_time_s=2.0)["edit_latency_s"] == 0.5
+
+
+def test_locality_answers_are_the_models_own_greedy_outputs():
+    model = tiny_model()
+    prompts = [Example("alpha3(Peru) = ", "PER"), Example("Q: x? A: ", "Y")]
+    cached = cache_locality(model, prompts, max_new_tokens=5)
+    scored = Scored(model)
+    from forgetless.experiments.evaluate import evaluate
+
+    assert evaluate(scored, cached, "generation")["exact_match"] == 1.0
+    generated = model.generate([p.prompt for p in prompts], max_new_tokens=5)
+    for i, text in enumerate(generated):
+        labelled = cached.y[i][cached.y[i] != -100].tolist()
+        assert model.tokenizer.decode(labelled, skip_special_tokens=True) == text
+
+
+# --- editors ---------------------------------------------------------------------------
+
+
+def one_edit_stream(model):
+    """One edit (and a locality prompt), encoded for `model` with its answers cached."""
+    request = EditRequest("Peru", "alpha3", "The alpha-3 code of Peru is ", "DEU", "PER",
+                          ("alpha3(Peru) = ",))  # fmt: skip
+    locality = [Example("The alpha-3 code of Chile is ", "CHL"), Example("Q: x? A: ", "Y")]
+    return encode_edit_stream(edit_stream("one", [request], 1, locality), model)
+
+
+def editor(cls, model, stream, **params):
+    return cls(model, parse(cls.Config, params, "strategy"), TrainConfig(), stream)
+
+
+def test_ft_l_makes_one_edit_hold_changing_only_its_layer_within_the_norm_constraint():
+    from forgetless.strategies.ft_l import FTL
+
+    model = tiny_model()
+    stream = one_edit_stream(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy = editor(FTL, model, stream, layer=1, lr=0.05, steps=60, norm_constraint=0.5)
+    strategy.train(stream.experiences[0])
+    row, _ = score_edits(strategy, stream)
+    assert row == [1.0]
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == ["model.model.layers.1.mlp.down_proj.weight"]
+    delta = (model.state_dict()[changed[0]] - before[changed[0]]).abs().max()
+    assert 0 < delta <= 0.5 + 1e-6
+
+
+def test_editors_refuse_a_layer_the_model_lacks():
+    from forgetless.strategies.ft_l import FTL
+
+    model = tiny_model()
+    with pytest.raises(ConfigError, match="strategy.layer: the model has no layer 5.*layers 0-1"):
+        editor(FTL, model, one_edit_stream(model), layer=5)
