@@ -37,6 +37,7 @@ def strategy_class(name: str, where: str) -> type[Strategy]:
         compressed_replay,
         cumulative,
         ft_l,
+        grace,
         hft,
         lora,
         naive,

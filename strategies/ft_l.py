@@ -37,6 +37,16 @@ def ffn_module(model: nn.Module, layer: int, name: str, where: str) -> nn.Linear
     return found[layer]
 
 
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` where `old` sits in `model` (an editor wrapping one layer)."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is old:
+                setattr(parent, name, new)
+                return
+    raise ValueError(f"{type(old).__name__} is not a module of the model")
+
+
 def edit_samples(strategy: Strategy, prompt: str, target: str) -> Samples:
     """One edit as token ids, labels on the target and its EOS, on the model's device."""
     return trim_padding(strategy.model.encode([Example(prompt, target)])).to(strategy.device)

@@ -262,3 +262,38 @@ def test_editors_refuse_a_layer_the_model_lacks():
     model = tiny_model()
     with pytest.raises(ConfigError, match="strategy.layer: the model has no layer 5.*layers 0-1"):
         editor(FTL, model, one_edit_stream(model), layer=5)
+
+
+def test_grace_retrieves_one_edit_and_leaves_inputs_outside_its_radius_untouched():
+    from forgetless.strategies.grace import Grace
+
+    model = tiny_model()
+    stream = one_edit_stream(model)
+    with torch.no_grad():
+        before = model(stream.general.x)
+    # Inputs of this random model's layer 1 are about 0.05 apart: a radius well below.
+    strategy = editor(Grace, model, stream, layer=1, eps=0.002, steps=40, keys="answer")
+    strategy.train(stream.experiences[0])
+    row, extra = score_edits(strategy, stream)
+    assert row == [1.0] and extra["locality"] == 1.0
+    with torch.no_grad():  # nothing near the key: exactly the pre-edit logits
+        assert torch.equal(model(stream.general.x), before)
+    assert len(strategy.codebook.keys) == 4  # "D", "E", "U" and the EOS, one key each
+    assert strategy.memory_bytes() == 4 * 4 * (64 + 1 + 32)
+
+
+def test_grace_splits_the_balls_of_two_close_keys_with_different_labels():
+    from forgetless.strategies.grace import Grace
+
+    model = tiny_model()
+    stream = one_edit_stream(model)
+    strategy = editor(Grace, model, stream, layer=1, eps=1.0, steps=1)
+    prompt = "The alpha-3 code of Peru is "
+    strategy.edit(prompt, "DEU")
+    strategy.edit(prompt + " ", "FRA")  # one key each (last_prompt), close together
+    book = strategy.codebook
+    d = torch.dist(book.keys[0], book.keys[1]).item()
+    assert len(book.keys) == 2 and d < 2
+    assert book.radii.tolist() == pytest.approx([d / 2 - 1e-5, d / 2], abs=1e-4)
+    strategy.edit(prompt + " ", "FRA")  # same label again: no new key
+    assert len(book.keys) == 2
