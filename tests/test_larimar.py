@@ -23,7 +23,7 @@ from forgetless.streams import Example, Stream
 from forgetless.streams.editing import EditCorpus, EditRequest, FactBaseConfig, edit_stream
 
 TINY = LlamaTinyConfig(layers=1, hidden=32, heads=2, intermediate=64, context=64)
-FAST = {"slots": 16, "code": 32, "episode": 8, "steps": 20}
+FAST = {"slots": 16, "code": 32, "episode": 8, "decoded": 4, "steps": 20}
 COUNTRIES = ["Chile", "Peru", "Japan", "Kenya", "Norway", "Egypt", "Canada", "Spain"]
 CODES = ["CHL", "PER", "JPN", "KEN", "NOR", "EGY", "CAN", "ESP"]
 
