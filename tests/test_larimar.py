@@ -128,8 +128,10 @@ def logits_of(strategy: Larimar, prompts: list[str]) -> torch.Tensor:
     return strategy.logits(strategy.model.encode(examples, 48))
 
 
-def test_scope_check_gives_unrelated_queries_exactly_the_pre_edit_logits(parts):
-    larimar = make(parts)
+@pytest.mark.parametrize("train_decoder", [False, True])
+def test_scope_check_gives_unrelated_queries_exactly_the_pre_edit_logits(parts, train_decoder):
+    larimar = make(parts, train_decoder=train_decoder)
+    weights = {k: v.clone() for k, v in larimar.model.state_dict().items()}
     unrelated = ["Stock prices fell sharply today. ", "Q: numeric code of Mongolia? A: "]
     edited = ["The alpha-3 code of Chile is "]
     before = logits_of(larimar, unrelated + edited)
@@ -137,6 +139,8 @@ def test_scope_check_gives_unrelated_queries_exactly_the_pre_edit_logits(parts):
     after = logits_of(larimar, unrelated + edited)
     assert torch.equal(after[:2], before[:2])
     assert not torch.allclose(after[2], before[2])  # the edit's own prompt reads the memory
+    for name, value in larimar.model.state_dict().items():  # an edit is no gradient step
+        assert torch.equal(value, weights[name]), name
 
 
 def test_forgetting_an_edit_returns_its_prompt_to_the_pre_edit_logits(parts):
