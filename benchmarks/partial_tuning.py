@@ -7,7 +7,10 @@ CPU, allocated on GPU), final average exact match, forgetting, learning accuracy
 general retention; and, for HFT, the time ratio expected from FLOPs beside the measured
 one. The last line is one JSON object.
 
-    python benchmarks/partial_tuning.py [--train-size 400] [--tasks a,b,c,d]
+    python benchmarks/partial_tuning.py [--grid grids/llm_partial_tuning_quick.yaml]
+
+The stream, base, model and training settings are the quick grid's, so the benchmark and
+`forgetless run grids/llm_partial_tuning_quick.yaml` measure the same thing.
 """
 
 from __future__ import annotations
@@ -19,38 +22,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+import yaml
 
 METHODS = {
     "fft": "naive",
     "hft": "hft",
     "lora": {"name": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
 }
-BATCH_SIZE = 16
+GRID = Path(__file__).resolve().parents[1] / "grids" / "llm_partial_tuning_quick.yaml"
 
 
 def grid(method: str, args: argparse.Namespace, storage: str) -> dict:
-    return {
-        "name": f"partial-tuning-{method}",
-        "seeds": [args.seed],
-        "streams": [
-            {
-                "name": "instructions",
-                "tasks": args.tasks.split(","),
-                "train_size": args.train_size,
-                "test_size": 100,
-                "base": {"train_size": args.base_train_size, "epochs": 2},
-            }
-        ],  # fmt: skip
-        "model": {"name": "llama_tiny"},
-        "train": {
-            "epochs": args.epochs,
-            "batch_size": BATCH_SIZE,
-            "lr": 1e-3,
-            "optimizer": "adamw",
-        },
-        "strategies": [METHODS[method]],
-        "storage": storage,
-    }
+    """The quick grid's stream, base, model and training, with one method and one seed."""
+    g = yaml.safe_load(Path(args.grid).read_text())
+    g.update(name=f"partial-tuning-{method}", seeds=[args.seed], strategies=[METHODS[method]],
+             storage=storage, grid={})  # fmt: skip
+    return g
 
 
 def run_one(method: str, args: argparse.Namespace) -> dict:
@@ -69,8 +58,9 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
         wall = time.perf_counter() - start
     if outcome.status != "FINISHED":
         raise RuntimeError(f"{method}: {outcome.error}")
-    tasks = len(args.tasks.split(","))
-    steps = tasks * args.epochs * -(-args.train_size // BATCH_SIZE)
+    stream, train = g.cells[0].config["stream"], g.cells[0].config["train"]
+    batches = -(-stream["train_size"] // train["batch_size"])
+    steps = len(stream["tasks"]) * train["epochs"] * batches
     s = outcome.summary
     return {
         "time_per_step_s": s["train_time_s"] / steps,
@@ -83,13 +73,13 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     }
 
 
-def hft_flop_ratio() -> float:
+def hft_flop_ratio(model: dict) -> float:
     """Expected HFT/FFT step time if matmuls dominate: a weight costs F forward, F for the
     input gradient and F for its own gradient; a frozen block matrix skips the last F
     (and its optimizer update). Embedding lookups cost no matmul; the LM head does."""
     from forgetless.models.causal_lm import LlamaTinyConfig
 
-    c = LlamaTinyConfig()
+    c = LlamaTinyConfig(**{k: v for k, v in model.items() if k != "name"})
     attention = 4 * c.hidden * c.hidden
     ffn = 3 * c.hidden * c.intermediate
     head = 384 * c.hidden  # ByT5's vocabulary x width
@@ -101,10 +91,7 @@ def hft_flop_ratio() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", choices=METHODS, help="(internal) run one method")
-    parser.add_argument("--tasks", default="country_alpha3,uppercase,reverse,alpha3_numeric")
-    parser.add_argument("--train-size", type=int, default=400)
-    parser.add_argument("--base-train-size", type=int, default=2400)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--grid", default=str(GRID), help="stream, base, model and training")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.method:
@@ -123,7 +110,9 @@ def main() -> None:
     summary = {
         "hft_time_vs_fft": hft["time_per_step_s"] / fft["time_per_step_s"],
         "lora_time_vs_fft": lora["time_per_step_s"] / fft["time_per_step_s"],
-        "hft_time_vs_fft_expected_from_flops": hft_flop_ratio(),
+        "hft_time_vs_fft_expected_from_flops": hft_flop_ratio(
+            yaml.safe_load(Path(args.grid).read_text())["model"]
+        ),
         **{f"{m}_{k}": v for m, r in results.items() for k, v in r.items()},
         "fft_new_task_acc": fft["learning_acc"],
         "hft_new_task_acc": hft["learning_acc"],

@@ -9,7 +9,7 @@ the share of rehearsal's gain over naive that SSR recovers on each, and the real
 instances found in SSR's buffers (read back from the cells' checkpoints). The last line is
 one JSON object.
 
-    python benchmarks/ssr.py [--seeds 0,1,2] [--tasks a,b,c,d,e] [--train-size 400]
+    python benchmarks/ssr.py [--grid grids/ssr.yaml] [--seeds 0,1,2]
 
 Measured with the defaults on 2 shared CPU cores: base pre-training 467 s, grid 610 s. The
 default tiny Llama does not learn these tasks at this size (final exact match: naive 0.000,
@@ -26,45 +26,20 @@ import logging
 import math
 import tempfile
 import time
+from pathlib import Path
 
-BATCH_SIZE = 16
+import yaml
+
+GRID = Path(__file__).resolve().parents[1] / "grids" / "ssr.yaml"
 
 
 def grid(args: argparse.Namespace, storage: str) -> dict:
-    tasks = args.tasks.split(",")
-    k = args.instances_per_task
-    return {
-        "name": "ssr-benchmark",
-        "seeds": [int(s) for s in args.seeds.split(",")],
-        "streams": [
-            {
-                "name": "instructions",
-                "tasks": tasks,
-                "train_size": args.train_size,
-                "test_size": args.test_size,
-                "base": {"train_size": args.base_train_size, "epochs": args.base_epochs},
-            }
-        ],  # fmt: skip
-        "model": {"name": "llama_tiny"},
-        "train": {
-            "epochs": args.epochs,
-            "batch_size": BATCH_SIZE,
-            "lr": 1e-3,
-            "optimizer": "adamw",
-        },  # fmt: skip
-        "strategies": [
-            "naive",
-            {"name": "rehearsal", "buffer": {"size": k * (len(tasks) - 1)}},
-            {
-                "name": "ssr",
-                "synthesis": "sample",
-                "generator": "base",
-                "instances_per_task": k,
-                "candidates_per_task": args.candidates_per_task,
-            },
-        ],  # fmt: skip
-        "storage": storage,
-    }
+    """grids/ssr.yaml (or --grid) as written, but for the seeds and the storage."""
+    g = yaml.safe_load(Path(args.grid).read_text())
+    g.update(name="ssr-benchmark", storage=storage)
+    if args.seeds:
+        g["seeds"] = [int(s) for s in args.seeds.split(",")]
+    return g
 
 
 def recovered(ssr: float, naive: float, rehearsal: float) -> float | None:
@@ -94,15 +69,8 @@ def real_instances_kept(cells, storage: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", default="country_alpha3,uppercase,reverse,shift,alpha3_numeric")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--train-size", type=int, default=400)
-    parser.add_argument("--test-size", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--base-train-size", type=int, default=2400)
-    parser.add_argument("--base-epochs", type=int, default=2)
-    parser.add_argument("--instances-per-task", type=int, default=20)
-    parser.add_argument("--candidates-per-task", type=int, default=100)
+    parser.add_argument("--grid", default=str(GRID), help="naive, rehearsal and ssr cells")
+    parser.add_argument("--seeds", help="comma-separated; default: the grid's")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -142,8 +110,9 @@ def main() -> None:
     retention = [s[f"retention_{m}"] for m in ("ssr", "naive", "rehearsal")]
     s["retention_recovered"] = None if None in retention else recovered(*retention)
     s["real_instances_in_ssr_buffers"] = kept
-    s.update(seeds=len(args.seeds.split(",")), tasks=args.tasks, train_size=args.train_size,
-             instances_per_task=args.instances_per_task, base_s=base_s, grid_s=grid_s)  # fmt: skip
+    stream = g.cells[0].config["stream"]
+    s.update(seeds=len({c.seed for c in g.cells}), tasks=stream["tasks"],
+             train_size=stream["train_size"], base_s=base_s, grid_s=grid_s)  # fmt: skip
     s["targets"] = {
         "gain_recovered_at_least_0.9": (s["gain_recovered"] or 0) >= 0.9,
         "retention_recovered_at_least_0.9": (s["retention_recovered"] or 0) >= 0.9,

@@ -59,7 +59,13 @@ def _train_base(model: CausalLM, base: BaseMixture) -> None:
     cfg = base.config
     saved = checkpoint.rng_state()  # the cell's RNG stream must not depend on the cache
     checkpoint.seed_everything(0)
-    train = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="adamw")
+    train = TrainConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        optimizer="adamw",
+        warmup_steps=cfg.warmup_steps,
+    )
     mixture = Experience(0, "base", model.encode(base.train), None, kind="generation")
     Naive(model, NoParams(), train, Stream("base", "instruction", [mixture])).train(mixture)
     checkpoint.set_rng_state(saved)

@@ -37,11 +37,16 @@ class TrainConfig:
     optimizer: Literal["sgd", "adam", "adamw"] = param("sgd", "optimizer")
     momentum: float = param(0.0, "SGD momentum")
     weight_decay: float = param(0.0, "weight decay")
+    warmup_steps: int = param(
+        0, "steps of linear learning-rate warm-up at the start of every experience"
+    )
     eval_batch_size: int = param(512, "samples per forward pass when scoring")
 
     def validate(self, where: str) -> None:
         for name in ("epochs", "batch_size", "lr", "eval_batch_size"):
             positive(getattr(self, name), f"{where}.{name}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.weight_decay < 0 or self.momentum < 0:
             raise ConfigError(f"{where}: momentum and weight_decay must be >= 0")
 
@@ -85,6 +90,7 @@ class Strategy:
         data = self.training_data(experience).to(self.device)
         batch_size = self.train_config.batch_size
         self.model.train()
+        step = 0
         for epoch in range(self.train_config.epochs):
             order = torch.randperm(len(data), device=self.device)
             total = torch.zeros((), device=self.device)
@@ -95,7 +101,9 @@ class Strategy:
                 loss = self.loss(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self.warm_up(step)
                 self.optimizer.step()
+                step += 1
                 total += loss.detach()
             # One device sync per epoch, not per step: a NaN survives to the sum.
             if not torch.isfinite(total):
@@ -124,6 +132,14 @@ class Strategy:
         """Called after training on `experience`."""
 
     # --- shared pieces --------------------------------------------------------------
+    def warm_up(self, step: int) -> None:
+        """Linear warm-up from each experience's first step, the usual guard for Adam on
+        transformers. It keeps no state: checkpoints fall between experiences."""
+        warmup = self.train_config.warmup_steps
+        if step <= warmup and warmup:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.train_config.lr * min(1.0, (step + 1) / warmup)
+
     def logits(self, batch: Samples) -> torch.Tensor:
         """Model outputs; task-incremental streams mask them to the batch's task classes."""
         return self.mask_to_task(self.model(batch.x), batch.task)

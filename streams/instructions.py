@@ -83,9 +83,14 @@ def task_examples(task: str, train_size: int, test_size: int, seed: int):
     rng = np.random.default_rng(seed)
     if task in FACTS:
         facts = FACTS[task]()
-        chosen = [facts[i] for i in rng.permutation(len(facts))[:train_size]]
-        train = [Example(prompt(task, q), a) for q, a in chosen]
-        return train, train[:test_size]  # memorisation: scored on its own facts
+        order = rng.permutation(len(facts))[:train_size]
+        known = [Example(prompt(task, facts[i][0]), facts[i][1]) for i in order]
+        # More examples than facts: every fact again, in a fresh order each pass, so a
+        # memorisation task takes as many steps as a string task of the same train_size.
+        passes = [known] + [[known[i] for i in rng.permutation(len(known))]
+                            for _ in range(-(-train_size // len(known)) - 1)]  # fmt: skip
+        train = [e for p in passes for e in p][:train_size]
+        return train, known[:test_size]  # memorisation: scored on its own facts
     if task in STRINGS:
         train_words, test_words = words()
         rule = STRINGS[task]
@@ -125,13 +130,16 @@ class BaseConfig:
     epochs: int = param(6, "passes over the mixture")
     lr: float = param(1e-3, "AdamW learning rate")
     batch_size: int = param(16, "examples per step")
+    warmup_steps: int = param(0, "steps of linear learning-rate warm-up")
     general_size: int = param(40, "held-out examples per task that measure general ability")
 
 
 @dataclass
 class InstructionsConfig:
     tasks: list[str] = param(DEFAULT_TASKS, "task names or task files, in stream order")
-    train_size: int = param(200, "training examples per task")
+    train_size: int = param(
+        200, "training examples per task (a fact task repeats its facts to fill it)"
+    )
     test_size: int = param(100, "test examples per task (fact tasks: of the trained facts)")
     base: BaseConfig | None = param(BaseConfig(), "pre-train a base model first (null: none)")
 

@@ -4,6 +4,7 @@ models saved on disk, and a two-task grid run end to end into MLflow."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -325,6 +326,17 @@ def test_fact_tasks_are_scored_on_facts_they_trained_on(task):
         assert facts[question] == example.answer
 
 
+def test_a_fact_task_with_more_examples_than_facts_repeats_every_fact_evenly():
+    n = len(FACTS["country_alpha3"]())
+    train, test = task_examples("country_alpha3", 2 * n + 10, 20, seed=1)
+    assert len(train) == 2 * n + 10
+    counts = collections.Counter(train)
+    assert len(counts) == n  # every fact, none invented
+    assert sorted(set(counts.values())) == [2, 3]  # two full passes, then 10 more
+    assert train[n : 2 * n] != train[:n]  # each pass in a fresh order
+    assert set(test) <= set(train[:n]) and len(set(test)) == 20
+
+
 def test_instructions_stream_is_determined_by_the_seed():
     config = InstructionsConfig(tasks=["country_alpha3", "reverse"], train_size=20, test_size=10)
     a, b, c = instructions(config, 5), instructions(config, 5), instructions(config, 6)
@@ -347,10 +359,7 @@ def test_default_instructions_stream_is_a_generation_stream_over_the_default_tas
     assert stream.base.config.tasks == GENERAL_TASKS
     assert not set(GENERAL_TASKS) & set(DEFAULT_TASKS)
     base = config.base
-    # a fact task has as many examples as pycountry has facts (249 countries < 300)
-    sizes = [min(base.train_size, len(FACTS[t]())) if t in FACTS else base.train_size
-             for t in GENERAL_TASKS]  # fmt: skip
-    assert len(stream.base.train) == sum(sizes) < base.train_size * len(GENERAL_TASKS)
+    assert len(stream.base.train) == base.train_size * len(GENERAL_TASKS)
     assert len(stream.general) == base.general_size * len(GENERAL_TASKS)
 
 

@@ -110,3 +110,25 @@ def test_unwritable_storage_is_refused_before_any_cell(write_grid, tracking_uri,
     with pytest.raises(ConfigError, match="storage: cannot write checkpoints"):
         run_grid(grid, tracking_uri)
     assert MlflowClient(tracking_uri).get_experiment_by_name(grid.name) is None
+
+
+def test_warm_up_raises_the_learning_rate_linearly_at_the_start_of_every_experience():
+    import torch
+
+    from forgetless.strategies import TrainConfig
+    from forgetless.strategies.naive import Naive
+    from forgetless.streams import Experience, Samples, Stream
+
+    data = Samples(torch.randn(12, 3), torch.randint(0, 2, (12,)))
+    experiences = [Experience(i, f"e{i}", data, data) for i in range(2)]
+    stream = Stream("s", "class", experiences, num_classes=2)
+    train = TrainConfig(epochs=2, batch_size=2, lr=0.1, warmup_steps=4)
+    strategy = Naive(torch.nn.Linear(3, 2), None, train, stream)
+    seen = []
+    strategy.optimizer.register_step_pre_hook(
+        lambda opt, *_: seen.append(opt.param_groups[0]["lr"])
+    )
+    for experience in experiences:
+        strategy.train(experience)
+    ramp = [0.025, 0.05, 0.075, 0.1] + [0.1] * 8  # 12 steps: 2 epochs of 6 batches
+    assert seen == pytest.approx(ramp + ramp)
