@@ -39,6 +39,7 @@ def strategy_class(name: str, where: str) -> type[Strategy]:
         ft_l,
         grace,
         hft,
+        larimar,
         lora,
         naive,
         rehearsal,
