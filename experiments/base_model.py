@@ -66,7 +66,10 @@ def _train_base(model: CausalLM, base: BaseMixture) -> None:
         optimizer="adamw",
         warmup_steps=cfg.warmup_steps,
     )
-    mixture = Experience(0, "base", model.encode(base.train), None, kind="generation")
+    # A corpus whose config has no `learn_prompts` (the editing facts) learns answers only.
+    prompts = getattr(cfg, "learn_prompts", False)
+    samples = model.encode(base.train, label_prompts=prompts)
+    mixture = Experience(0, "base", samples, None, kind="generation")
     Naive(model, NoParams(), train, Stream("base", "instruction", [mixture])).train(mixture)
     checkpoint.set_rng_state(saved)
 

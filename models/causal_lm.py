@@ -36,8 +36,11 @@ class CausalLM(nn.Module):
         # Right padding under a causal mask: real tokens never attend to the pads after them.
         return self.model(input_ids=input_ids, use_cache=False).logits
 
-    def encode(self, examples: list[Example], width: int | None = None) -> Samples:
-        """Prompt + answer + EOS as input ids; labels only on the answer and the EOS.
+    def encode(
+        self, examples: list[Example], width: int | None = None, label_prompts: bool = False
+    ) -> Samples:
+        """Prompt + answer + EOS as input ids; labels only on the answer and the EOS, or on
+        every token with `label_prompts` (a model that also learns to write the prompts).
 
         Rows are right-padded to `width` (default: the longest row), so that sets encoded
         with one width can be concatenated (replay buffers, cumulative training).
@@ -53,7 +56,7 @@ class CausalLM(nn.Module):
                     f"{self.max_length} ({e.prompt[:40]!r}...); raise model.context"
                 )
             rows.append(ids)
-            labels.append([IGNORE] * len(prompt) + ids[len(prompt) :])
+            labels.append(ids if label_prompts else [IGNORE] * len(prompt) + ids[len(prompt) :])
         width = width or max(len(r) for r in rows)
         x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         y = torch.full((len(rows), width), IGNORE, dtype=torch.long)

@@ -131,6 +131,9 @@ class BaseConfig:
     lr: float = param(1e-3, "AdamW learning rate")
     batch_size: int = param(16, "examples per step")
     warmup_steps: int = param(0, "steps of linear learning-rate warm-up")
+    learn_prompts: bool = param(
+        True, "take the loss on prompts too, so the base can write a task's inputs (SSR)"
+    )
     general_size: int = param(40, "held-out examples per task that measure general ability")
 
 

@@ -241,6 +241,25 @@ def test_encode_labels_only_the_answer_and_eos_and_pads_to_the_longest():
     assert model.width(examples) == width
 
 
+def test_encode_with_label_prompts_labels_every_token_but_the_padding():
+    model = tiny_model()
+    samples = model.encode([Example("ab:", "XY"), Example("é:", "Z")], label_prompts=True)
+    real = samples.x != model.pad_id
+    assert torch.equal(samples.y[real], samples.x[real])
+    assert (samples.y[~real] == IGNORE).all()
+
+
+def test_the_base_learns_prompts_only_when_its_config_asks(cache, monkeypatch):
+    seen = []
+    encode = CausalLM.encode
+    monkeypatch.setattr(
+        CausalLM, "encode", lambda self, e, *a, **k: seen.append(k) or encode(self, e, *a, **k)
+    )
+    for learn in (True, False):
+        load_or_train_base(tiny_model(), small_base(learn_prompts=learn), {"name": "t"})
+    assert [k.get("label_prompts") for k in seen] == [True, False]
+
+
 def test_encode_width_argument_right_pads_with_pad_and_ignored_labels():
     model = tiny_model()
     examples = [Example("ab:", "XY"), Example("a:", "Z")]
