@@ -36,7 +36,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -70,6 +70,16 @@ class LarimarConfig:
         0.8, "share of training facts written with another fact's answer, so memory must carry it"
     )
     write_noise: float = param(0.01, "std of the noise added to latents written while training")
+    paraphrase_queries: float = param(
+        0.5,
+        "share of training facts read back from another phrasing of the same fact (base facts "
+        "with the same answer), so that a paraphrase reads what its edit wrote",
+    )
+    scope: Literal["minilm", "latent"] = param(
+        "minilm",
+        "what the scope detector compares: MiniLM embeddings (the paper's ESD) or the trained "
+        "latents (an encoder-internal detector, as the paper's ISD)",
+    )
     train_decoder: bool = param(
         False,
         "also fine-tune a copy of the decoder with the read path (the paper trains its decoder); "
@@ -336,6 +346,9 @@ def train_read_path(
     written = embed(encoder, [fact_text(f.prompt, a) for f, row in zip(facts, pool) for a in row])
     written = written.view(n, variants + 1, -1).to(device)
     queries = embed(encoder, [f.prompt for f in facts]).to(device)
+    siblings: dict[str, list[int]] = {}  # phrasings of one fact share its answer
+    for i, f in enumerate(facts):
+        siblings.setdefault(f.answer, []).append(i)
     read_path = ReadPath(model, queries.shape[1], config.code, config.train_decoder).to(device)
     model.requires_grad_(False)
     groups = [{"params": [*read_path.head.parameters(), *read_path.w_m.parameters()]}]
@@ -351,10 +364,18 @@ def train_read_path(
         z = read_path.latent(written[chosen, variant])
         z = z + config.write_noise * torch.randn_like(z)
         back = torch.randperm(episode, generator=gen)[: config.decoded]  # read these back
-        batch = [Example(facts[chosen[i]].prompt, pool[chosen[i]][variant[i]])
-                 for i in back.tolist()]  # fmt: skip
+        # Each fact read back is asked by its prompt or, for a share, another phrasing of it;
+        # the answer is what was written.
+        asked, batch = [], []
+        for i in back.tolist():
+            fact = chosen[i].item()
+            others = siblings[facts[fact].answer]
+            if len(others) > 1 and torch.rand((), generator=gen) < config.paraphrase_queries:
+                fact = others[torch.randint(len(others), (), generator=gen)]
+            asked.append(fact)
+            batch.append(Example(facts[fact].prompt, pool[chosen[i]][variant[i]]))
         samples = model.encode(batch).to(device)
-        z_read = episode_read(z, read_path.latent(queries[chosen[back]]))
+        z_read = episode_read(z, read_path.latent(queries[asked]))
         logits = read_path.conditioned_logits(model, samples.x, z_read)
         loss = lm_loss(logits, samples.y)
         optimizer.zero_grad(set_to_none=True)
@@ -374,7 +395,8 @@ def read_path_file(model: CausalLM, facts: list[Example], config: LarimarConfig)
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     h.update("\x00".join(f"{f.prompt}\x01{f.answer}" for f in facts).encode())
-    settings = {k: v for k, v in asdict(config).items() if k not in ("scope_threshold", "slots")}
+    unused = ("scope_threshold", "scope", "slots", "prior_precision")  # not read by training
+    settings = {k: v for k, v in asdict(config).items() if k not in unused}
     h.update(json.dumps(settings, sort_keys=True).encode())
     return cache_dir() / "larimar" / f"read_path-{h.hexdigest()[:16]}.safetensors"
 
@@ -426,7 +448,8 @@ class Larimar(Strategy):
         self.model.requires_grad_(False)
         self.read_path = load_or_train_read_path(self.model, self.encoder, facts, config)
         self.memory = EpisodicMemory(config.slots, config.code, config.prior_precision)
-        self.scope = ScopeDetector(config.scope_threshold, self.encoder.model.config.hidden_size)
+        dim = self.encoder.model.config.hidden_size if config.scope == "minilm" else config.code
+        self.scope = ScopeDetector(config.scope_threshold, dim)
         self.latents = torch.zeros(0, config.code)  # what each written fact was written as
 
     def train(self, experience: Experience) -> None:
@@ -445,7 +468,7 @@ class Larimar(Strategy):
         with torch.no_grad():
             z = self.read_path.latent(embeddings[: len(facts)].to(self.device)).cpu()
         self.memory.write(z)  # raises CapacityError before anything changes
-        self.scope.add(facts, embeddings[len(facts) :])
+        self.scope.add(facts, self.scope_vectors(embeddings[len(facts) :]))
         self.latents = torch.cat([self.latents, z])
 
     def forget(self, requests: list) -> None:
@@ -469,6 +492,14 @@ class Larimar(Strategy):
         self.memory.forget(torch.stack(rows))
 
     @torch.no_grad()
+    def scope_vectors(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """What the scope detector compares: unit MiniLM embeddings, or unit latents."""
+        if self.config.scope == "minilm":
+            return embeddings
+        z = self.read_path.latent(embeddings.to(self.device)).cpu()
+        return z / z.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+    @torch.no_grad()
     def logits(self, batch: Samples) -> torch.Tensor:
         """The base model's logits; rows whose prompt is in scope are decoded again with the
         memory's read-out as past key/value."""
@@ -476,7 +507,7 @@ class Larimar(Strategy):
         if not self.scope.facts:
             return out
         queries = embed(self.encoder, prompts_of(self.model, batch))
-        inside = self.scope.in_scope(queries)
+        inside = self.scope.in_scope(self.scope_vectors(queries))
         if inside.any():
             z_q = self.read_path.latent(queries[inside].to(self.device))
             z_read = self.memory.read(z_q.cpu()).to(self.device)
