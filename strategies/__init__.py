@@ -44,6 +44,7 @@ def strategy_class(name: str, where: str) -> type[Strategy]:
         naive,
         rehearsal,
         ssr,
+        wise,
     )
 
     if "+" in name:

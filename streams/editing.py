@@ -40,6 +40,10 @@ class EditRequest:
     target: str
     original: str
     paraphrases: tuple[str, ...] = ()
+    loc_prompt: str = ""
+    """An unrelated prompt and its answer, as one text, that an editor may train against
+    (WISE's irrelevant x_i, EasyEdit's `loc_prompt`); never one of the scored locality
+    prompts."""
 
     @property
     def answer(self) -> str:
@@ -142,10 +146,13 @@ class PycountryEditsConfig:
     edits: int = param(10, "T: edits in total, applied in sequence")
     edits_per_experience: int = param(1, "edits in one experience (one edit batch)")
     locality: int = param(20, "subjects whose facts (all relations) must not change")
+    reserve: int = param(
+        10, "subjects whose facts are the editors' unrelated training prompts (loc_prompt)"
+    )
     base: FactBaseConfig = param(FactBaseConfig(), "pre-training of the base model")
 
     def validate(self, where: str) -> None:
-        for name in ("subjects", "edits", "edits_per_experience", "locality"):
+        for name in ("subjects", "edits", "edits_per_experience", "locality", "reserve"):
             positive(getattr(self, name), f"{where}.{name}")
         if not self.relations:
             raise ConfigError(f"{where}.relations: list at least one of {sorted(RELATIONS)}")
@@ -163,12 +170,13 @@ class PycountryEditsConfig:
                 f"{where}.edits: {self.edits} is not a multiple of edits_per_experience="
                 f"{self.edits_per_experience}; every experience must hold the same number"
             )
-        editable = (self.subjects - self.locality) * len(self.relations)
-        if self.locality >= self.subjects or self.edits > editable:
+        editable = (self.subjects - self.locality - self.reserve) * len(self.relations)
+        if self.edits > editable:
             raise ConfigError(
-                f"{where}: {self.edits} edits need as many facts of the {self.subjects} - "
-                f"{self.locality} subjects kept out of the locality set ({max(editable, 0)} "
-                "facts); raise subjects or lower edits / locality"
+                f"{where}: {self.edits} edits need as many facts of the subjects outside the "
+                f"locality and reserve sets ({self.subjects} - {self.locality} - "
+                f"{self.reserve} subjects: {max(editable, 0)} facts); raise subjects or lower "
+                "edits / locality / reserve"
             )
 
 
@@ -251,7 +259,9 @@ def pycountry_edits(config: PycountryEditsConfig, seed: int) -> Stream:
     subjects = sorted({f.subject for f in corpus})
     order = rng.permutation(len(subjects))
     unrelated = {subjects[i] for i in order[: config.locality]}
-    editable = [f for f in corpus if f.subject not in unrelated]
+    reserved = {subjects[i] for i in order[config.locality :][: config.reserve]}
+    editable = [f for f in corpus if f.subject not in unrelated | reserved]
+    spare = [f for f in corpus if f.subject in reserved]
     requests = []
     for k in rng.permutation(len(editable))[: config.edits]:
         fact = editable[k]
@@ -259,6 +269,7 @@ def pycountry_edits(config: PycountryEditsConfig, seed: int) -> Stream:
         target = others[rng.integers(len(others))]
         trained = [t for t in range(n_templates) if t != fact.held_out]
         template = trained[rng.integers(len(trained))]
+        loc = spare[rng.integers(len(spare))]
         requests.append(
             EditRequest(
                 fact.subject,
@@ -267,6 +278,7 @@ def pycountry_edits(config: PycountryEditsConfig, seed: int) -> Stream:
                 target,
                 fact.answer,
                 (fact.prompt(fact.held_out),),
+                loc.prompt(rng.integers(n_templates)) + loc.answer,
             )
         )
     locality = []

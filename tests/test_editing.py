@@ -30,7 +30,7 @@ from forgetless.streams.editing import (
 )
 
 DATA = "/work/shared/data"
-SMALL = {"subjects": 12, "edits": 4, "edits_per_experience": 2, "locality": 4}
+SMALL = {"subjects": 12, "edits": 4, "edits_per_experience": 2, "locality": 4, "reserve": 2}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,6 +65,11 @@ def test_pycountry_edits_hold_counterfactuals_of_the_same_relation_and_a_held_ou
         assert r.target in answers  # drawn from the same relation's answers
     edited = {r.subject for r in requests}
     assert not any(s in e.prompt for e in stream.general for s in edited)
+    locality_subjects = {p.split("(")[-1].split(")")[0] for p in [e.prompt for e in stream.general]}
+    for r in requests:  # the editors' unrelated prompt: neither edited nor scored
+        assert r.loc_prompt and not any(s in r.loc_prompt for s in edited)
+        assert not any(e.prompt in r.loc_prompt for e in stream.general)
+    del locality_subjects
     # 12 subjects x 2 relations x 7 of 8 templates
     assert len(stream.base.train) == 12 * 2 * 7 and len(stream.base.paraphrases) == 24
 
@@ -84,6 +89,7 @@ def test_pycountry_edits_differ_by_seed_but_share_one_base_corpus():
         ({"relations": ["alpha4"]}, "relations[0]"),
         ({**SMALL, "edits": 3}, "edits"),
         ({**SMALL, "edits": 40}, ""),
+        ({**SMALL, "reserve": 7}, ""),
     ],
 )
 def test_pycountry_edits_refuse_bad_parameters_naming_the_field(params, field):
@@ -231,7 +237,7 @@ def test_locality_answers_are_the_models_own_greedy_outputs():
 def one_edit_stream(model):
     """One edit (and a locality prompt), encoded for `model` with its answers cached."""
     request = EditRequest("Peru", "alpha3", "The alpha-3 code of Peru is ", "DEU", "PER",
-                          ("alpha3(Peru) = ",))  # fmt: skip
+                          ("alpha3(Peru) = ",), "The alpha-3 code of Chad is TCD")  # fmt: skip
     locality = [Example("The alpha-3 code of Chile is ", "CHL"), Example("Q: x? A: ", "Y")]
     return encode_edit_stream(edit_stream("one", [request], 1, locality), model)
 
@@ -297,3 +303,101 @@ def test_grace_splits_the_balls_of_two_close_keys_with_different_labels():
     assert book.radii.tolist() == pytest.approx([d / 2 - 1e-5, d / 2], abs=1e-4)
     strategy.edit(prompt + " ", "FRA")  # same label again: no new key
     assert len(book.keys) == 2
+
+
+def wise(model, stream, seed=0, **params):
+    from forgetless.strategies.wise import Wise
+
+    torch.manual_seed(seed)
+    # This random model's layer inputs are about 0.05 long: margins, step and constraint
+    # scaled to them (the defaults are EasyEdit's for LLaMA-7B).
+    defaults = {"layer": 1, "steps": 30, "prefixes": 2, "act_margin": [0.05, 0.5, 0.3],
+                "lr": 200.0, "norm_constraint": 20.0, "mask_ratio": 1.0}  # fmt: skip
+    return editor(Wise, model, stream, **{**defaults, **params})
+
+
+def test_side_memory_routes_queries_below_the_threshold_to_the_main_memory_exactly():
+    from forgetless.strategies.wise import SideMemory
+
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3, bias=False)
+    memory = SideMemory(layer)
+    x = torch.zeros(2, 3, 4)
+    x[0, :, 0] = 1.0  # along the edited input direction: Delta = 2 at every position
+    x[1, :, 1] = 1.0  # orthogonal to it: Delta = 0
+    with torch.no_grad():
+        memory.side[:, 0] += torch.tensor([2.0, 0.0, 0.0])
+    assert torch.equal(memory(x), layer(x))  # no edit yet: no threshold, main memory only
+    memory.side_threshold = 1.0
+    out = memory(x)
+    assert torch.equal(out[1], layer(x[1]))  # bit-identical for the unrelated query
+    assert torch.allclose(out[0], x[0] @ memory.side.T) and not torch.allclose(out[0], layer(x[0]))
+    x[0, 0, 0] = 0.0  # the first position is below the threshold: causal, it stays main
+    out = memory(x)
+    assert torch.equal(out[0, 0], layer(x[0, :1])[0])
+    assert torch.allclose(out[0, 1:], x[0, 1:] @ memory.side.T)  # means 1.0 and 1.33
+
+
+def test_wise_routes_its_irrelevant_prompt_to_the_main_memory_with_the_pre_edit_outputs():
+    model = tiny_model()
+    request = EditRequest("Peru", "alpha3", "The alpha-3 code of Peru is ", "DEU", "PER",
+                          ("alpha3(Peru) = ",), "Q: x? A: Y")  # fmt: skip
+    stream = encode_edit_stream(
+        edit_stream("one", [request], 1, [Example("Q: x? A: ", "Y")]), model
+    )
+    with torch.no_grad():
+        before = model(stream.general.x)
+    strategy = wise(model, stream, steps=60)
+    strategy.train(stream.experiences[0])
+    row, extra = score_edits(strategy, stream)
+    assert row == [1.0] and extra["locality"] == 1.0
+    with torch.no_grad():
+        assert torch.equal(model(stream.general.x), before)  # bit-identical: main memory
+    assert strategy.memory.side_threshold < float("inf")
+
+
+def test_wise_retrieves_a_single_edit_by_its_prompt_and_a_paraphrase():
+    model = tiny_model()
+    request = EditRequest("Peru", "alpha3", "The alpha-3 code of Peru is ", "DEU", "PER",
+                          ("the alpha-3 code of Peru is ",), "Q: x? A: Y")  # fmt: skip
+    stream = encode_edit_stream(
+        edit_stream("one", [request], 1, [Example("Q: x? A: ", "Y")]), model
+    )
+    strategy = wise(model, stream)
+    strategy.train(stream.experiences[0])
+    row, extra = score_edits(strategy, stream)
+    assert row == [1.0] and extra["generalization"] == 1.0 and extra["locality"] == 1.0
+
+
+def test_ties_merge_keeps_the_top_entries_elects_signs_and_averages_agreeing_ones():
+    from forgetless.strategies.wise import ties_merge
+
+    base = torch.zeros(1, 4)
+    a = torch.tensor([[4.0, -1.0, 2.0, 0.1]])
+    b = torch.tensor([[2.0, 3.0, -6.0, 0.2]])
+    merged = ties_merge(base, [a, b], [0.5, 0.5], density=0.5)
+    # Top-2 by magnitude: a keeps 4 and 2, b keeps 3 and -6. Elected signs: +, +, - (2 - 6).
+    # Entry 0: only a: 0.5 * 4 / 0.5 = 4; entry 1: only b: 3; entry 2: a's +2 disagrees: -6.
+    assert merged.tolist() == [[4.0, 3.0, -6.0, 0.0]]
+
+
+def test_wise_shards_merge_deterministically_for_a_seed():
+    def run(seed):
+        model = tiny_model()
+        stream = encode_edit_stream(
+            edit_stream("two", [
+                EditRequest("Peru", "a", "The alpha-3 code of Peru is ", "DEU", "PER"),
+                EditRequest("Chad", "a", "The alpha-3 code of Chad is ", "FRA", "TCD"),
+            ], 1, [Example("Q: x? A: ", "Y")]), model,
+        )  # fmt: skip
+        strategy = wise(
+            model, stream, seed, save_freq=1, merge_freq=2, steps=3, prefixes=0, mask_ratio=0.2
+        )
+        for e in stream:
+            strategy.train(e)
+        return strategy.memory
+
+    a, b, c = run(0), run(0), run(1)
+    assert len(a.memories) == 1 and not torch.equal(a.memories[0], a.layer.weight)
+    assert torch.equal(a.memories[0], b.memories[0]) and a.thresholds == b.thresholds
+    assert not torch.equal(a.memories[0], c.memories[0])  # another seed, other masks

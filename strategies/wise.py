@@ -1,0 +1,303 @@
+"""WISE: edits live in a side copy of one FFN value matrix, and a router picks the memory.
+
+Wang et al., "WISE: Rethinking the Knowledge Memory for Lifelong Model Editing of Large
+Language Models", NeurIPS 2024 (arXiv 2405.14768), as EasyEdit's easyeditor/models/wise
+runs it. The side memory W' starts as a copy of the main memory W (one mlp.down_proj)
+and only W' learns (sec. 2.3.1). A query uses a side memory iff its activation score
+Delta(x) = ||A(x) (W' - W)||, averaged over the tokens, reaches the threshold learned from
+the edits (Eq. 3, 6: the smallest in-scope score seen, times `act_ratio`). Each edit
+trains W' on the target tokens' loss plus the margin loss of Eq. 5 against one
+irrelevant prompt, over copies of the edit behind random prefixes. Knowledge sharding
+(sec. 2.3.2): every `save_freq` edits W' is saved as a shard and reset, each shard trained
+through its own random gradient mask of density `mask_ratio`; every `merge_freq` edits
+the shards merge with TIES (Eq. 8). `retrieve: true` keeps each merge as its own side
+memory with its own threshold (WISE-Retrieve); `false` keeps one merged memory
+(WISE-Merge, the paper's main tables).
+
+Routing is causal: the score at a position is the mean over the tokens up to it, the
+sequence mean of EasyEdit's code as autoregressive decoding sees it, so the teacher-forced
+score equals greedy generation (the answer never routes its own prompt). The margin loss
+and the threshold read the same statistic: an edit's score is its smallest over the
+positions that predict the answer, the irrelevant prompt's its largest over its tokens.
+Saved shards not merged yet are routed to like memories.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.models.causal_lm import IGNORE, lm_loss, trim_padding
+from forgetless.strategies import Strategy, register_strategy
+from forgetless.strategies.ft_l import ffn_module, replace_module
+from forgetless.streams import Example, Experience, Samples
+
+STARTERS = ("I", "You", "Because", "Yes", "Q: ")
+
+
+def ties_merge(
+    base: torch.Tensor, weights: list[torch.Tensor], coefficients: list[float], density: float
+) -> torch.Tensor:
+    """base + TIES({W_i - base}) as EasyEdit's GTA('magnitude', 'sum', normalize=True):
+    keep each task vector's top `density` entries by magnitude, elect the sign of the
+    weighted sum, and average the agreeing entries by their weights."""
+    kept = []
+    for w in weights:
+        tau = w - base
+        k = int(density * tau.numel())
+        if k < tau.numel():
+            cut = tau.abs().flatten().kthvalue(tau.numel() - k).values if k else float("inf")
+            tau = torch.where(tau.abs() > cut, tau, torch.zeros_like(tau))
+        kept.append(tau)
+    tau = torch.stack(kept)
+    coeff = torch.tensor(coefficients, dtype=tau.dtype, device=tau.device).view(-1, 1, 1)
+    weighted = coeff * tau
+    sign = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(tau) == sign) & (tau != 0)
+    total = (weighted * agree).sum(0)
+    divisor = (coeff * agree).sum(0)
+    return base + total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+class SideMemory(nn.Module):
+    """One down_proj with WISE's memories: the main W, the live side copy and saved ones."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        self.layer = layer
+        self.side = nn.Parameter(layer.weight.detach().clone())
+        self.register_buffer("mask", torch.ones_like(layer.weight, dtype=torch.bool))
+        self.memories: list[torch.Tensor] = []  # merged (or saved) side memories
+        self.thresholds: list[float] = []  # one per memory
+        self.side_threshold = float("inf")  # of the live side memory (inf: no edit yet)
+        self.editing = False
+        self.scores: torch.Tensor | None = None  # while editing: Delta at every position
+        self.register_buffer("center", torch.zeros(layer.in_features))
+
+    def score(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Delta at each position: the mean over the tokens so far of ||(x - c)(W' - W)||,
+        with c the `center` (zero unless `center: true`)."""
+        delta = F.linear(x - self.center.to(x.dtype), weight - self.layer.weight)
+        positions = torch.arange(1, x.shape[1] + 1, device=x.device)
+        return delta.norm(dim=-1).cumsum(dim=1) / positions
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        main = self.layer(x)
+        if self.editing:  # training: the side memory answers, and its scores are kept
+            self.scores = self.score(x, self.side)
+            return F.linear(x, self.side, self.layer.bias)
+        candidates = [(self.side, self.side_threshold), *zip(self.memories, self.thresholds)]
+        out, best = main, torch.full(main.shape[:-1], -1.0, device=main.device)
+        for weight, threshold in candidates:
+            if threshold == float("inf"):
+                continue
+            candidate = F.linear(x, weight.to(x.dtype), self.layer.bias)
+            score = self.score(x, weight.to(x.dtype))
+            use = (score >= threshold) & (score > best)
+            out = torch.where(use.unsqueeze(-1), candidate, out)
+            best = torch.where(use, score, best)
+        return out
+
+
+@dataclass
+class WiseConfig:
+    layer: int = param(2, "transformer block whose mlp.down_proj gets the side memory")
+    lr: float = param(1.0, "SGD learning rate of the side memory (EasyEdit: 1.0)")
+    steps: int = param(40, "steps per edit at most (EasyEdit: 40 for GPT-2, 70 for LLaMA)")
+    weight_decay: float = param(1e-5, "SGD weight decay")
+    norm_constraint: float = param(1.0, "each side weight stays within this of the main one")
+    act_margin: list[float] = param(
+        [5.0, 20.0, 10.0], "alpha, beta, gamma of the margin loss (Eq. 5; EasyEdit llama/gpt2-xl)"
+    )
+    act_ratio: float = param(0.88, "threshold = this x the smallest in-scope score of the edits")
+    prefixes: int = param(10, "random-prefix copies of each edit (0: the edit alone)")
+    mask_ratio: float = param(0.2, "density of each shard's random gradient mask (rho)")
+    save_freq: int = param(500, "edits per shard: then the side memory is saved and reset")
+    merge_freq: int = param(1000, "edits per merge of the saved shards (TIES)")
+    density: float = param(0.53, "TIES: share of each shard's largest changes kept")
+    retrieve: bool = param(False, "keep every merge as its own side memory (WISE-Retrieve)")
+    center: bool = param(
+        False,
+        "score (x - c)(W' - W) with c the mean layer input over the first edit's rows: small "
+        "models' inputs share one large direction that no margin can separate (not in WISE)",
+    )
+
+    def validate(self, where: str) -> None:
+        for name in ("lr", "steps", "act_ratio", "save_freq", "merge_freq"):
+            positive(getattr(self, name), f"{where}.{name}")
+        if self.layer < 0:
+            raise ConfigError(f"{where}.layer: must be >= 0, got {self.layer}")
+        if len(self.act_margin) != 3:
+            raise ConfigError(f"{where}.act_margin: three numbers, got {self.act_margin}")
+        for name in ("mask_ratio", "density"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{where}.{name}: must be in (0, 1]")
+        if self.merge_freq % self.save_freq:
+            raise ConfigError(f"{where}.merge_freq: must be a multiple of save_freq")
+
+
+@register_strategy("wise")
+class Wise(Strategy):
+    """WISE: side memory, activation routing, margin loss, sharding and TIES merging."""
+
+    Config = WiseConfig
+    supports = ("edit",)
+    resumable = False  # memories are a list of tensors beside the model: a retry restarts
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        layer = ffn_module(self.model, self.config.layer, "down_proj", "strategy.layer")
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.memory = SideMemory(layer)
+        replace_module(self.model, layer, self.memory)
+        self.edits = 0
+        self.live_min = float("inf")  # smallest in-scope score of the live memory's edits
+        self.shards: list[tuple[torch.Tensor, float]] = []  # (weight, its min score)
+        self.merged: list[float] = []  # min score of each merged memory
+        self.context: list[str] | None = None
+
+    def train(self, experience: Experience) -> None:
+        self.model.eval()
+        if self.context is None:
+            self.context = self.random_prefixes()
+        for request in experience.train:
+            irrelevant = request.loc_prompt or self.context[self.edits % len(self.context)]
+            self.edit(request.prompt, request.target, irrelevant)
+
+    def random_prefixes(self) -> list[str]:
+        """EasyEdit's context templates: greedy continuations of 5 and 10 tokens of a few
+        starters (the paper: random sequences of 10 tokens); each edit is also trained
+        behind each of them, so that Delta rises with the edit, not with its position."""
+        if not self.config.prefixes:
+            return ["Yes"]
+        short = self.model.generate(list(STARTERS), max_new_tokens=5)
+        long = self.model.generate(list(STARTERS), max_new_tokens=10)
+        texts = [s + t for s, t in zip(STARTERS * 2, short + long)]
+        return [t.replace("{", " ").replace("}", " ").strip() for t in texts][
+            : self.config.prefixes
+        ]
+
+    def edit_batch(self, prompt: str, target: str, irrelevant: str):
+        """Rows: the edit alone and behind each prefix (target labelled), then the
+        irrelevant prompt (no labels); masks of the positions that predict the answer
+        (edit rows) and of the irrelevant prompt's tokens."""
+        prompts = [prompt] + [f"{p}. {prompt}" for p in self.context[: self.config.prefixes]]
+        rows = [Example(p, target) for p in prompts] + [Example(irrelevant, "")]
+        batch = self.model.encode(rows)
+        batch.y[-1] = IGNORE
+        batch = trim_padding(Samples(batch.x, batch.y))
+        answer = torch.zeros_like(batch.y, dtype=torch.bool)
+        answer[:, :-1] = batch.y[:, 1:] != IGNORE
+        n = len(self.model.tokenizer(irrelevant, add_special_tokens=False).input_ids)
+        answer[-1, :n] = True
+        return batch.to(self.device), answer.to(self.device)
+
+    def edit(self, prompt: str, target: str, irrelevant: str) -> None:
+        cfg, memory = self.config, self.memory
+        if self.edits % cfg.save_freq == 0:  # a new shard: a new random gradient mask
+            memory.mask = torch.rand(memory.mask.shape, device=self.device) < cfg.mask_ratio
+        batch, positions = self.edit_batch(prompt, target, irrelevant)
+        if cfg.center and self.edits == 0:
+            self.set_center(batch)
+        optimizer = torch.optim.SGD([memory.side], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        main = memory.layer.weight.detach()
+        alpha, beta, gamma = cfg.act_margin
+        memory.editing = True
+        previous = None
+        for _ in range(cfg.steps):
+            logits = self.model(batch.x)
+            ce = lm_loss(logits[:-1], batch.y[:-1])
+            inside, outside = _in_and_out_of_scope(memory.scores, positions)
+            margin = (
+                _positive_mean(outside - alpha)
+                + _positive_mean(beta - inside)
+                + _positive_mean(gamma - (inside - outside))
+            )
+            loss = ce + margin
+            if previous is not None and abs(previous - loss.item()) <= 1e-4 and loss.item() <= 0.02:
+                break
+            previous = loss.item()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            memory.side.grad.mul_(memory.mask)
+            optimizer.step()
+            with torch.no_grad():
+                eps = cfg.norm_constraint
+                memory.side.copy_(torch.clamp(memory.side, main - eps, main + eps))
+        with torch.no_grad():
+            self.model(batch.x)
+            inside, _ = _in_and_out_of_scope(memory.scores, positions)
+            self.live_min = min(self.live_min, inside[0].item())  # the edit's own prompt
+        memory.editing = False
+        memory.side_threshold = self.live_min * cfg.act_ratio
+        self.edits += 1
+        if self.edits % cfg.save_freq == 0:
+            self.save_shard()
+        if self.edits % cfg.merge_freq == 0:
+            self.merge()
+
+    @torch.no_grad()
+    def set_center(self, batch: Samples) -> None:
+        """The mean input of the layer over the real tokens of the first edit's rows."""
+        seen = []
+        hook = self.memory.layer.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+        self.model(batch.x)
+        hook.remove()
+        real = batch.x != self.model.pad_id
+        self.memory.center.copy_(seen[0][real].mean(dim=0))
+
+    @torch.no_grad()
+    def save_shard(self) -> None:
+        """The live side memory becomes a shard (routed to until merged) and is reset."""
+        memory = self.memory
+        self.shards.append((memory.side.detach().clone(), self.live_min))
+        memory.memories.append(self.shards[-1][0])
+        memory.thresholds.append(self.live_min * self.config.act_ratio)
+        memory.side.copy_(memory.layer.weight)
+        memory.side_threshold, self.live_min = float("inf"), float("inf")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """TIES over the saved shards (Eq. 8): one more memory (retrieve) or the one merged
+        memory, which takes 0.6 of the previous merge and 0.4 / k of each new shard."""
+        memory, cfg = self.memory, self.config
+        weights = [w for w, _ in self.shards]
+        scores = [s for _, s in self.shards]
+        del memory.memories[len(self.merged) :], memory.thresholds[len(self.merged) :]
+        if self.merged and not cfg.retrieve:
+            weights = [memory.memories.pop(), *weights]
+            memory.thresholds.pop()
+            coefficients = [0.6] + [0.4 / len(self.shards)] * len(self.shards)
+            scores.append(self.merged.pop())
+        else:
+            coefficients = [1.0 / len(weights)] * len(weights)
+        merged = ties_merge(memory.layer.weight.detach(), weights, coefficients, cfg.density)
+        self.merged.append(min(scores))
+        memory.memories.append(merged)
+        memory.thresholds.append(min(scores) * cfg.act_ratio)
+        self.shards = []
+
+    def memory_bytes(self) -> int:
+        memory = self.memory
+        tensors = [memory.side, memory.mask, *memory.memories]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _in_and_out_of_scope(scores: torch.Tensor, positions: torch.Tensor):
+    """Each edit row's smallest score where it predicts the answer, and the irrelevant
+    row's largest over its tokens: what routing must put above and below the threshold."""
+    inside = scores[:-1].masked_fill(~positions[:-1], float("inf")).min(dim=1).values
+    outside = scores[-1:].masked_fill(~positions[-1:], float("-inf")).max(dim=1).values
+    return inside, outside
+
+
+def _positive_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of the positive entries of a hinge (EasyEdit), 0 when none is positive."""
+    positive_part = x.clamp(min=0)
+    count = (positive_part > 0).sum()
+    return positive_part.sum() / count.clamp(min=1)
