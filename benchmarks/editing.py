@@ -1,0 +1,115 @@
+"""Lifelong editing: FT-L vs GRACE vs WISE after T = 1, 10, 100 sequential edits.
+
+Every cell runs through the runner (experiments.runner.run_grid, the one code path) from
+the same cached base model, on the same edits (the cell seed draws them), into a
+throwaway MLflow store. First the base model is scored on what editing presumes: the
+held-out paraphrases of its own facts (`base_paraphrase_acc`) and the true answers of the
+locality facts (`base_locality_acc`), exact match. T = 1 averages single edits over
+`--single-seeds` seeds (edit, score, new cell); T >= 10 is one seed. The last line is one
+JSON object; scores are exact match (token accuracy beside them with `_token_acc`).
+
+    python -u benchmarks/editing.py > editing.log 2>&1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from forgetless.experiments.config import grid_from_dict
+from forgetless.experiments.evaluate import evaluate
+from forgetless.experiments.runner import build_cell, run_grid
+from forgetless.experiments.schema import parse
+from forgetless.streams.editing import PycountryEditsConfig, pycountry_edits
+
+MODEL = {"name": "llama_tiny", "layers": 4, "hidden": 256, "heads": 4, "intermediate": 512,
+         "context": 128}  # fmt: skip
+STREAM = {
+    "name": "pycountry_edits",
+    "relations": ["alpha3", "numeric"],
+    "subjects": 80,
+    "locality": 20,
+    "reserve": 10,
+    "edits_per_experience": 1,
+    "base": {"epochs": 40, "lr": 0.002, "batch_size": 32, "warmup_steps": 50},
+}
+STRATEGIES = {
+    "ft_l": {"name": "ft_l", "layer": 2, "lr": 5e-4, "steps": 25, "norm_constraint": 5e-3},
+    "grace": {"name": "grace", "layer": 2, "eps": 1.0, "steps": 100, "keys": "answer"},
+    "wise": {"name": "wise", "layer": 2, "steps": 40},
+}
+SCORES = ("reliability", "generalization", "locality")
+
+
+def grid(name: str, edits: int, seeds: list[int], strategies: list[dict]):
+    stream = {**STREAM, "edits": edits}
+    return grid_from_dict({
+        "name": name, "seeds": seeds, "streams": [stream], "model": MODEL,
+        "strategies": strategies, "storage": tempfile.mkdtemp(prefix="edit-runs-"),
+    })  # fmt: skip
+
+
+def base_scores() -> dict[str, float]:
+    """The cached base's exact match on held-out paraphrases and on the locality facts."""
+    g = grid("edit-base", 1, [0], [STRATEGIES["ft_l"]])
+    _, strategy = build_cell(g.cells[0], "cpu")  # trains and caches the base if needed
+    params = {k: v for k, v in {**STREAM, "edits": 1}.items() if k != "name"}
+    raw = pycountry_edits(parse(PycountryEditsConfig, params, "stream"), 0)
+    model = strategy.model
+    return {
+        "base_trained_acc": evaluate(strategy, model.encode(raw.base.train), "generation")[
+            "exact_match"
+        ],
+        "base_paraphrase_acc": evaluate(strategy, model.encode(raw.base.paraphrases), "generation")[
+            "exact_match"
+        ],
+        "base_locality_acc": evaluate(strategy, model.encode(raw.general), "generation")[
+            "exact_match"
+        ],
+    }
+
+
+def run(edits: int, seeds: list[int], methods: list[str], uri: str) -> dict:
+    g = grid(f"edit-T{edits}", edits, seeds, [copy.deepcopy(STRATEGIES[m]) for m in methods])
+    start = time.perf_counter()
+    outcomes = run_grid(g, uri)
+    results: dict[str, dict] = {}
+    for method in methods:
+        rows = [o.summary for o in outcomes if o.label.split("/")[1].split(" ")[0] == method]
+        failed = [o.error for o in outcomes if o.status != "FINISHED"]
+        if not rows:
+            results[method] = {"error": "; ".join(failed)}
+            continue
+        keys = [f"{s}{k}" for s in SCORES for k in ("", "_token_acc")] + ["edit_latency_s"]
+        results[method] = {k: round(float(np.mean([r[k] for r in rows])), 4) for k in keys}
+        results[method]["memory_bytes"] = int(np.mean([r["memory_bytes"] for r in rows]))
+    logging.warning("T=%d done in %.0f s: %s", edits, time.perf_counter() - start, results)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--edits", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--methods", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--single-seeds", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    uri = f"sqlite:///{tempfile.mkdtemp(prefix='edit-mlflow-')}/mlflow.db"
+    result: dict = base_scores()
+    logging.warning("base: %s", result)
+    for edits in args.edits:
+        seeds = list(range(args.single_seeds)) if edits == 1 else [0]
+        result[f"T{edits}"] = run(edits, seeds, args.methods, uri)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
