@@ -19,12 +19,19 @@ sequence mean of EasyEdit's code as autoregressive decoding sees it, so the teac
 score equals greedy generation (the answer never routes its own prompt). The margin loss
 and the threshold read the same statistic: an edit's score is its smallest over the
 positions that predict the answer, the irrelevant prompt's its largest over its tokens.
-Saved shards not merged yet are routed to like memories.
+While an edit trains, W' answers only at the positions that predict the answer (EasyEdit
+swaps the whole sequence): the prompt before them is shared with unrelated prompts and
+routes to the main memory, and training must see what inference will.
+Saved shards not merged yet are routed to like memories. Among several memories above
+their thresholds, a query takes the one whose score is the largest multiple of its own
+threshold (EasyEdit: the largest score), since scores of memories trained on different
+edits are not on one scale.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +83,7 @@ class SideMemory(nn.Module):
         self.side_threshold = float("inf")  # of the live side memory (inf: no edit yet)
         self.editing = False
         self.scores: torch.Tensor | None = None  # while editing: Delta at every position
+        self.train_positions: torch.Tensor | None = None  # while editing: where W' answers
         self.register_buffer("center", torch.zeros(layer.in_features))
 
     def score(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -87,31 +95,39 @@ class SideMemory(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         main = self.layer(x)
-        if self.editing:  # training: the side memory answers, and its scores are kept
+        if self.editing:  # training: the side memory answers where routing must send the
+            # answer to it (the positions that predict it), and its scores are kept
             self.scores = self.score(x, self.side)
-            return F.linear(x, self.side, self.layer.bias)
+            new = F.linear(x, self.side, self.layer.bias)
+            return torch.where(self.train_positions.unsqueeze(-1), new, main)
         candidates = [(self.side, self.side_threshold), *zip(self.memories, self.thresholds)]
         out, best = main, torch.full(main.shape[:-1], -1.0, device=main.device)
         for weight, threshold in candidates:
             if threshold == float("inf"):
                 continue
             candidate = F.linear(x, weight.to(x.dtype), self.layer.bias)
-            score = self.score(x, weight.to(x.dtype))
-            use = (score >= threshold) & (score > best)
+            ratio = self.score(x, weight.to(x.dtype)) / threshold
+            use = (ratio >= 1) & (ratio > best)
             out = torch.where(use.unsqueeze(-1), candidate, out)
-            best = torch.where(use, score, best)
+            best = torch.where(use, ratio, best)
         return out
 
 
 @dataclass
 class WiseConfig:
     layer: int = param(2, "transformer block whose mlp.down_proj gets the side memory")
-    lr: float = param(1.0, "SGD learning rate of the side memory (EasyEdit: 1.0)")
+    lr: float = param(1.0, "learning rate of the side memory (EasyEdit: SGD at 1.0)")
+    optimizer: Literal["sgd", "adam"] = param(
+        "sgd", "sgd (EasyEdit) or adam, whose steps do not scale with the layer's inputs"
+    )
     steps: int = param(40, "steps per edit at most (EasyEdit: 40 for GPT-2, 70 for LLaMA)")
     weight_decay: float = param(1e-5, "SGD weight decay")
     norm_constraint: float = param(1.0, "each side weight stays within this of the main one")
     act_margin: list[float] = param(
         [5.0, 20.0, 10.0], "alpha, beta, gamma of the margin loss (Eq. 5; EasyEdit llama/gpt2-xl)"
+    )
+    margin_weight: float = param(
+        1.0, "weight of the margin loss beside the target's cross-entropy (EasyEdit: 1)"
     )
     act_ratio: float = param(0.88, "threshold = this x the smallest in-scope score of the edits")
     prefixes: int = param(10, "random-prefix copies of each edit (0: the edit alone)")
@@ -204,10 +220,13 @@ class Wise(Strategy):
         batch, positions = self.edit_batch(prompt, target, irrelevant)
         if cfg.center and self.edits == 0:
             self.set_center(batch)
-        optimizer = torch.optim.SGD([memory.side], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        make = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam
+        optimizer = make([memory.side], lr=cfg.lr, weight_decay=cfg.weight_decay)
         main = memory.layer.weight.detach()
         alpha, beta, gamma = cfg.act_margin
         memory.editing = True
+        memory.train_positions = positions.clone()
+        memory.train_positions[-1] = False  # the irrelevant prompt: main memory
         previous = None
         for _ in range(cfg.steps):
             logits = self.model(batch.x)
@@ -218,7 +237,7 @@ class Wise(Strategy):
                 + _positive_mean(beta - inside)
                 + _positive_mean(gamma - (inside - outside))
             )
-            loss = ce + margin
+            loss = ce + cfg.margin_weight * margin
             if previous is not None and abs(previous - loss.item()) <= 1e-4 and loss.item() <= 0.02:
                 break
             previous = loss.item()
