@@ -128,9 +128,11 @@ def logits_of(strategy: Larimar, prompts: list[str]) -> torch.Tensor:
     return strategy.logits(strategy.model.encode(examples, 48))
 
 
-@pytest.mark.parametrize("train_decoder", [False, True])
-def test_scope_check_gives_unrelated_queries_exactly_the_pre_edit_logits(parts, train_decoder):
-    larimar = make(parts, train_decoder=train_decoder)
+@pytest.mark.parametrize("train_decoder,prefix", [(False, 0), (True, 2)])
+def test_scope_check_gives_unrelated_queries_exactly_the_pre_edit_logits(
+    parts, train_decoder, prefix
+):
+    larimar = make(parts, train_decoder=train_decoder, prefix=prefix)
     weights = {k: v.clone() for k, v in larimar.model.state_dict().items()}
     unrelated = ["Stock prices fell sharply today. ", "Q: numeric code of Mongolia? A: "]
     edited = ["The alpha-3 code of Chile is "]
