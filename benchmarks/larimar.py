@@ -93,8 +93,8 @@ def run_edits(editor, stream) -> dict[str, float]:
     }
 
 
-def pre_edit_answers(editor, stream) -> list:
-    """The model's own greedy answers to every edit prompt, before any edit."""
+def pre_edit_answers(editor, stream):
+    """The model's own greedy answers to every edit prompt, before any edit (token ids)."""
     from forgetless.experiments.editing import cache_locality
     from forgetless.streams import Example
 
@@ -124,8 +124,7 @@ def run_forgetting(editor, stream, forget_after: int) -> dict[str, float]:
         editor.forget([requests[t]])
         spent += time.perf_counter() - tick
         done.append(t)
-    width = stream.general.x.shape[1]
-    back = editor.model.encode([before[t] for t in done], width)
+    back = before.subset(torch.tensor(done))
     success = evaluate(editor, back, "generation")["exact_match"]
     R, _ = score_edits(editor, stream)
     kept = [R[t] for t in range(len(requests)) if t not in set(done)]
@@ -145,6 +144,11 @@ def main() -> None:
     parser.add_argument("--forget-after", type=int, default=10, help="k: forget edit t at t+k")
     parser.add_argument("--editors", default="larimar,ft_l,wise")
     parser.add_argument("--larimar", default="{}", help="Larimar parameters over the grid's")
+    parser.add_argument(
+        "--baselines",
+        help="a log of an earlier run (same grid and edits): take the editors this run skips "
+        "from its last line instead of running them again",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
@@ -167,6 +171,14 @@ def main() -> None:
             continue
         results[name] = {"setup_s": setup, **run_edits(editor, stream)}
         print(name, json.dumps(results[name]), flush=True)
+    baselines_from = None
+    if args.baselines:
+        earlier = json.loads(Path(args.baselines).read_text().strip().splitlines()[-1])
+        assert earlier["edits"] == args.edits, "the earlier run edited a different number"
+        for name, result in earlier["per_editor"].items():
+            if name not in results and name != "larimar":
+                results[name] = result
+                baselines_from = args.baselines
     if "larimar" in results:
         editor = build("larimar", stream, model_config, weights, params["larimar"])
         results["larimar"].update(run_forgetting(editor, stream, args.forget_after))
@@ -186,6 +198,7 @@ def main() -> None:
         **{k: larimar.get(k) for k in ("reliability", "generalization", "locality")},
         "forget_success": larimar.get("forget_success"),
         "per_editor": results,
+        "baselines_from": baselines_from,
         "larimar_params": params["larimar"],
     }
     print(json.dumps(summary))
