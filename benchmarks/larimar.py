@@ -28,9 +28,16 @@ they were at about 16:59 UTC on 2026-11-25; WISE at its defaults then):
 | WISE | 6.971 | 0.02 | 0.02 | 0.775 |
 
 Speed-ups 12.0x over FT-L and 135x over WISE; Larimar's one-off read-path training took
-523 s (cached after). That run stopped in the forget pass (a bug since fixed), so it has no
-forget success. Larimar's targets on reliability are not met: its read path does not yet
-carry the answer to the decoder (see strategies/larimar.py).
+523 s (cached after). That run stopped in the forget pass (a bug since fixed). A second run,
+`--editors larimar --larimar '{"prefix": 4}' --baselines <FT-L and WISE lines of the first>`
+(soft-prefix conditioning): 0.058 s / edit (10.7x over FT-L, 120x over WISE), reliability
+0.04, generalization 0.03, locality 1.00, forget success 0.96 over 50 forgotten edits
+(0.012 s a forget), reliability of the 50 kept 0.08. Forget success is near-vacuous while
+edits do not take: the memory is erased exactly (tests), but few edits had changed an
+answer. With one fact in memory the read-out equals its written latent (cosine 1.0), yet
+reliability is 0: the trained head maps a prompt and its fact to nearly the same latent
+(cosine 0.997), so the latent does not carry the answer. The targets on reliability,
+generalization and (meaningfully) forget success are not met.
 
 """
 

@@ -78,6 +78,11 @@ class LarimarConfig:
         0.8, "share of training facts written with another fact's answer, so memory must carry it"
     )
     write_noise: float = param(0.01, "std of the noise added to latents written while training")
+    autoencode: float = param(
+        0.0,
+        "weight of the code's `ae` term: the decoder conditioned on the written latent itself "
+        "(no memory) must write the answer, which makes the latent carry it",
+    )
     paraphrase_queries: float = param(
         0.5,
         "share of training facts read back from another phrasing of the same fact (base facts "
@@ -424,6 +429,9 @@ def train_read_path(
         z_read = episode_read(z, read_path.latent(queries[asked]))
         logits = read_path.conditioned_logits(model, samples.x, z_read)
         loss = lm_loss(logits, samples.y)
+        if config.autoencode:  # MemVAE.forward's ae term: decode from z, no memory
+            direct = read_path.conditioned_logits(model, samples.x, z[back])
+            loss = loss + config.autoencode * lm_loss(direct, samples.y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
