@@ -21,6 +21,17 @@ from forgetless.experiments.config import Grid, load_grid
 _names = itertools.count()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Threads only cost time on tiny models (ten times over on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory) -> str:
     """A SQLite store shared by the session; each test uses its own grid name (experiment)."""

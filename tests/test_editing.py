@@ -33,12 +33,7 @@ DATA = "/work/shared/data"
 SMALL = {"subjects": 12, "edits": 4, "edits_per_experience": 2, "locality": 4, "reserve": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(layers: int = 2, seed: int = 0):

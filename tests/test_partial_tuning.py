@@ -29,13 +29,7 @@ BLOCK_MATRICES = 4 * (4 * 1024 + 3 * 2048)
 ONE_ADAPTER_BYTES = 4 * 2 * (4 * 32 + 32 * 4) * 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Threads only cost time on a model this small (ten times over on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(strategy: str | dict, seed: int = 0):
