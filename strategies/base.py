@@ -136,7 +136,7 @@ class Strategy:
         """Linear warm-up from each experience's first step, the usual guard for Adam on
         transformers. It keeps no state: checkpoints fall between experiences."""
         warmup = self.train_config.warmup_steps
-        if step <= warmup and warmup:
+        if step < warmup:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.train_config.lr * min(1.0, (step + 1) / warmup)
 
