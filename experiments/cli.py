@@ -92,8 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         counts[outcome.status] += 1
         if outcome.status == "FAILED":
             tqdm.write(f"FAILED {outcome.label}: {outcome.error}", file=sys.stderr)
+        show()  # before update(1), which draws the bar: else its counts lag a cell behind
         bar.update(1)
-        show()
 
     if args.no_ray:
         executor = local_executor

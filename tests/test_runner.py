@@ -132,3 +132,14 @@ def test_warm_up_raises_the_learning_rate_linearly_at_the_start_of_every_experie
         strategy.train(experience)
     ramp = [0.025, 0.05, 0.075, 0.1] + [0.1] * 8  # 12 steps: 2 epochs of 6 batches
     assert seen == pytest.approx(ramp + ramp)
+
+
+def test_progress_bar_counts_every_cell_when_it_draws_it(write_grid, tracking_uri, capsys):
+    from forgetless.experiments.cli import main
+
+    grid = write_grid(strategies=["naive", "cumulative"])
+    path = f"{grid.storage.rsplit('/', 1)[0]}/{grid.name}.yaml"
+    assert main(["run", path, "--no-ray", "--tracking-uri", tracking_uri]) == 0
+    bars = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    final = [line for line in bars if "2/2" in line]
+    assert final and all("done=2" in line for line in final)
