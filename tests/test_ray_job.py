@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def head_node(tmp_path):
-    """A one-node Ray cluster on localhost, as `ray start --head` makes it."""
+    """A one-node Ray cluster on localhost, as `ray start --head` makes it. Its teardown,
+    `ray stop`, stops every Ray process of the user on this machine, other grids' too."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     dashboard = free_port()
     subprocess.run(
@@ -49,11 +51,15 @@ def test_ray_job_submit_runs_a_grid_on_the_cluster(head_node, tmp_path):
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    job = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-         "forgetless", "run", "grid.yaml", "--address", "auto", "--tracking-uri", uri],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+    for _ in range(12):  # the head's job agent registers some seconds after `ray start`
+        job = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+             "--", "forgetless", "run", "grid.yaml", "--address", "auto", "--tracking-uri", uri],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        if "No available agent to submit job" not in job.stderr:
+            break
+        time.sleep(5)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "2 cells run" in job.stdout
     client = MlflowClient(uri)
