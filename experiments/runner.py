@@ -67,19 +67,15 @@ def build_cell(cell: Cell, device: str | torch.device) -> tuple[Stream, Strategy
             model = build_model(model_name, model_params, stream).to(device)
     else:
         model = build_model(model_name, model_params, stream).to(device)
-    if stream.kind == "generation":
+    if stream.kind in ("generation", "edit"):
         from forgetless.experiments.base_model import encode_stream, load_or_train_base
-
-        if stream.base is not None:
-            load_or_train_base(model, stream.base, cfg["model"])
-        stream = encode_stream(stream, model)
-    elif stream.kind == "edit":
-        from forgetless.experiments.base_model import load_or_train_base
         from forgetless.experiments.editing import encode_edit_stream
 
         if stream.base is not None:
             load_or_train_base(model, stream.base, cfg["model"])
-        stream = encode_edit_stream(stream, model)  # caches locality answers: before any edit
+        # An edit stream caches the model's locality answers here, before any edit.
+        encode = encode_edit_stream if stream.kind == "edit" else encode_stream
+        stream = encode(stream, model)
     cls = strategy_class(cfg["strategy"]["name"], "strategy")
     params = build_params(cls.Config, cfg["strategy"], "strategy")
     train = build_params(TrainConfig, cfg["train"], "train")
