@@ -244,6 +244,11 @@ def _resolve(raw: dict[str, Any], where_strategy: str, where_stream: str) -> dic
             f"{where_strategy}: strategy {strategy_name!r} supports {', '.join(strategy.supports)}"
             f" streams, but stream {stream_name!r} is {kind}; pair it with a {kind} strategy"
         )
+    if stream_spec.get("forget_after") and not hasattr(strategy, "forget"):
+        raise ConfigError(
+            f"{where_stream}.forget_after: strategy {strategy_name!r} cannot forget an edit (it "
+            "has no forget method; larimar has); drop forget_after or pair it with larimar"
+        )
     model_spec = dict(raw["model"] or {"name": DEFAULT_MODEL[kind]})
     model_name = model_spec.pop("name") or DEFAULT_MODEL[kind]
 

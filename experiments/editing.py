@@ -11,6 +11,10 @@ EasyEdit's teacher-forced per-token score (`test_prediction_acc`), is reported b
 it; on short targets it is inflated by tokens any answer shares (EOS, a leading space).
 R[i][j] is the reliability of experience j's edits after experience i: the
 edit-retention matrix.
+
+In a stream that forgets (`forget_after`), forget success is the exact match of a
+forgotten edit's prompt against the model's own pre-edit greedy answer (cached like the
+locality answers), and the final reliability and generalization cover the edits kept.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class EditSets:
     reliability: Samples
     generalization: Samples
     edits: int
+    pre_edit: Samples | None = None  # the prompts' pre-edit answers, for edits to be forgotten
 
     def __len__(self) -> int:
         return self.edits
@@ -80,10 +85,12 @@ def encode_edit_stream(stream: Stream, model: CausalLM) -> Stream:
     for e in stream:
         reliability = [Example(r.prompt, r.target) for r in e.train]
         generalization = [Example(p, r.target) for r in e.train for p in r.paraphrases]
+        forgotten = "forgotten_at" in e.info
         test = EditSets(
             model.encode(reliability, width),
             model.encode(generalization or reliability, width),
             len(e.train),
+            cache_locality(model, reliability) if forgotten else None,
         )
         experiences.append(dataclasses.replace(e, test=test))
     return dataclasses.replace(
@@ -95,8 +102,10 @@ def score_edits(strategy, stream: Stream) -> tuple[list[float], dict[str, float]
     """R[i, :] (reliability per experience) and the other scores, as score_stream returns.
 
     `reliability`, `generalization` and `locality` (exact match over every edit of the
-    stream, applied or not yet) and their `*_token_acc`; `<score>/exp_<j>` per experience.
-    The runner reads the scores of the edits applied so far from the row and the extras.
+    stream that is not to be forgotten, applied or not yet) and their `*_token_acc`;
+    `<score>/exp_<j>` per experience, and `forget/exp_<j>` for the experiences whose edits
+    are forgotten. The runner reads the scores of the edits applied so far from the row and
+    the extras.
     """
     from forgetless.experiments.evaluate import evaluate
 
@@ -105,10 +114,14 @@ def score_edits(strategy, stream: Stream) -> tuple[list[float], dict[str, float]
     for j, e in enumerate(stream):
         for score in SCORES:
             scores = evaluate(strategy, getattr(e.test, score), "generation")
-            totals[score].append(scores["exact_match"])
-            totals[f"{score}_token_acc"].append(scores["token_accuracy"])
             extra[f"{score}/exp_{j}"] = scores["exact_match"]
-        row.append(totals["reliability"][-1])
+            if e.test.pre_edit is None:
+                totals[score].append(scores["exact_match"])
+                totals[f"{score}_token_acc"].append(scores["token_accuracy"])
+        if e.test.pre_edit is not None:
+            pre_edit = evaluate(strategy, e.test.pre_edit, "generation")
+            extra[f"forget/exp_{j}"] = pre_edit["exact_match"]
+        row.append(extra[f"reliability/exp_{j}"])
     locality = evaluate(strategy, stream.general, "generation")
     extra["locality"] = extra["general_acc"] = locality["exact_match"]
     extra["locality_token_acc"] = locality["token_accuracy"]
@@ -117,19 +130,29 @@ def score_edits(strategy, stream: Stream) -> tuple[list[float], dict[str, float]
 
 
 def applied_scores(R: np.ndarray, i: int, extra: dict[str, float], stream: Stream) -> dict:
-    """Reliability and generalization over the edits applied through experience `i`
-    (experiences hold equal numbers of edits), and locality: the per-step curves."""
-    gen = [extra[f"generalization/exp_{j}"] for j in range(i + 1)]
-    return {
-        "reliability": float(np.mean(R[i, : i + 1])),
-        "generalization": float(np.mean(gen)),
+    """Reliability and generalization over the edits held after experience `i` (applied
+    and not forgotten; experiences hold equal numbers of edits), locality, and forget
+    success over the edits forgotten so far: the per-step curves."""
+    forgotten_at = [e.info.get("forgotten_at", len(stream)) for e in stream.experiences]
+    held = [j for j in range(i + 1) if forgotten_at[j] > i]
+    forgotten = [j for j in range(i + 1) if forgotten_at[j] <= i]
+    scores = {
+        "reliability": float(np.mean(R[i, held])),
+        "generalization": float(np.mean([extra[f"generalization/exp_{j}"] for j in held])),
         "locality": extra["locality"],
         "edits_applied": float(sum(len(e.train) for e in stream.experiences[: i + 1])),
     }
+    if forgotten:
+        scores["forget_success"] = float(np.mean([extra[f"forget/exp_{j}"] for j in forgotten]))
+    return scores
 
 
 def edit_summary(extra: dict[str, float], stream: Stream, train_time_s: float) -> dict:
     """final/reliability, generalization, locality over all T edits; latency per edit."""
     edits = sum(len(e.train) for e in stream)
     keys = [f"{s}{k}" for s in (*SCORES, "locality") for k in ("", "_token_acc")]
-    return {**{k: extra[k] for k in keys}, "edit_latency_s": train_time_s / edits}
+    summary = {**{k: extra[k] for k in keys}, "edit_latency_s": train_time_s / edits}
+    forgotten = [v for k, v in extra.items() if k.startswith("forget/exp_")]
+    if forgotten:
+        summary["forget_success"] = float(np.mean(forgotten))
+    return summary

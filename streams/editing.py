@@ -149,6 +149,11 @@ class PycountryEditsConfig:
     reserve: int = param(
         10, "subjects whose facts are the editors' unrelated training prompts (loc_prompt)"
     )
+    forget_after: int = param(
+        0,
+        "k > 0: the edits of every other experience (t = 0, 2, ...) are forgotten at experience "
+        "t + k (Larimar); 0: nothing is forgotten",
+    )
     base: FactBaseConfig = param(FactBaseConfig(), "pre-training of the base model")
 
     def validate(self, where: str) -> None:
@@ -170,6 +175,7 @@ class PycountryEditsConfig:
                 f"{where}.edits: {self.edits} is not a multiple of edits_per_experience="
                 f"{self.edits_per_experience}; every experience must hold the same number"
             )
+        check_forget_after(self.forget_after, self.edits // self.edits_per_experience, where)
         editable = (self.subjects - self.locality - self.reserve) * len(self.relations)
         if self.edits > editable:
             raise ConfigError(
@@ -178,6 +184,14 @@ class PycountryEditsConfig:
                 f"{self.reserve} subjects: {max(editable, 0)} facts); raise subjects or lower "
                 "edits / locality / reserve"
             )
+
+
+def check_forget_after(k: int, experiences: int, where: str) -> None:
+    if not 0 <= k < experiences:
+        raise ConfigError(
+            f"{where}.forget_after: {k} is not in [0, {experiences - 1}]: edits are forgotten "
+            f"k experiences after they are made, within the stream's {experiences}"
+        )
 
 
 @dataclass
@@ -195,23 +209,29 @@ def edit_stream(
     per_experience: int,
     locality: list[Example],
     base: BaseMixture | None = None,
+    forget_after: int = 0,
 ) -> Stream:
     """Experiences of `per_experience` requests each; `general` holds the locality prompts
-    (answers replaced by the model's own before the first edit, see experiments.editing)."""
+    (answers replaced by the model's own before the first edit, see experiments.editing).
+
+    With `forget_after` k > 0, experience t + k also asks to forget the edits of experience
+    t for every even t (`info["forget"]`), and experience t says when (`info["forgotten_at"]`):
+    half the edits are forgotten, half kept, so both forget success and the survival of the
+    kept edits are measured."""
     for i, r in enumerate(requests):
         check_request(r, f"{name}: edit {i}")
     locality = drop_overlap(locality, requests, name)
-    experiences = [
-        Experience(
-            k,
-            f"edits_{k * per_experience}-{(k + 1) * per_experience - 1}",
-            requests[k * per_experience : (k + 1) * per_experience],
-            requests[k * per_experience : (k + 1) * per_experience],
-            kind="edit",
-            info={"edits": per_experience},
-        )
-        for k in range(len(requests) // per_experience)
-    ]
+    n = len(requests) // per_experience
+    batches = [requests[k * per_experience : (k + 1) * per_experience] for k in range(n)]
+    experiences = []
+    for k, batch in enumerate(batches):
+        info: dict = {"edits": per_experience}
+        if forget_after and k % 2 == 0 and k + forget_after < n:
+            info["forgotten_at"] = k + forget_after
+        if forget_after and k >= forget_after and (k - forget_after) % 2 == 0:
+            info["forget"] = batches[k - forget_after]
+        name_k = f"edits_{k * per_experience}-{(k + 1) * per_experience - 1}"
+        experiences.append(Experience(k, name_k, batch, batch, kind="edit", info=info))
     return Stream(name, "editing", experiences, general=locality, base=base)
 
 
@@ -286,7 +306,10 @@ def pycountry_edits(config: PycountryEditsConfig, seed: int) -> Stream:
         if f.subject in unrelated:
             trained = [t for t in range(n_templates) if t != f.held_out]
             locality.append(Example(f.prompt(trained[rng.integers(len(trained))]), f.answer))
-    return edit_stream("pycountry_edits", requests, config.edits_per_experience, locality, base)
+    return edit_stream(
+        "pycountry_edits", requests, config.edits_per_experience, locality, base,
+        config.forget_after,
+    )  # fmt: skip
 
 
 # --- EasyEdit's JSON formats -----------------------------------------------------------
@@ -366,6 +389,11 @@ class EditFileConfig:
     path: str = param("", "the JSON file, as EasyEdit publishes it")
     edits: int = param(10, "T: the first T records are applied in sequence")
     edits_per_experience: int = param(1, "edits in one experience")
+    forget_after: int = param(
+        0,
+        "k > 0: the edits of every other experience (t = 0, 2, ...) are forgotten at experience "
+        "t + k (Larimar); 0: nothing is forgotten",
+    )
 
     def validate(self, where: str) -> None:
         positive(self.edits, f"{where}.edits")
@@ -374,6 +402,7 @@ class EditFileConfig:
             raise ConfigError(f"{where}.path: no file {self.path!r}")
         if self.edits % self.edits_per_experience:
             raise ConfigError(f"{where}.edits: not a multiple of edits_per_experience")
+        check_forget_after(self.forget_after, self.edits // self.edits_per_experience, where)
 
 
 def _file_stream(name: str, loader, config: EditFileConfig) -> Stream:
@@ -381,7 +410,10 @@ def _file_stream(name: str, loader, config: EditFileConfig) -> Stream:
     if len(requests) < config.edits:
         raise ConfigError(f"stream.edits: {config.path} holds only {len(requests)} records")
     requests = requests[: config.edits]
-    return edit_stream(name, requests, config.edits_per_experience, locality[: config.edits])
+    return edit_stream(
+        name, requests, config.edits_per_experience, locality[: config.edits],
+        forget_after=config.forget_after,
+    )  # fmt: skip
 
 
 @register_stream("zsre", kind="edit")

@@ -212,6 +212,48 @@ def test_edit_scores_on_hand_made_predictions():
     assert edit_summary(extra, stream, train_time_s=2.0)["edit_latency_s"] == 0.5
 
 
+def test_a_forgetting_stream_asks_to_forget_every_other_experience_k_later():
+    params = {**SMALL, "subjects": 20, "edits": 10, "edits_per_experience": 1}
+    config = parse(PycountryEditsConfig, {**params, "forget_after": 3}, "stream")
+    experiences = pycountry_edits(config, seed=0).experiences
+    asks = {e.index: e.info["forget"] for e in experiences if "forget" in e.info}
+    assert asks == {k + 3: experiences[k].train for k in (0, 2, 4, 6)}
+    due = {e.index: e.info["forgotten_at"] for e in experiences if "forgotten_at" in e.info}
+    assert due == {0: 3, 2: 5, 4: 7, 6: 9}  # 8 + 3 is past the stream: edit 8 is kept
+    with pytest.raises(ConfigError, match=r"stream.forget_after: 10 is not in \[0, 9\]"):
+        parse(PycountryEditsConfig, {**params, "forget_after": 10}, "stream")
+
+
+def test_forget_success_and_the_kept_edits_scores_on_hand_made_predictions():
+    import numpy as np
+
+    requests = [EditRequest(s, "r", f"{s} is ", "X", "Y", (f"{s.lower()} = ",))
+                for s in ("Aa", "Bb", "Cc", "Dd")]  # fmt: skip
+    stream = edit_stream("s", requests, 1, [Example("Ee is ", "Y")], forget_after=1)
+    stream = encode_edit_stream(stream, tiny_model())
+    # Edits 0 and 2 are forgotten at 1 and 3. The oracle gets Aa's prompt wrong: the
+    # pre-edit answer of a forgotten edit (and its new target), so 1 of 2 forgets succeed.
+    row, extra = score_edits(Scored(NextTokenOracle({"Aa is"})), stream)
+    assert row == [0.0, 1.0, 1.0, 1.0]
+    assert extra["forget/exp_0"] == 0.0 and extra["forget/exp_2"] == 1.0
+    assert "forget/exp_1" not in extra and extra["reliability"] == 1.0  # over the kept edits
+    R = np.tile(row, (4, 1))
+    assert applied_scores(R, 0, extra, stream)["reliability"] == 0.0  # edit 0 still held
+    assert "forget_success" not in applied_scores(R, 0, extra, stream)
+    assert applied_scores(R, 1, extra, stream)["forget_success"] == 0.0
+    assert applied_scores(R, 1, extra, stream)["reliability"] == 1.0  # edit 1 alone held
+    assert applied_scores(R, 3, extra, stream)["forget_success"] == 0.5
+    assert edit_summary(extra, stream, train_time_s=4.0)["forget_success"] == 0.5
+
+
+def test_a_forgetting_stream_is_refused_for_an_editor_that_cannot_forget():
+    from forgetless.experiments.config import grid_from_dict
+
+    spec = {"name": "pycountry_edits", **SMALL, "forget_after": 1}
+    with pytest.raises(ConfigError, match=r"streams\[0\].forget_after: strategy 'ft_l' cannot"):
+        grid_from_dict({"name": "g", "streams": [spec], "strategies": ["ft_l"]})
+
+
 def test_locality_answers_are_the_models_own_greedy_outputs():
     model = tiny_model()
     prompts = [Example("alpha3(Peru) = ", "PER"), Example("Q: x? A: ", "Y")]
