@@ -19,9 +19,11 @@ import json
 import logging
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from forgetless.experiments.config import grid_from_dict
 from forgetless.experiments.evaluate import evaluate
@@ -29,36 +31,10 @@ from forgetless.experiments.runner import build_cell, run_grid
 from forgetless.experiments.schema import parse
 from forgetless.streams.editing import PycountryEditsConfig, pycountry_edits
 
-MODEL = {"name": "llama_tiny", "layers": 4, "hidden": 256, "heads": 4, "intermediate": 512,
-         "context": 128}  # fmt: skip
-STREAM = {
-    "name": "pycountry_edits",
-    "relations": ["alpha3", "numeric"],
-    "subjects": 80,
-    "locality": 20,
-    "reserve": 10,
-    "edits_per_experience": 1,
-    "base": {"epochs": 40, "lr": 0.002, "batch_size": 32, "warmup_steps": 50},
-}
-STRATEGIES = {
-    "ft_l": {"name": "ft_l", "layer": 2, "lr": 5e-4, "steps": 25, "norm_constraint": 5e-3},
-    "grace": {"name": "grace", "layer": 2, "eps": 1.0, "steps": 100, "keys": "answer"},
-    # EasyEdit's SGD at lr 1.0 and margins [5, 20, 10] oscillated on this model (its layer-2
-    # inputs are ~25 long; the margin terms swamped the cross-entropy): Adam, margins on
-    # the scale of its scores, a weight on the margin loss; at lr 0.01 and mask 0.2 a single
-    # edit did not hold (T=1 reliability 0, 3 seeds); at 0.05, 0.5 and centring one did (seed 0).
-    "wise": {
-        "name": "wise",
-        "layer": 2,
-        "steps": 40,
-        "optimizer": "adam",
-        "lr": 0.05,
-        "mask_ratio": 0.5,
-        "center": True,
-        "act_margin": [20.0, 60.0, 40.0],
-        "margin_weight": 0.05,
-    },
-}
+GRID = yaml.safe_load((Path(__file__).resolve().parents[1] / "grids/wise_editing.yaml").read_text())
+MODEL = GRID["model"]
+STREAM = {k: v for k, v in GRID["streams"][0].items() if k != "edits"}
+STRATEGIES = {entry["name"]: entry for entry in GRID["strategies"]}
 SCORES = ("reliability", "generalization", "locality")
 
 

@@ -62,9 +62,9 @@ log = logging.getLogger("benchmarks.larimar")
 GRID = Path(__file__).resolve().parents[1] / "grids" / "larimar.yaml"
 
 
-def base_and_stream(grid: dict, edits: int, seed: int):
-    """The grid's edit stream (with `edits` edits), encoded for scoring, and the base weights
-    (trained once and cached under the same key as the grid's cells)."""
+def base_and_stream(grid: dict, edits: int, seed: int, forget_after: int = 0):
+    """The grid's edit stream (with `edits` edits, forgetting `forget_after` later), encoded
+    for scoring, and the base weights (trained once and cached under the grid cells' key)."""
     from forgetless.experiments.base_model import load_or_train_base
     from forgetless.experiments.editing import encode_edit_stream
     from forgetless.experiments.schema import parse
@@ -72,7 +72,8 @@ def base_and_stream(grid: dict, edits: int, seed: int):
     from forgetless.streams.editing import PycountryEditsConfig, pycountry_edits
 
     spec = {k: v for k, v in grid["streams"][0].items() if k != "name"}
-    stream = pycountry_edits(parse(PycountryEditsConfig, {**spec, "edits": edits}, "stream"), seed)
+    spec = {**spec, "edits": edits, "forget_after": forget_after}
+    stream = pycountry_edits(parse(PycountryEditsConfig, spec, "stream"), seed)
     model_spec = {k: v for k, v in grid["model"].items() if k != "name"}
     model_config = parse(LlamaTinyConfig, model_spec, "model")
     with torch.random.fork_rng(devices=[]):  # as the runner builds a base model's init
@@ -119,46 +120,22 @@ def run_edits(editor, stream) -> dict[str, float]:
     }
 
 
-def pre_edit_answers(editor, stream):
-    """The model's own greedy answers to every edit prompt, before any edit (token ids)."""
-    from forgetless.experiments.editing import cache_locality
-    from forgetless.streams import Example
+def run_forgetting(editor, stream) -> dict[str, float]:
+    """The stream that forgets (edit t, forget it at t + k for even t): forget success over
+    the forgotten edits, reliability over the kept ones (experiments.editing)."""
+    from forgetless.experiments.editing import edit_summary, score_edits
 
-    prompts = [Example(r.prompt, r.original) for e in stream for r in e.train]
-    return cache_locality(editor.model, prompts)
-
-
-def run_forgetting(editor, stream, forget_after: int) -> dict[str, float]:
-    """Edit at t; forget edits with even t at t + k; score what was forgotten and kept."""
-    from forgetless.experiments.editing import score_edits
-    from forgetless.experiments.evaluate import evaluate
-
-    before = pre_edit_answers(editor, stream)
-    requests = [r for e in stream for r in e.train]
-    forgotten = [t for t in range(len(requests)) if t % 2 == 0]
-    due = {t + forget_after: t for t in forgotten}
-    spent, done = 0.0, []
-    for t, experience in enumerate(stream):
-        if t in due:
-            tick = time.perf_counter()
-            editor.forget([requests[due[t]]])
-            spent += time.perf_counter() - tick
-            done.append(due[t])
+    tick = time.perf_counter()
+    for experience in stream:
         editor.train(experience)
-    for t in sorted(set(forgotten) - set(done)):  # those due after the last edit
-        tick = time.perf_counter()
-        editor.forget([requests[t]])
-        spent += time.perf_counter() - tick
-        done.append(t)
-    back = before.subset(torch.tensor(done))
-    success = evaluate(editor, back, "generation")["exact_match"]
-    R, _ = score_edits(editor, stream)
-    kept = [R[t] for t in range(len(requests)) if t not in set(done)]
+    _, extra = score_edits(editor, stream)
+    summary = edit_summary(extra, stream, time.perf_counter() - tick)
+    forgotten = sum(len(e.train) for e in stream if "forgotten_at" in e.info)
     return {
-        "forget_success": success,
-        "forgotten": len(done),
-        "kept_reliability": sum(kept) / max(len(kept), 1),
-        "seconds_per_forget": spent / len(done),
+        "forget_success": summary["forget_success"],
+        "forgotten": forgotten,
+        "kept_reliability": summary["reliability"],
+        "kept_locality": summary["locality"],
     }
 
 
@@ -206,8 +183,9 @@ def main() -> None:
                 results[name] = result
                 baselines_from = args.baselines
     if "larimar" in results:
-        editor = build("larimar", stream, model_config, weights, params["larimar"])
-        results["larimar"].update(run_forgetting(editor, stream, args.forget_after))
+        forgetting, *_ = base_and_stream(grid, args.edits, args.seed, args.forget_after)
+        editor = build("larimar", forgetting, model_config, weights, params["larimar"])
+        results["larimar"].update(run_forgetting(editor, forgetting))
         print("larimar forgetting", json.dumps(results["larimar"]), flush=True)
 
     larimar = results.get("larimar", {})

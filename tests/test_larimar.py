@@ -16,14 +16,15 @@ from forgetless.strategies.larimar import (
     EpisodicMemory,
     Larimar,
     LarimarConfig,
+    MemoryDecoder,
     NotInMemory,
-    episode_read,
+    answer_starts,
 )
 from forgetless.streams import Example, Stream
 from forgetless.streams.editing import EditCorpus, EditRequest, FactBaseConfig, edit_stream
 
 TINY = LlamaTinyConfig(layers=1, hidden=32, heads=2, intermediate=64, context=64)
-FAST = {"slots": 16, "code": 32, "episode": 8, "decoded": 4, "steps": 20}
+FAST = {"slots": 16, "steps": 20, "batch_size": 8}
 COUNTRIES = ["Chile", "Peru", "Japan", "Kenya", "Norway", "Egypt", "Canada", "Spain"]
 CODES = ["CHL", "PER", "JPN", "KEN", "NOR", "EGY", "CAN", "ESP"]
 
@@ -45,25 +46,42 @@ def latents(n: int, code: int = 32, seed: int = 0) -> torch.Tensor:
 # --- the memory -----------------------------------------------------------------------------
 
 
-def test_write_then_read_of_one_latent_returns_it():
-    memory = EpisodicMemory(slots=8, code=32, prior_precision=1e-6)
+KEY = 16  # the first KEY columns of a latent address the memory
+
+
+def test_write_then_read_of_one_latent_returns_it_from_its_key():
+    memory = EpisodicMemory(slots=8, code=32, key=KEY, prior_precision=1e-6)
     z = latents(1)
     memory.write(z)
-    assert torch.allclose(memory.read(z), z, atol=1e-8)
+    assert torch.allclose(memory.read(z[:, :KEY]), z, atol=1e-8)
+
+
+def test_each_written_key_reads_back_its_own_value_and_an_unrelated_key_reads_nothing():
+    memory = EpisodicMemory(slots=8, code=32, key=KEY, prior_precision=1e-6)
+    z = latents(6)
+    memory.write(z[:3])  # a batch, then one at a time
+    for row in z[3:]:
+        memory.write(row[None])
+    assert torch.allclose(memory.read(z[:, :KEY]), z, atol=1e-6)
+    # A key orthogonal to every written key has no address: a zero read-out.
+    q = latents(1, code=KEY, seed=9)
+    basis = torch.linalg.qr(z[:, :KEY].T).Q  # KEY x 6
+    q = q - (q @ basis) @ basis.T
+    assert memory.read(q).abs().max() < 1e-8
 
 
 def test_forgetting_one_of_k_leaves_the_others_readable_and_the_forgotten_one_not():
-    memory = EpisodicMemory(slots=8, code=32, prior_precision=1e-4)
+    memory = EpisodicMemory(slots=8, code=32, key=KEY, prior_precision=1e-4)
     z = latents(5)
     for row in z:  # sequential writes, one fact each (Eqs. 3-4)
         memory.write(row[None])
     memory.forget(z[2:3])
     kept = torch.cat([z[:2], z[3:]])
-    assert torch.allclose(memory.read(kept), kept, atol=1e-8)
-    forgotten = memory.read(z[2:3])
+    assert torch.allclose(memory.read(kept[:, :KEY]), kept, atol=1e-6)
+    forgotten = memory.read(z[2:3, :KEY])
     assert (forgotten - z[2:3]).norm() > 0.5 * z[2].norm()  # only its shadow on the others
     # Forgetting undoes the write: the memory is the one that never saw the fact.
-    never = EpisodicMemory(slots=8, code=32, prior_precision=1e-4)
+    never = EpisodicMemory(slots=8, code=32, key=KEY, prior_precision=1e-4)
     for row in kept:
         never.write(row[None])
     assert torch.allclose(memory.M, never.M, atol=1e-9)
@@ -71,15 +89,8 @@ def test_forgetting_one_of_k_leaves_the_others_readable_and_the_forgotten_one_no
     assert memory.count == 4
 
 
-def test_the_training_read_is_the_memory_write_then_read():
-    z, queries = latents(6, seed=1), latents(3, seed=2)
-    memory = EpisodicMemory(slots=8, code=32, prior_precision=1e-4)
-    memory.write(z)
-    assert torch.allclose(episode_read(z, queries, ridge=1e-12), memory.read(queries), atol=1e-8)
-
-
 def test_a_memory_too_small_says_its_capacity_and_changes_nothing():
-    memory = EpisodicMemory(slots=4, code=32, prior_precision=1e-6)
+    memory = EpisodicMemory(slots=4, code=32, key=KEY, prior_precision=1e-6)
     memory.write(latents(3))
     before = memory.M.clone()
     with pytest.raises(CapacityError, match="holds 4 facts; 3 are written and 2 more"):
@@ -87,9 +98,9 @@ def test_a_memory_too_small_says_its_capacity_and_changes_nothing():
     assert torch.equal(memory.M, before) and memory.count == 3
 
 
-def test_config_refuses_more_slots_than_the_latent_can_separate():
-    with pytest.raises(ConfigError, match="keep slots <= code"):
-        LarimarConfig(slots=64, code=32).validate("strategy")
+def test_more_slots_than_the_keys_can_tell_apart_are_refused():
+    with pytest.raises(ConfigError, match="keep slots <= 16"):
+        EpisodicMemory(slots=32, code=48, key=KEY, prior_precision=1e-4)
 
 
 # --- the strategy ---------------------------------------------------------------------------
@@ -128,11 +139,26 @@ def logits_of(strategy: Larimar, prompts: list[str]) -> torch.Tensor:
     return strategy.logits(strategy.model.encode(examples, 48))
 
 
-@pytest.mark.parametrize("train_decoder,prefix", [(False, 0), (True, 2)])
-def test_scope_check_gives_unrelated_queries_exactly_the_pre_edit_logits(
-    parts, train_decoder, prefix
-):
-    larimar = make(parts, train_decoder=train_decoder, prefix=prefix)
+def test_the_value_is_added_where_each_answer_token_is_predicted(parts):
+    torch.manual_seed(0)
+    model = llama_tiny(TINY, None)
+    decoder = MemoryDecoder(model, answer_tokens=3)
+    batch = model.encode([Example("ab ", "XY"), Example("abcdef ", "Z")])
+    values = torch.randn(2, 3 * TINY.hidden)
+    out = decoder(batch.x, values, answer_starts(batch))
+    embeddings = decoder.decoder.get_input_embeddings()
+    for i, start in enumerate([3, 7]):  # the answer begins after the prompt's 3 or 7 bytes
+        by_hand = embeddings(batch.x[i]).clone()
+        width = len(by_hand)
+        for k in range(3):  # the position start - 1 + k predicts the k-th answer token
+            if start - 1 + k < width:
+                by_hand[start - 1 + k] += decoder.w_m(values[i].view(3, -1)[k])
+        expected = decoder.decoder(inputs_embeds=by_hand[None]).logits[0]
+        assert torch.allclose(out[i], expected, atol=1e-5)
+
+
+def test_scope_check_gives_unrelated_queries_exactly_the_pre_edit_logits(parts):
+    larimar = make(parts)
     weights = {k: v.clone() for k, v in larimar.model.state_dict().items()}
     unrelated = ["Stock prices fell sharply today. ", "Q: numeric code of Mongolia? A: "]
     edited = ["The alpha-3 code of Chile is "]
@@ -143,6 +169,26 @@ def test_scope_check_gives_unrelated_queries_exactly_the_pre_edit_logits(
     assert not torch.allclose(after[2], before[2])  # the edit's own prompt reads the memory
     for name, value in larimar.model.state_dict().items():  # an edit is no gradient step
         assert torch.equal(value, weights[name]), name
+
+
+def exact_match(strategy: Larimar, examples: list[Example]) -> list[bool]:
+    batch = strategy.model.encode(examples)
+    predicted, labels = strategy.logits(batch)[:, :-1].argmax(-1), batch.y[:, 1:]
+    return ((predicted == labels) | (labels == -100)).all(1).tolist()
+
+
+def test_written_edits_are_answered_by_their_prompts_and_paraphrases_without_a_gradient_step(
+    parts,
+):
+    """150 steps teach the tiny decoder copy to write what the memory holds (about 4 s)."""
+    larimar = make(parts, steps=150, batch_size=16, lr=0.01)
+    requests = [r for e in parts[0] for r in e.train]  # Chile -> PER, Japan -> KEN, ...
+    asked = [Example(r.prompt, r.target) for r in requests]
+    asked += [Example(r.paraphrases[0], r.target) for r in requests]
+    assert not any(exact_match(larimar, asked))  # the untrained base knows none of them
+    for experience in parts[0]:
+        larimar.train(experience)
+    assert all(exact_match(larimar, asked))
 
 
 def test_forgetting_an_edit_returns_its_prompt_to_the_pre_edit_logits(parts):
