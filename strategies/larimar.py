@@ -158,10 +158,11 @@ class EpisodicMemory:
             )
         w = self.keys(z)
         self.C = self.C + alpha * w.T @ w
-        self.M = self.M + alpha * torch.linalg.solve(self.C, w.T @ (z - w @ self.M))
+        # (C^-1 W^T)(Z - W M): a solve for the N new keys, not for all C columns of M
+        self.M = self.M + alpha * torch.linalg.solve(self.C, w.T) @ (z - w @ self.M)
         self.count += alpha * len(z)
         self._read_map = None
-        self.read(z[:1, : self.key])  # form the read map now: an edit's time includes it
+        self.read(z[:1, : self.key])  # form G^+ now: an edit's time includes it
 
     def write(self, z: torch.Tensor) -> None:
         self.update(z, +1)
@@ -173,17 +174,18 @@ class EpisodicMemory:
         """w = q M_key^+ (deterministic addressing, as in evaluation), z_read = w M.
 
         M is a linear mix of the written latents (M = A Z), so for independent written keys a
-        query equal to one of them gets exactly its latent back. M_key^+ is formed from the
-        eigendecomposition of the K x K Gram M_key M_key^T, dropping eigenvalues below
-        RANK_RTOL^2 of the largest: the solves of Eq. 4 leave rounding-level directions that a
-        plain pinv would amplify into the read-out."""
-        if self._read_map is None:  # key x C, once per write
-            m_key = self.M[:, : self.key]
+        query equal to one of them gets exactly its latent back. M_key^+ = M_key^T G^+ with
+        G = M_key M_key^T (K x K), G^+ from its eigendecomposition, dropping eigenvalues
+        below RANK_RTOL^2 of the largest: the solves of Eq. 4 leave rounding-level directions
+        that a plain pinv would amplify into the read-out."""
+        m_key = self.M[:, : self.key]
+        if self._read_map is None:  # G^+, once per write
             eigenvalues, vectors = torch.linalg.eigh(m_key @ m_key.T)
             keep = eigenvalues > eigenvalues.max().clamp(min=1e-300) * RANK_RTOL**2
             v = vectors[:, keep]
-            self._read_map = m_key.T @ (v / eigenvalues[keep]) @ (v.T @ self.M)
-        return (keys.to(torch.float64) @ self._read_map).to(keys.dtype)
+            self._read_map = (v / eigenvalues[keep]) @ v.T
+        w = keys.to(torch.float64) @ m_key.T @ self._read_map
+        return (w @ self.M).to(keys.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"M": self.M, "C": self.C, "reference": self.reference, "count": self.count}
