@@ -107,7 +107,7 @@ class Stream:
         rows = []
         for e in self.experiences:
             row = {"index": e.index, "name": e.name, "train": len(e.train), "test": len(e.test)}
-            row.update({k: v for k, v in e.info.items() if isinstance(v, (int, float, str, list))})
+            row.update({k: v for k, v in e.info.items() if _plain(v)})
             if isinstance(e.train, Samples):
                 row["train_hash"] = e.train.digest()
             elif isinstance(e.train, list):  # text examples
@@ -162,3 +162,11 @@ def build_stream(name: str, params: Any, seed: int) -> Stream:
     stream = stream_factory(name, name)(params, seed)
     stream.check_distinct()
     return stream
+
+
+def _plain(value: Any) -> bool:
+    """A number, a string or a list of them: what a manifest (JSON) records of `info`."""
+    scalar = (int, float, str)
+    return isinstance(value, scalar) or (
+        isinstance(value, list) and all(isinstance(v, scalar) for v in value)
+    )

@@ -229,7 +229,8 @@ def edit_stream(
         if forget_after and k % 2 == 0 and k + forget_after < n:
             info["forgotten_at"] = k + forget_after
         if forget_after and k >= forget_after and (k - forget_after) % 2 == 0:
-            info["forget"] = batches[k - forget_after]
+            info["forget"] = batches[k - forget_after]  # the requests, for the editor
+            info["forgets_experience"] = k - forget_after  # for the manifest
         name_k = f"edits_{k * per_experience}-{(k + 1) * per_experience - 1}"
         experiences.append(Experience(k, name_k, batch, batch, kind="edit", info=info))
     return Stream(name, "editing", experiences, general=locality, base=base)

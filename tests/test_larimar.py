@@ -241,3 +241,33 @@ def test_a_stream_without_a_base_corpus_is_refused(parts):
 def test_an_encoder_that_does_not_load_is_a_clear_error(parts, tmp_path: Path):
     with pytest.raises(ConfigError, match="not a saved sentence encoder"):
         make(parts, encoder=str(tmp_path))
+
+
+def test_a_forgetting_edit_grid_runs_through_the_runner_and_logs_forget_success(
+    write_grid, tracking_uri
+):
+    from mlflow import MlflowClient
+
+    from forgetless.experiments.runner import run_grid
+
+    stream = {"name": "pycountry_edits", "subjects": 12, "edits": 4, "edits_per_experience": 1,
+              "locality": 4, "reserve": 2, "forget_after": 1,
+              "base": {"epochs": 1, "batch_size": 16, "warmup_steps": 0}}  # fmt: skip
+    grid = write_grid(
+        streams=[stream],
+        model={"name": "llama_tiny", "layers": 1, "hidden": 32, "heads": 2, "intermediate": 64,
+               "context": 64},
+        strategies=[{"name": "larimar", **FAST}],
+    )  # fmt: skip
+    (outcome,) = run_grid(grid, tracking_uri)
+    assert outcome.status == "FINISHED", outcome.error
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(grid.name)
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`forgetless.role` = 'cell'")
+    metrics = run.data.metrics
+    for name in ("reliability", "generalization", "locality", "edit_latency_s", "forget_success"):
+        assert f"final/{name}" in metrics, name
+    # Edits 0 and 2 are forgotten at experiences 1 and 3: the curve starts at step 1.
+    history = client.get_metric_history(run.info.run_id, "forget_success")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert metrics["final/forget_success"] == history[-1].value
