@@ -271,3 +271,25 @@ def test_a_forgetting_edit_grid_runs_through_the_runner_and_logs_forget_success(
     history = client.get_metric_history(run.info.run_id, "forget_success")
     assert [m.step for m in history] == [1, 2, 3]
     assert metrics["final/forget_success"] == history[-1].value
+
+
+def test_the_key_encoder_gives_a_held_out_phrasing_its_own_facts_key():
+    """Raw MiniLM keys of pycountry prompts follow their template; trained keys follow the
+    fact. 160 facts, each with 7 phrasings to train on and one held out (about 20 s)."""
+    from forgetless.strategies.larimar import KeyEncoder, embed, train_key_encoder
+    from forgetless.strategies.ssr import sentence_encoder
+    from forgetless.streams.editing import facts
+
+    corpus = facts(["alpha3", "numeric"], 80)
+    trained = [Example(f.prompt(t), f.answer) for f in corpus for t in range(8) if t != f.held_out]
+    encoder = sentence_encoder("")
+    asked = embed(encoder, [f.prompt(f.held_out) for f in corpus])
+    written = embed(encoder, [f.prompt((f.held_out + 1) % 8) for f in corpus])
+
+    def nearest_is_own(keys: KeyEncoder) -> float:
+        own = (keys(asked) @ keys(written).T).argmax(1) == torch.arange(len(corpus))
+        return own.float().mean().item()
+
+    raw = nearest_is_own(KeyEncoder(asked.shape[1]))
+    keys = train_key_encoder(KeyEncoder(asked.shape[1]), encoder, trained, LarimarConfig())
+    assert raw < 0.7 and nearest_is_own(keys) >= 0.95, raw
