@@ -104,6 +104,9 @@ class LarimarConfig:
             positive(getattr(self, name), f"{where}.{name}")
         if not 0 <= self.counterfactual <= 1:
             raise ConfigError(f"{where}.counterfactual: {self.counterfactual} is not in [0, 1]")
+        for name in ("key_steps", "value_noise"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.scope_threshold <= 2:
             raise ConfigError(
                 f"{where}.scope_threshold: {self.scope_threshold} is not a cosine distance [0, 2]"

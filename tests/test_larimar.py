@@ -293,3 +293,15 @@ def test_the_key_encoder_gives_a_held_out_phrasing_its_own_facts_key():
     raw = nearest_is_own(KeyEncoder(asked.shape[1]))
     keys = train_key_encoder(KeyEncoder(asked.shape[1]), encoder, trained, LarimarConfig())
     assert raw < 0.7 and nearest_is_own(keys) >= 0.95, raw
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [({"counterfactual": 1.5}, "counterfactual"), ({"key_steps": -1}, "key_steps"),
+     ({"scope_threshold": 3.0}, "scope_threshold"), ({"answer_tokens": 0}, "answer_tokens")],
+)  # fmt: skip
+def test_bad_settings_are_refused_naming_the_field(params, field):
+    from forgetless.experiments.schema import parse
+
+    with pytest.raises(ConfigError, match=f"strategy.{field}"):
+        parse(LarimarConfig, params, "strategy")
