@@ -104,6 +104,11 @@ class LarimarConfig:
             positive(getattr(self, name), f"{where}.{name}")
         if not 0 <= self.counterfactual <= 1:
             raise ConfigError(f"{where}.counterfactual: {self.counterfactual} is not in [0, 1]")
+        if self.answer_tokens < 2:
+            raise ConfigError(
+                f"{where}.answer_tokens: {self.answer_tokens} cannot hold an answer and its EOS; "
+                "use 2 or more"
+            )
         for name in ("key_steps", "value_noise"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
@@ -347,8 +352,9 @@ def train_memory_decoder(
     decoder: MemoryDecoder, model: CausalLM, facts: list[Example], config: LarimarConfig
 ) -> MemoryDecoder:
     """Fine-tune the decoder copy to answer each base-corpus prompt with what the value
-    added to it holds. Most answers are replaced (by another fact's answer or a random string of
-    a similar length), so that the decoder answers from the memory, whatever it knew."""
+    added to it holds. Most answers are replaced (by another fact's answer or a random
+    string of a similar length), so that the decoder answers from the memory, whatever it
+    knew."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     decoder.train()

@@ -298,7 +298,7 @@ def test_the_key_encoder_gives_a_held_out_phrasing_its_own_facts_key():
 @pytest.mark.parametrize(
     ("params", "field"),
     [({"counterfactual": 1.5}, "counterfactual"), ({"key_steps": -1}, "key_steps"),
-     ({"scope_threshold": 3.0}, "scope_threshold"), ({"answer_tokens": 0}, "answer_tokens")],
+     ({"scope_threshold": 3.0}, "scope_threshold"), ({"answer_tokens": 1}, "answer_tokens")],
 )  # fmt: skip
 def test_bad_settings_are_refused_naming_the_field(params, field):
     from forgetless.experiments.schema import parse
