@@ -19,23 +19,23 @@ object.
     python benchmarks/larimar.py [--grid grids/larimar.yaml] [--edits 100] [--forget-after 10]
         [--editors larimar,ft_l,wise] [--larimar '{"scope_threshold": 0.2}']
 
-Measured on 2 CPU cores, one thread (seed 0, 100 edits, grids/larimar.yaml at 52b0791,
+Measured on 2 CPU cores, one thread (seed 0, 100 edits, grids/larimar.yaml at ccfd2a1,
 scope threshold 0.3 over trained keys; the base knew 0.997 of its facts and 0.931 of the
-held-out paraphrases):
+held-out paraphrases; a clean-clone test run shared the machine):
 
 | editor | s / edit | reliability | generalization | locality |
 |---|---|---|---|---|
-| Larimar | 0.022 | 0.99 | 0.05 | 1.00 |
-| FT-L | 0.341 | 0.00 | 0.01 | 0.825 |
-| WISE | 3.065 | 0.01 | 0.02 | 0.575 |
+| Larimar | 0.019 | 1.00 | 0.21 | 1.00 |
+| FT-L | 0.317 | 0.00 | 0.01 | 0.825 |
+| WISE | 2.981 | 0.01 | 0.02 | 0.55 |
 
-Speed-ups 15.8x over FT-L and 142x over WISE. Forget success 1.00 (45 of 45 forgotten edits
-answer as before their edit), reliability of the 55 kept edits 0.98. The one-off training
-of the memory decoder (1,500 steps) took 726 s on a loaded machine and that of the key
-encoder about 15 s; both are cached per base model. With raw MiniLM keys (threshold 0.14,
-at 9e90c3a): 0.021 s / edit, 16.8x over FT-L, reliability 1.00, generalization 0.01,
-locality 1.00, forget success 0.956. Paraphrases now read the memory (all within the
-threshold) but get a mix of correlated values, which the decoder does not decode.
+Speed-ups 16.3x over FT-L and 154x over WISE. Forget success 1.00 (45 of 45 forgotten edits
+answer as before their edit), reliability of the 55 kept edits 1.00. The one-off training
+of the memory decoder (1,500 steps) took 652 s and that of the key encoder about 15 s; both
+are cached per base model. Earlier shapes of the read path, on the same edits: raw MiniLM
+keys (threshold 0.14, 9e90c3a) 16.8x, reliability 1.00, generalization 0.01, forget
+success 0.956; trained keys with a decoder trained on exact values only (52b0791) 15.8x,
+0.99, 0.05, forget success 1.00.
 """
 
 from __future__ import annotations

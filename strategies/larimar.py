@@ -38,10 +38,11 @@ decoder. As the paper, with one change of shape:
   locality prompts at least 0.40 from every edit's, so LAR's 0.3 separates them; with raw
   MiniLM keys, 0.3 let 80% of locality prompts in.
 
-A paraphrase now reads the memory, but not its own fact alone: its key is near, not equal
-to, the written one, and the least-squares read mixes the values of correlated keys, which
-a decoder trained on exact values does not decode (generalization 0.05). Training the
-decoder on such reads, as the paper trains through its memory, is the next step.
+A paraphrase reads the memory, but not its own fact alone: its key is near, not equal to,
+the written one, and the least-squares read mixes the values of correlated keys. The
+decoder trained on exact values did not decode such mixes (generalization 0.05 on 100
+edits); trained on them too (`paraphrase_reads`), as the paper trains through its memory,
+it reached 0.21 with reliability, locality and forget success unchanged at 1.00.
 """
 
 from __future__ import annotations
