@@ -349,6 +349,23 @@ def answer_starts(batch: Samples) -> torch.Tensor:
     return torch.where(labelled.any(1), labelled.int().argmax(1), batch.x.shape[1])
 
 
+def episode_read(asked: torch.Tensor, written: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The values that keys `asked` read from a memory holding only the facts with keys
+    `written` and `values`: w = q K^+, w V, the memory's read in closed form (tests check it
+    against EpisodicMemory). A written key reads its own value back exactly, a paraphrase's
+    key a mix, which the decoder learns to decode."""
+    w = asked.double() @ torch.linalg.pinv(written.double())
+    return w.to(values.dtype).to(values.device) @ values
+
+
+def phrasings(facts: list[Example]) -> list[list[int]]:
+    """Indices of the corpus's phrasings of each fact: the examples that share an answer."""
+    groups: dict[str, list[int]] = {}
+    for i, f in enumerate(facts):
+        groups.setdefault(f.answer, []).append(i)
+    return list(groups.values())
+
+
 def random_answer(gen: torch.Generator, length: int) -> str:
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
     picks = torch.randint(len(alphabet), (length,), generator=gen).tolist()
@@ -370,10 +387,7 @@ def train_memory_decoder(
     keys, the mix a paraphrase reads from memory."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
-    phrasings: dict[str, list[int]] = {}
-    for i, f in enumerate(facts):
-        phrasings.setdefault(f.answer, []).append(i)
-    groups = list(phrasings.values())
+    groups = phrasings(facts)
     decoder.train()
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
     answers = [f.answer for f in facts]
@@ -403,10 +417,7 @@ def train_memory_decoder(
         scale = values.abs().mean().detach()
         noise = torch.randn(values.shape, generator=gen).to(device)
         values = values + config.value_noise * scale * noise
-        # w = q K^+ over the batch's written keys: a row asked by its written prompt reads
-        # its own value back exactly, a paraphrase a mix
-        w = keys[asked].double() @ torch.linalg.pinv(keys[written].double())
-        values = w.to(values.dtype).to(device) @ values
+        values = episode_read(keys[asked], keys[written], values)
         loss = lm_loss(decoder(samples.x, values, answer_starts(samples)), samples.y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -439,11 +450,7 @@ def train_key_encoder(
     """InfoNCE over the corpus's facts: two phrasings of each fact (examples sharing an
     answer) are a positive pair, the other facts' phrasings the negatives."""
     gen = torch.Generator().manual_seed(0)
-    phrasings: dict[str, list[int]] = {}
-    for i, f in enumerate(facts):
-        phrasings.setdefault(f.answer, []).append(i)
-    groups = list(phrasings.values())
-    groups = [g for g in phrasings.values() if len(g) > 1]
+    groups = [g for g in phrasings(facts) if len(g) > 1]
     if len(groups) < 2 or not config.key_steps:
         return keys
     embeddings = embed(encoder, [f.prompt for f in facts])

@@ -19,6 +19,7 @@ from forgetless.strategies.larimar import (
     MemoryDecoder,
     NotInMemory,
     answer_starts,
+    episode_read,
 )
 from forgetless.streams import Example, Stream
 from forgetless.streams.editing import EditCorpus, EditRequest, FactBaseConfig, edit_stream
@@ -87,6 +88,14 @@ def test_forgetting_one_of_k_leaves_the_others_readable_and_the_forgotten_one_no
     assert torch.allclose(memory.M, never.M, atol=1e-9)
     assert torch.allclose(memory.C, never.C, atol=1e-9)
     assert memory.count == 4
+
+
+def test_the_decoders_training_read_is_the_memorys_read():
+    z, asked = latents(6, seed=1), latents(3, code=KEY, seed=2)
+    memory = EpisodicMemory(slots=8, code=32, key=KEY, prior_precision=1e-9)
+    memory.write(z)
+    trained = episode_read(asked, z[:, :KEY], z)  # keys and values as the decoder trains
+    assert torch.allclose(trained, memory.read(asked), atol=1e-6)
 
 
 def test_a_memory_too_small_says_its_capacity_and_changes_nothing():
