@@ -7,6 +7,8 @@ the buffer. Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 
 
 from dataclasses import dataclass
 
+import torch
+
 from forgetless.experiments.schema import param, positive
 from forgetless.strategies import Strategy, register_strategy
 from forgetless.strategies.buffers import BufferConfig, ReplayBuffer
@@ -17,9 +19,15 @@ from forgetless.streams import Experience, Samples
 class RehearsalConfig:
     buffer: BufferConfig = param(BufferConfig(size=200), "the replay buffer and its budget")
     replay_batch_size: int | None = param(None, "replayed samples per step (default: batch_size)")
+    per_task: int | None = param(
+        None,
+        "offer the buffer only this many random samples of each finished experience (SSR's "
+        "instances_per_task, for a comparison at the same count per task); default: all",
+    )
 
     def validate(self, where: str) -> None:
         positive(self.replay_batch_size, f"{where}.replay_batch_size")
+        positive(self.per_task, f"{where}.per_task")
 
 
 @register_strategy("rehearsal")
@@ -38,7 +46,10 @@ class Rehearsal(Strategy):
         return Samples.concat([batch, self.buffer.sample(self.replay_batch_size)])
 
     def after_experience(self, experience: Experience) -> None:
-        self.buffer.add(experience.train)
+        offered = experience.train
+        if self.config.per_task is not None:
+            offered = offered.subset(torch.randperm(len(offered))[: self.config.per_task])
+        self.buffer.add(offered)
 
     def memory_bytes(self) -> int:
         return self.buffer.nbytes

@@ -267,3 +267,17 @@ def test_buffer_config_refuses_bad_budgets_naming_the_field(data, message):
 def test_buffer_config_accepts_one_positive_budget(data):
     config = parse(BufferConfig, data, WHERE)
     assert (config.size is None) != (config.bytes is None)
+
+
+def test_rehearsal_per_task_keeps_that_many_of_each_finished_experience(write_grid):
+    from forgetless.experiments.runner import build_cell
+
+    torch.manual_seed(0)
+    rehearsal = {"name": "rehearsal", "buffer": {"size": 40}, "per_task": 7}
+    streams = [{"name": "split_digits", "n_experiences": 5, "fixed_class_order": list(range(10))}]
+    cell = write_grid(strategies=[rehearsal], streams=streams).cells[0]
+    stream, strategy = build_cell(cell, "cpu")
+    for t, experience in enumerate(stream):
+        strategy.after_experience(experience)
+        per_experience = Counter((strategy.buffer.samples.y // 2).tolist())  # classes 2t, 2t+1
+        assert per_experience == {i: 7 for i in range(t + 1)}
