@@ -17,6 +17,7 @@ not change the model. `mode` says how adapters carry across tasks:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,9 +41,15 @@ class LoRAConfig:
         "shared: one adapter for all tasks; per_task_merge: a fresh adapter per task, merged "
         "after it; per_task: a fresh adapter per task, kept frozen and active",
     )
+    lr: float | None = param(
+        None,
+        "the adapters' learning rate (default: train.lr); adapters are usually trained at "
+        "several times full fine-tuning's rate",
+    )
 
     def validate(self, where: str) -> None:
         positive(self.r, f"{where}.r")
+        positive(self.lr, f"{where}.lr")
         positive(self.alpha, f"{where}.alpha")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
@@ -73,6 +80,8 @@ class LoRA(Strategy):
         check_target_modules(
             self.model.model, self.config.target_modules, "strategy.target_modules"
         )
+        if self.config.lr is not None:  # warm-up reads train_config.lr too
+            self.train_config = dataclasses.replace(self.train_config, lr=self.config.lr)
         self.adapters: list[str] = []
         self.trained = 0  # experiences trained so far
         self._add_adapter("shared" if self.config.mode == "shared" else "task_0")

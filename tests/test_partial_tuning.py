@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -218,6 +219,16 @@ def test_lora_trains_only_the_adapter_and_leaves_base_weights_unchanged():
     assert not torch.equal(untrained, logits(strategy, stream.experiences[0]))
     assert adapter_names(strategy) == {"shared"}
     assert strategy.memory_bytes() == ONE_ADAPTER_BYTES == 8192
+
+
+def test_lora_lr_is_the_adapters_rate_for_every_adapter_and_its_warm_up():
+    stream, strategy = build(lora("per_task_merge", lr=0.002))
+    assert [g["lr"] for g in strategy.optimizer.param_groups] == [0.002]
+    strategy.train_config = dataclasses.replace(strategy.train_config, warmup_steps=4)
+    strategy.train(stream.experiences[0])  # ends past warm-up; then a fresh adapter
+    assert [g["lr"] for g in strategy.optimizer.param_groups] == [0.002]
+    _, plain = build(lora("shared"))
+    assert [g["lr"] for g in plain.optimizer.param_groups] == [TRAIN["lr"]]
 
 
 def test_lora_per_task_merge_folds_the_adapter_into_the_base_weights_keeping_the_function():
