@@ -1,14 +1,15 @@
 """Full fine-tuning vs HFT vs LoRA from one cached base, on one instruction stream.
 
-Each method runs as its own process (so peak memory is its own), one after another, on
-the same stream, seed and base; the cells run through forgetless' runner exactly as a
-grid would. Reported per method: peak memory (resident set on CPU, allocated on GPU),
-final average exact match, forgetting, learning accuracy and general retention. Time per
+Each method and seed runs as its own process (so peak memory is its own), one after
+another, on the same stream and base; the cells run through forgetless' runner exactly as
+a grid would. Reported per method, as means over the seeds (`--seeds`, default 0,1,2) and
+per seed: peak memory (resident set on CPU), final average exact match, forgetting,
+learning accuracy and general retention. Time per
 step is then measured with the methods' steps taken in turns in one process (see
 `interleaved_step_times`), with the time ratio expected from FLOPs for HFT beside it. The
 last line is one JSON object.
 
-    python benchmarks/partial_tuning.py [--grid grids/llm_partial_tuning_quick.yaml]
+    python benchmarks/partial_tuning.py [--grid grids/llm_partial_tuning_quick.yaml] [--seeds 0,1,2]
 
 The stream, base, model and training settings are the quick grid's, so the benchmark and
 `forgetless run grids/llm_partial_tuning_quick.yaml` measure the same thing.
@@ -25,26 +26,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
-METHODS = {
-    "fft": "naive",
-    "hft": "hft",
-    "lora": {"name": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
-}
+METHODS = {"fft": "naive", "hft": "hft", "lora": "lora"}  # method -> strategy name
 GRID = Path(__file__).resolve().parents[1] / "grids" / "llm_partial_tuning_quick.yaml"
 
 
-def grid(method: str, args: argparse.Namespace, storage: str) -> dict:
-    """The quick grid's stream, base, model and training, with one method and one seed."""
+def grid(method: str, seed: int, args: argparse.Namespace, storage: str) -> dict:
+    """The quick grid's stream, base, model and training, with one method (as the grid
+    declares it, e.g. LoRA's rank and rate) and one seed."""
     g = yaml.safe_load(Path(args.grid).read_text())
-    g.update(name=f"partial-tuning-{method}", seeds=[args.seed], strategies=[METHODS[method]],
+    name = METHODS[method]
+    declared = [
+        s for s in g["strategies"] if s == name or isinstance(s, dict) and s["name"] == name
+    ]
+    g.update(name=f"partial-tuning-{method}", seeds=[seed], strategies=declared[:1] or [name],
              storage=storage, grid={})  # fmt: skip
     return g
 
 
-def run_one(method: str, args: argparse.Namespace) -> dict:
-    """One method's cell, in this process; returns its figures."""
+def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
+    """One method's cell for one seed, in this process; returns its figures."""
     import torch
 
     from forgetless.experiments.config import grid_from_dict
@@ -52,7 +55,7 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
-        g = grid_from_dict(grid(method, args, f"{folder}/runs"))
+        g = grid_from_dict(grid(method, seed, args, f"{folder}/runs"))
         build_cell(g.cells[0], "cpu")  # trains or loads the cached base outside the timing
         start = time.perf_counter()
         (outcome,) = run_grid(g, f"sqlite:///{folder}/mlflow.db")
@@ -84,7 +87,6 @@ def interleaved_step_times(args: argparse.Namespace, rounds: int = 7, steps: int
     """
     import dataclasses
 
-    import numpy as np
     import torch
 
     from forgetless.experiments.config import grid_from_dict
@@ -93,7 +95,7 @@ def interleaved_step_times(args: argparse.Namespace, rounds: int = 7, steps: int
     torch.set_num_threads(1)
     strategies, experience = {}, None
     for method in METHODS:
-        g = grid_from_dict(grid(method, args, tempfile.mkdtemp()))
+        g = grid_from_dict(grid(method, args.seeds[0], args, tempfile.mkdtemp()))
         stream, strategies[method] = build_cell(g.cells[0], "cpu")
         batch = g.cells[0].config["train"]["batch_size"]
         first = stream.experiences[0]
@@ -128,20 +130,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", choices=METHODS, help="(internal) run one method")
     parser.add_argument("--grid", default=str(GRID), help="stream, base, model and training")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated; figures are means")
     args = parser.parse_args()
+    args.seeds = [int(s) for s in args.seeds.split(",")]
     if args.method:
-        print(json.dumps(run_one(args.method, args)))
+        print(json.dumps(run_one(args.method, args.seeds[0], args)))
         return
-    passed = sys.argv[1:]
-    results = {}
+    results, per_seed = {}, {}
     for method in METHODS:
-        out = subprocess.run(
-            [sys.executable, __file__, "--method", method, *passed],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        results[method] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(method, results[method], file=sys.stderr, flush=True)
+        per_seed[method] = []
+        for seed in args.seeds:
+            out = subprocess.run(
+                [sys.executable, __file__, "--method", method, "--seeds", str(seed),
+                 "--grid", args.grid],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            per_seed[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(method, seed, per_seed[method][-1], file=sys.stderr, flush=True)
+        results[method] = {k: float(np.mean([r[k] for r in per_seed[method]]))
+                           for k in per_seed[method][0]}  # fmt: skip
     fft, hft = results["fft"], results["hft"]
     step = interleaved_step_times(args)
     summary = {
@@ -155,6 +162,8 @@ def main() -> None:
         **{f"{m}_{k}": v for m, r in results.items() for k, v in r.items()},
         "fft_new_task_acc": fft["learning_acc"],
         "hft_new_task_acc": hft["learning_acc"],
+        "seeds": args.seeds,
+        "per_seed": per_seed,
     }
     summary["targets"] = {
         "hft_time_at_most_0.85_fft": summary["hft_time_vs_fft"] <= 0.85,
