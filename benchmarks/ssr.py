@@ -1,13 +1,13 @@
 """Naive fine-tuning vs real rehearsal vs self-synthesized rehearsal (SSR), from one base.
 
-One grid (the strategies of grids/ssr.yaml, every seed) runs in this process through
-forgetless' runner, on an instruction stream that starts from the cached pre-trained base,
-which is also SSR's generator. Rehearsal keeps real instances (k per finished task at the
-last stage: a reservoir of k * (tasks - 1)); SSR keeps k synthetic ones per finished task.
-Reported: final average exact match and general retention per method (means over seeds),
-the share of rehearsal's gain over naive that SSR recovers on each, and the real training
-instances found in SSR's buffers (read back from the cells' checkpoints). The last line is
-one JSON object.
+One grid (the strategies of grids/ssr.yaml, every seed) runs through forgetless' runner on
+the embedded Ray, as `forgetless run` runs it (a cell per core at a time), on an
+instruction stream that starts from the cached pre-trained base, which is also SSR's
+generator. Rehearsal keeps k random real instances of each finished task (`per_task`); SSR
+keeps k synthetic ones of each. Reported: final average exact match and general retention
+per method (means over seeds), the share of rehearsal's gain over naive that SSR recovers
+on each, and the real training instances found in SSR's buffers (read back from the cells'
+checkpoints). The last line is one JSON object.
 
     python benchmarks/ssr.py [--grid grids/ssr.yaml] [--seeds 0,1,2]
 
@@ -77,6 +77,7 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from forgetless.experiments.cluster import connect, ray_executor
     from forgetless.experiments.config import grid_from_dict
     from forgetless.experiments.runner import build_cell, run_grid
 
@@ -87,7 +88,9 @@ def main() -> None:
         build_cell(g.cells[0], "cpu")  # trains or loads the cached base outside the timing
         base_s = time.perf_counter() - start
         start = time.perf_counter()
-        outcomes = run_grid(g, f"sqlite:///{folder}/mlflow.db")
+        connect(None)  # the embedded Ray of `forgetless run`: a cell per core at a time
+        executor = ray_executor(g.resources, len(g.cells))
+        outcomes = run_grid(g, f"sqlite:///{folder}/mlflow.db", executor)
         grid_s = time.perf_counter() - start
         failed = [o for o in outcomes if o.status != "FINISHED"]
         if failed:
