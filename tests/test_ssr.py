@@ -235,8 +235,10 @@ def test_bad_parameters_are_refused_when_the_grid_is_read(params, message):
 def test_the_ssr_grid_validates_and_ssr_is_registered():
     assert strategy_class("ssr", "strategies[0]") is SelfSynthesizedRehearsal
     grid = load_grid(Path(__file__).parents[1] / "grids" / "ssr.yaml")
-    names = {c.config["strategy"]["name"] for c in grid.cells}
-    assert names == {"naive", "rehearsal", "ssr"}
+    strategies = {c.config["strategy"]["name"]: c.config["strategy"] for c in grid.cells}
+    assert strategies.keys() == {"naive", "rehearsal", "ssr"}
+    # the comparison the benchmark reports: as many real instances per task as synthetic
+    assert strategies["rehearsal"]["per_task"] == strategies["ssr"]["instances_per_task"]
 
 
 # --- sampling in CausalLM.generate ------------------------------------------------------------
