@@ -6,10 +6,12 @@ a grid would. Reported per method, as means over the seeds (`--seeds`, default 0
 per seed: peak memory (resident set on CPU), final average exact match, forgetting,
 learning accuracy and general retention. Time per
 step is then measured with the methods' steps taken in turns in one process (see
-`interleaved_step_times`), with the time ratio expected from FLOPs for HFT beside it. The
-last line is one JSON object.
+`interleaved_step_times`), with the time ratio expected from FLOPs for HFT beside it;
+`--also-time-width 512` times the steps of a wider model as well (hidden 512, FFN 1024),
+where matmuls take a larger share of a step. The last line is one JSON object.
 
-    python benchmarks/partial_tuning.py [--grid grids/llm_partial_tuning_quick.yaml] [--seeds 0,1,2]
+    python benchmarks/partial_tuning.py [--grid grids/llm_partial_tuning_quick.yaml]
+        [--seeds 0,1,2] [--also-time-width 512]
 
 The stream, base, model and training settings are the quick grid's, so the benchmark and
 `forgetless run grids/llm_partial_tuning_quick.yaml` measure the same thing.
@@ -77,7 +79,9 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     }
 
 
-def interleaved_step_times(args: argparse.Namespace, rounds: int = 7, steps: int = 8) -> dict:
+def interleaved_step_times(
+    args: argparse.Namespace, width: int | None = None, rounds: int = 7, steps: int = 8
+) -> dict:
     """Seconds per training step of each method, timed in turns in one process.
 
     The cells above run one after another, so their own step times drift with the load
@@ -95,7 +99,11 @@ def interleaved_step_times(args: argparse.Namespace, rounds: int = 7, steps: int
     torch.set_num_threads(1)
     strategies, experience = {}, None
     for method in METHODS:
-        g = grid_from_dict(grid(method, args.seeds[0], args, tempfile.mkdtemp()))
+        raw = grid(method, args.seeds[0], args, tempfile.mkdtemp())
+        if width:  # a wider model, untrained: its weights do not change a step's time
+            raw["model"].update(hidden=width, intermediate=2 * width)
+            raw["streams"][0]["base"] = None
+        g = grid_from_dict(raw)
         stream, strategies[method] = build_cell(g.cells[0], "cpu")
         batch = g.cells[0].config["train"]["batch_size"]
         first = stream.experiences[0]
@@ -131,6 +139,9 @@ def main() -> None:
     parser.add_argument("--method", choices=METHODS, help="(internal) run one method")
     parser.add_argument("--grid", default=str(GRID), help="stream, base, model and training")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated; figures are means")
+    parser.add_argument(
+        "--also-time-width", type=int, help="time the steps on a wider model too (hidden size)"
+    )
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if args.method:
@@ -151,6 +162,17 @@ def main() -> None:
                            for k in per_seed[method][0]}  # fmt: skip
     fft, hft = results["fft"], results["hft"]
     step = interleaved_step_times(args)
+    if args.also_time_width:
+        wide = interleaved_step_times(args, args.also_time_width)
+        model = yaml.safe_load(Path(args.grid).read_text())["model"]
+        model.update(hidden=args.also_time_width, intermediate=2 * args.also_time_width)
+        step_wide = {
+            "width": args.also_time_width,
+            "hft_time_vs_fft": wide["hft"] / wide["fft"],
+            "lora_time_vs_fft": wide["lora"] / wide["fft"],
+            "hft_time_vs_fft_expected_from_flops": hft_flop_ratio(model),
+            "time_per_step_s": wide,
+        }
     summary = {
         "hft_time_vs_fft": step["hft"] / step["fft"],
         "lora_time_vs_fft": step["lora"] / step["fft"],
@@ -165,6 +187,8 @@ def main() -> None:
         "seeds": args.seeds,
         "per_seed": per_seed,
     }
+    if args.also_time_width:
+        summary["wider_model"] = step_wide
     summary["targets"] = {
         "hft_time_at_most_0.85_fft": summary["hft_time_vs_fft"] <= 0.85,
         "hft_forgets_less": hft["forgetting"] < fft["forgetting"],
