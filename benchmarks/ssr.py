@@ -11,11 +11,10 @@ checkpoints). The last line is one JSON object.
 
     python benchmarks/ssr.py [--grid grids/ssr.yaml] [--seeds 0,1,2]
 
-Measured (`--seeds 0`, grids/ssr.yaml: 5 tasks of 100 steps of 32 from the cached base, on
-2 CPU cores shared with other jobs, 31 minutes): final average exact match naive 0.002,
-rehearsal 0.356 (80 real instances, 96,000 bytes), SSR 0.218 (synthetic only; no real
-instance in its buffers): gain_recovered 0.61. General retention is 0 for all three (the
-base's own tasks are lost by the second task), so retention_recovered is undefined.
+Measured (seeds 0-2, grids/ssr.yaml, 16 minutes on 2 cores): final average exact match
+naive 0.001, rehearsal 0.413 (20 real instances per task), SSR 0.423 (20 synthetic, no
+real one in its buffers): gain_recovered 1.02; general retention 0, 0.045 and 0.037:
+retention_recovered 0.81.
 """
 
 from __future__ import annotations
