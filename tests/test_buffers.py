@@ -281,3 +281,5 @@ def test_rehearsal_per_task_keeps_that_many_of_each_finished_experience(write_gr
         strategy.after_experience(experience)
         per_experience = Counter((strategy.buffer.samples.y // 2).tolist())  # classes 2t, 2t+1
         assert per_experience == {i: 7 for i in range(t + 1)}
+    with pytest.raises(ConfigError, match=r"strategies\[0\]\.per_task: must be greater than 0"):
+        write_grid(strategies=[{**rehearsal, "per_task": 0}])

@@ -229,6 +229,8 @@ def test_lora_lr_is_the_adapters_rate_for_every_adapter_and_its_warm_up():
     assert [g["lr"] for g in strategy.optimizer.param_groups] == [0.002]
     _, plain = build(lora("shared"))
     assert [g["lr"] for g in plain.optimizer.param_groups] == [TRAIN["lr"]]
+    with pytest.raises(ConfigError, match=r"strategies\[0\]\.lr: must be greater than 0"):
+        build(lora("shared", lr=0))
 
 
 def test_lora_per_task_merge_folds_the_adapter_into_the_base_weights_keeping_the_function():

@@ -245,6 +245,7 @@ def test_an_encoder_folder_that_does_not_load_is_refused(stream_and_fluent_weigh
         ({"instances_per_task": 0}, "instances_per_task"),
         ({"instances_per_task": 30, "candidates_per_task": 10}, "candidates_per_task"),
         ({"top_p": 0}, "top_p"),
+        ({"confident_share": 1.5}, r"confident_share: 1.5 is not in \(0, 1\]"),
     ],
 )
 def test_bad_parameters_are_refused_when_the_grid_is_read(params, message):
