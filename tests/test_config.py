@@ -105,7 +105,7 @@ def test_unknown_key_inside_a_strategy_suggests_the_declared_one(load):
         "strategies[0]: unknown key 'bufer' (did you mean \"buffer\"?)",
         strategies=[{"name": "rehearsal", "bufer": {"size": 10}}],
     )
-    assert "allowed keys: buffer, replay_batch_size" in message
+    assert "allowed keys: buffer, per_task, replay_batch_size" in message
 
 
 def test_unknown_key_inside_a_nested_parameter_is_named_by_its_path(load):
