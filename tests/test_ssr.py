@@ -164,6 +164,8 @@ def test_confident_share_keeps_the_answers_the_model_is_sure_of(stream_and_fluen
     mixed = [x for pair in zip(right, wrong) for x in pair]
     assert ssr.most_confident(mixed) == right  # half kept, in their order
     assert make(stream_and_fluent_weights).most_confident(mixed) == mixed  # default: all
+    floor = make(stream_and_fluent_weights, confident_share=0.25, instances_per_task=8)
+    assert len(floor.most_confident(mixed)) == 8  # never fewer than the selection needs
 
 
 # --- the buffer -------------------------------------------------------------------------------
