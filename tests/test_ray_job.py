@@ -51,13 +51,17 @@ def test_ray_job_submit_runs_a_grid_on_the_cluster(head_node, tmp_path):
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for _ in range(12):  # the head's job agent registers some seconds after `ray start`
+    # The head's job agent registers some seconds after `ray start`, a minute or more on a
+    # loaded machine; until then the submission fails with this message (on either stream).
+    deadline = time.monotonic() + 240
+    while True:
         job = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
              "--", "forgetless", "run", "grid.yaml", "--address", "auto", "--tracking-uri", uri],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
         )  # fmt: skip
-        if "No available agent to submit job" not in job.stderr:
+        waiting = "No available agent to submit job" in job.stdout + job.stderr
+        if not waiting or time.monotonic() > deadline:
             break
         time.sleep(5)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
