@@ -65,6 +65,7 @@ def _train_base(model: CausalLM, base: BaseMixture) -> None:
         lr=cfg.lr,
         optimizer="adamw",
         warmup_steps=cfg.warmup_steps,
+        decay=getattr(cfg, "decay", "constant"),  # the fact corpus's base decays its rate
     )
     # A corpus whose config has no `learn_prompts` (the editing facts) learns answers only.
     prompts = getattr(cfg, "learn_prompts", False)

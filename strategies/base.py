@@ -15,6 +15,7 @@ Methods whose unit is not a batch (editors, the Avalanche adapter) override
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -39,6 +40,11 @@ class TrainConfig:
     weight_decay: float = param(0.0, "weight decay")
     warmup_steps: int = param(
         0, "steps of linear learning-rate warm-up at the start of every experience"
+    )
+    decay: Literal["constant", "cosine"] = param(
+        "constant",
+        "learning rate after the warm-up: constant, or a cosine to 0 over each experience's "
+        "steps (re-warmed and re-decayed every experience, as continual pre-training does)",
     )
     eval_batch_size: int = param(512, "samples per forward pass when scoring")
 
@@ -90,7 +96,7 @@ class Strategy:
         data = self.training_data(experience).to(self.device)
         batch_size = self.train_config.batch_size
         self.model.train()
-        step = 0
+        step, steps = 0, self.train_config.epochs * -(-len(data) // batch_size)
         for epoch in range(self.train_config.epochs):
             order = torch.randperm(len(data), device=self.device)
             total = torch.zeros((), device=self.device)
@@ -101,7 +107,7 @@ class Strategy:
                 loss = self.loss(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                self.warm_up(step)
+                self.schedule_lr(step, steps)
                 self.optimizer.step()
                 step += 1
                 total += loss.detach()
@@ -132,13 +138,19 @@ class Strategy:
         """Called after training on `experience`."""
 
     # --- shared pieces --------------------------------------------------------------
-    def warm_up(self, step: int) -> None:
-        """Linear warm-up from each experience's first step, the usual guard for Adam on
-        transformers. It keeps no state: checkpoints fall between experiences."""
-        warmup = self.train_config.warmup_steps
-        if step < warmup:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.train_config.lr * min(1.0, (step + 1) / warmup)
+    def schedule_lr(self, step: int, steps: int) -> None:
+        """Linear warm-up from each experience's first step (the usual guard for Adam on
+        transformers), then a constant rate or a cosine to 0 at the experience's last of
+        `steps`. It keeps no state: checkpoints fall between experiences."""
+        cfg = self.train_config
+        if step >= cfg.warmup_steps and cfg.decay == "constant":
+            return
+        factor = min(1.0, (step + 1) / cfg.warmup_steps) if step < cfg.warmup_steps else 1.0
+        if cfg.decay == "cosine" and step >= cfg.warmup_steps:
+            progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+            factor = 0.5 * (1 + math.cos(math.pi * progress))
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * factor
 
     def logits(self, batch: Samples) -> torch.Tensor:
         """Model outputs; task-incremental streams mask them to the batch's task classes."""

@@ -15,11 +15,13 @@ MEND split; CounterFact in EasyEdit's flat form and ROME's nested form).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -134,6 +136,9 @@ class FactBaseConfig:
     lr: float = param(1e-3, "AdamW learning rate")
     batch_size: int = param(32, "examples per step")
     warmup_steps: int = param(100, "steps of linear learning-rate warm-up")
+    decay: Literal["constant", "cosine"] = param(
+        "cosine", "learning rate after the warm-up: constant, or a cosine to 0 at the last step"
+    )
     # Filled from the stream so that the cache key covers the corpus too.
     relations: list[str] = param([], "(set by the stream) relations of the corpus")
     subjects: int = param(0, "(set by the stream) subjects of the corpus")
@@ -263,10 +268,8 @@ def drop_overlap(locality: list[Example], requests: list[EditRequest], where: st
 def pycountry_edits(config: PycountryEditsConfig, seed: int) -> Stream:
     """Counterfactual edits of pycountry facts, from a base model that learned them all."""
     corpus = facts(config.relations, config.subjects)
-    base_config = FactBaseConfig(
-        **{k: getattr(config.base, k) for k in ("epochs", "lr", "batch_size", "warmup_steps")},
-        relations=list(config.relations),
-        subjects=config.subjects,
+    base_config = dataclasses.replace(
+        config.base, relations=list(config.relations), subjects=config.subjects
     )
     n_templates = len(RELATIONS["alpha3"][1])
     train = [Example(f.prompt(t), f.answer) for f in corpus

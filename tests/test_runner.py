@@ -134,6 +134,33 @@ def test_warm_up_raises_the_learning_rate_linearly_at_the_start_of_every_experie
     assert seen == pytest.approx(ramp + ramp)
 
 
+def test_cosine_decay_falls_from_the_warmed_up_rate_to_zero_within_every_experience():
+    import math
+
+    import torch
+
+    from forgetless.strategies import TrainConfig
+    from forgetless.strategies.naive import Naive
+    from forgetless.streams import Experience, Samples, Stream
+
+    data = Samples(torch.randn(10, 3), torch.randint(0, 2, (10,)))
+    experiences = [Experience(i, f"e{i}", data, data) for i in range(2)]
+    stream = Stream("s", "class", experiences, num_classes=2)
+    train = TrainConfig(epochs=2, batch_size=4, lr=0.1, warmup_steps=2, decay="cosine")
+    strategy = Naive(torch.nn.Linear(3, 2), None, train, stream)
+    seen = []
+    strategy.optimizer.register_step_pre_hook(
+        lambda opt, *_: seen.append(opt.param_groups[0]["lr"])
+    )
+    for experience in experiences:
+        strategy.train(experience)
+    # 6 steps (2 epochs of 3 batches, the last one short): 2 of warm-up, then a cosine over
+    # the remaining 4, from the full rate at step 2 down towards 0
+    schedule = [0.05, 0.1] + [0.05 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert seen == pytest.approx(schedule + schedule)
+    assert schedule[-1] < 0.015
+
+
 def test_progress_bar_counts_every_cell_when_it_draws_it(write_grid, tracking_uri, capsys):
     from forgetless.experiments.cli import main
 
