@@ -6,8 +6,9 @@ runs it. The side memory W' starts as a copy of the main memory W (one mlp.down_
 and only W' learns (sec. 2.3.1). A query uses a side memory iff its activation score
 Delta(x) = ||A(x) (W' - W)||, averaged over the tokens, reaches the threshold learned from
 the edits (Eq. 3, 6: the smallest in-scope score seen, times `act_ratio`). Each edit
-trains W' on the target tokens' loss plus the margin loss of Eq. 5 against one
-irrelevant prompt, over copies of the edit behind random prefixes. Knowledge sharding
+trains W' on the target tokens' loss plus the margin loss of Eq. 5 against irrelevant
+prompts (WISE: one; `negatives` of them, the latest given), over copies of the edit behind
+random prefixes. Knowledge sharding
 (sec. 2.3.2): every `save_freq` edits W' is saved as a shard and reset, each shard trained
 through its own random gradient mask of density `mask_ratio`; every `merge_freq` edits
 the shards merge with TIES (Eq. 8). `retrieve: true` keeps each merge as its own side
@@ -18,7 +19,7 @@ Routing is causal: the score at a position is the mean over the tokens up to it,
 sequence mean of EasyEdit's code as autoregressive decoding sees it, so the teacher-forced
 score equals greedy generation (the answer never routes its own prompt). The margin loss
 and the threshold read the same statistic: an edit's score is its smallest over the
-positions that predict the answer, the irrelevant prompt's its largest over its tokens.
+positions that predict the answer, an irrelevant prompt's its largest over its tokens.
 While an edit trains, W' answers only at the positions that predict the answer (EasyEdit
 swaps the whole sequence): the prompt before them is shared with unrelated prompts and
 routes to the main memory, and training must see what inference will.
@@ -136,6 +137,11 @@ class WiseConfig:
     merge_freq: int = param(1000, "edits per merge of the saved shards (TIES)")
     density: float = param(0.53, "TIES: share of each shard's largest changes kept")
     retrieve: bool = param(False, "keep every merge as its own side memory (WISE-Retrieve)")
+    negatives: int = param(
+        1,
+        "irrelevant prompts per edit, the latest given (its own loc_prompts first, then "
+        "earlier edits'); WISE: 1",
+    )
     center: bool = param(
         False,
         "score (x - c)(W' - W) with c the mean layer input over the first edit's rows: small "
@@ -143,7 +149,7 @@ class WiseConfig:
     )
 
     def validate(self, where: str) -> None:
-        for name in ("lr", "steps", "act_ratio", "save_freq", "merge_freq"):
+        for name in ("lr", "steps", "act_ratio", "save_freq", "merge_freq", "negatives"):
             positive(getattr(self, name), f"{where}.{name}")
         if self.layer < 0:
             raise ConfigError(f"{where}.layer: must be >= 0, got {self.layer}")
@@ -176,14 +182,17 @@ class Wise(Strategy):
         self.shards: list[tuple[torch.Tensor, float]] = []  # (weight, its min score)
         self.merged: list[float] = []  # min score of each merged memory
         self.context: list[str] | None = None
+        self.unrelated: list[str] = []  # every edit's irrelevant prompt so far
 
     def train(self, experience: Experience) -> None:
         self.model.eval()
         if self.context is None:
             self.context = self.random_prefixes()
         for request in experience.train:
-            irrelevant = request.loc_prompt or self.context[self.edits % len(self.context)]
-            self.edit(request.prompt, request.target, irrelevant)
+            self.unrelated.extend(
+                request.loc_prompts or [self.context[self.edits % len(self.context)]]
+            )
+            self.edit(request.prompt, request.target, self.unrelated[-self.config.negatives :])
 
     def random_prefixes(self) -> list[str]:
         """EasyEdit's context templates: greedy continuations of 5 and 10 tokens of a few
@@ -198,22 +207,23 @@ class Wise(Strategy):
             : self.config.prefixes
         ]
 
-    def edit_batch(self, prompt: str, target: str, irrelevant: str):
+    def edit_batch(self, prompt: str, target: str, irrelevant: list[str]):
         """Rows: the edit alone and behind each prefix (target labelled), then the
-        irrelevant prompt (no labels); masks of the positions that predict the answer
-        (edit rows) and of the irrelevant prompt's tokens."""
+        irrelevant prompts (no labels); masks of the positions that predict the answer
+        (edit rows) and of the irrelevant prompts' tokens."""
         prompts = [prompt] + [f"{p}. {prompt}" for p in self.context[: self.config.prefixes]]
-        rows = [Example(p, target) for p in prompts] + [Example(irrelevant, "")]
+        rows = [Example(p, target) for p in prompts] + [Example(p, "") for p in irrelevant]
         batch = self.model.encode(rows)
-        batch.y[-1] = IGNORE
+        batch.y[len(prompts) :] = IGNORE
         batch = trim_padding(Samples(batch.x, batch.y))
         answer = torch.zeros_like(batch.y, dtype=torch.bool)
         answer[:, :-1] = batch.y[:, 1:] != IGNORE
-        n = len(self.model.tokenizer(irrelevant, add_special_tokens=False).input_ids)
-        answer[-1, :n] = True
+        for row, text in enumerate(irrelevant, start=len(prompts)):
+            tokens = self.model.tokenizer(text, add_special_tokens=False).input_ids
+            answer[row, : len(tokens)] = True
         return batch.to(self.device), answer.to(self.device)
 
-    def edit(self, prompt: str, target: str, irrelevant: str) -> None:
+    def edit(self, prompt: str, target: str, irrelevant: list[str]) -> None:
         cfg, memory = self.config, self.memory
         if self.edits % cfg.save_freq == 0:  # a new shard: a new random gradient mask
             memory.mask = torch.rand(memory.mask.shape, device=self.device) < cfg.mask_ratio
@@ -226,16 +236,17 @@ class Wise(Strategy):
         alpha, beta, gamma = cfg.act_margin
         memory.editing = True
         memory.train_positions = positions.clone()
-        memory.train_positions[-1] = False  # the irrelevant prompt: main memory
+        edit_rows = len(positions) - len(irrelevant)
+        memory.train_positions[edit_rows:] = False  # the irrelevant prompts: main memory
         previous = None
         for _ in range(cfg.steps):
             logits = self.model(batch.x)
-            ce = lm_loss(logits[:-1], batch.y[:-1])
-            inside, outside = _in_and_out_of_scope(memory.scores, positions)
+            ce = lm_loss(logits[:edit_rows], batch.y[:edit_rows])
+            inside, outside = _in_and_out_of_scope(memory.scores, positions, edit_rows)
             margin = (
                 _positive_mean(outside - alpha)
                 + _positive_mean(beta - inside)
-                + _positive_mean(gamma - (inside - outside))
+                + _positive_mean(gamma - (inside[:, None] - outside[None, :]))
             )
             loss = ce + cfg.margin_weight * margin
             if previous is not None and abs(previous - loss.item()) <= 1e-4 and loss.item() <= 0.02:
@@ -250,7 +261,7 @@ class Wise(Strategy):
                 memory.side.copy_(torch.clamp(memory.side, main - eps, main + eps))
         with torch.no_grad():
             self.model(batch.x)
-            inside, _ = _in_and_out_of_scope(memory.scores, positions)
+            inside, _ = _in_and_out_of_scope(memory.scores, positions, edit_rows)
             self.live_min = min(self.live_min, inside[0].item())  # the edit's own prompt
         memory.editing = False
         memory.side_threshold = self.live_min * cfg.act_ratio
@@ -307,11 +318,12 @@ class Wise(Strategy):
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _in_and_out_of_scope(scores: torch.Tensor, positions: torch.Tensor):
-    """Each edit row's smallest score where it predicts the answer, and the irrelevant
+def _in_and_out_of_scope(scores: torch.Tensor, positions: torch.Tensor, edit_rows: int):
+    """Each edit row's smallest score where it predicts the answer, and each irrelevant
     row's largest over its tokens: what routing must put above and below the threshold."""
-    inside = scores[:-1].masked_fill(~positions[:-1], float("inf")).min(dim=1).values
-    outside = scores[-1:].masked_fill(~positions[-1:], float("-inf")).max(dim=1).values
+    edits, unrelated = slice(None, edit_rows), slice(edit_rows, None)
+    inside = scores[edits].masked_fill(~positions[edits], float("inf")).min(dim=1).values
+    outside = scores[unrelated].masked_fill(~positions[unrelated], float("-inf")).max(dim=1).values
     return inside, outside
 
 

@@ -42,10 +42,10 @@ class EditRequest:
     target: str
     original: str
     paraphrases: tuple[str, ...] = ()
-    loc_prompt: str = ""
-    """An unrelated prompt and its answer, as one text, that an editor may train against
-    (WISE's irrelevant x_i, EasyEdit's `loc_prompt`); never one of the scored locality
-    prompts."""
+    loc_prompts: tuple[str, ...] = ()
+    """Unrelated prompts with their answers, each one text, that an editor may train
+    against (WISE's irrelevant x_i, EasyEdit's `loc_prompt`); never one of the scored
+    locality prompts."""
 
     @property
     def answer(self) -> str:
@@ -152,8 +152,9 @@ class PycountryEditsConfig:
     edits_per_experience: int = param(1, "edits in one experience (one edit batch)")
     locality: int = param(20, "subjects whose facts (all relations) must not change")
     reserve: int = param(
-        10, "subjects whose facts are the editors' unrelated training prompts (loc_prompt)"
+        10, "subjects whose facts are the editors' unrelated training prompts (loc_prompts)"
     )
+    loc_prompts: int = param(8, "unrelated training prompts given with each edit, drawn anew")
     forget_after: int = param(
         0,
         "k > 0: the edits of every other experience (t = 0, 2, ...) are forgotten at experience "
@@ -162,7 +163,8 @@ class PycountryEditsConfig:
     base: FactBaseConfig = param(FactBaseConfig(), "pre-training of the base model")
 
     def validate(self, where: str) -> None:
-        for name in ("subjects", "edits", "edits_per_experience", "locality", "reserve"):
+        for name in ("subjects", "edits", "edits_per_experience", "locality", "reserve",
+                     "loc_prompts"):  # fmt: skip
             positive(getattr(self, name), f"{where}.{name}")
         if not self.relations:
             raise ConfigError(f"{where}.relations: list at least one of {sorted(RELATIONS)}")
@@ -179,6 +181,12 @@ class PycountryEditsConfig:
             raise ConfigError(
                 f"{where}.edits: {self.edits} is not a multiple of edits_per_experience="
                 f"{self.edits_per_experience}; every experience must hold the same number"
+            )
+        spare = self.reserve * len(self.relations) * len(RELATIONS["alpha3"][1])
+        if self.loc_prompts > spare:
+            raise ConfigError(
+                f"{where}.loc_prompts: {self.loc_prompts} > the {spare} prompts of the reserve "
+                "facts (reserve x relations x templates); lower it or raise reserve"
             )
         check_forget_after(self.forget_after, self.edits // self.edits_per_experience, where)
         editable = (self.subjects - self.locality - self.reserve) * len(self.relations)
@@ -293,7 +301,7 @@ def pycountry_edits(config: PycountryEditsConfig, seed: int) -> Stream:
         target = others[rng.integers(len(others))]
         trained = [t for t in range(n_templates) if t != fact.held_out]
         template = trained[rng.integers(len(trained))]
-        loc = spare[rng.integers(len(spare))]
+        drawn = rng.choice(len(spare) * n_templates, size=config.loc_prompts, replace=False)
         requests.append(
             EditRequest(
                 fact.subject,
@@ -302,7 +310,10 @@ def pycountry_edits(config: PycountryEditsConfig, seed: int) -> Stream:
                 target,
                 fact.answer,
                 (fact.prompt(fact.held_out),),
-                loc.prompt(rng.integers(n_templates)) + loc.answer,
+                tuple(
+                    spare[k // n_templates].prompt(k % n_templates) + spare[k // n_templates].answer
+                    for k in drawn
+                ),
             )
         )
     locality = []
@@ -406,6 +417,12 @@ class EditFileConfig:
             raise ConfigError(f"{where}.path: no file {self.path!r}")
         if self.edits % self.edits_per_experience:
             raise ConfigError(f"{where}.edits: not a multiple of edits_per_experience")
+        spare = self.reserve * len(self.relations) * len(RELATIONS["alpha3"][1])
+        if self.loc_prompts > spare:
+            raise ConfigError(
+                f"{where}.loc_prompts: {self.loc_prompts} > the {spare} prompts of the reserve "
+                "facts (reserve x relations x templates); lower it or raise reserve"
+            )
         check_forget_after(self.forget_after, self.edits // self.edits_per_experience, where)
 
 

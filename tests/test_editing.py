@@ -21,6 +21,7 @@ from forgetless.models.causal_lm import LlamaTinyConfig, llama_tiny
 from forgetless.strategies import TrainConfig
 from forgetless.streams import Example
 from forgetless.streams.editing import (
+    RELATIONS,
     EditRequest,
     PycountryEditsConfig,
     edit_stream,
@@ -56,15 +57,17 @@ def test_pycountry_edits_hold_counterfactuals_of_the_same_relation_and_a_held_ou
         assert (r.prompt, r.original) in trained  # the base model learned the edited fact
         assert (r.paraphrases[0], r.original) not in trained  # held out of the corpus
         assert not any(r.paraphrases[0] == p for p, _ in trained)
-        answers = {a for p, a in trained if p.startswith(r.prompt.split(r.subject)[0])}
+        forms = [t.split("{}") for t in RELATIONS[r.relation][1]]
+        answers = {a for p, a in trained
+                   if any(p.startswith(b) and p.endswith(e) for b, e in forms)}  # fmt: skip
         assert r.target in answers  # drawn from the same relation's answers
     edited = {r.subject for r in requests}
     assert not any(s in e.prompt for e in stream.general for s in edited)
-    locality_subjects = {p.split("(")[-1].split(")")[0] for p in [e.prompt for e in stream.general]}
     for r in requests:  # the editors' unrelated prompt: neither edited nor scored
-        assert r.loc_prompt and not any(s in r.loc_prompt for s in edited)
-        assert not any(e.prompt in r.loc_prompt for e in stream.general)
-    del locality_subjects
+        assert len(set(r.loc_prompts)) == 8  # the default, distinct
+        for unrelated in r.loc_prompts:
+            assert not any(s in unrelated for s in edited)
+            assert not any(e.prompt in unrelated for e in stream.general)
     # 12 subjects x 2 relations x 7 of 8 templates
     assert len(stream.base.train) == 12 * 2 * 7 and len(stream.base.paraphrases) == 24
 
@@ -85,6 +88,8 @@ def test_pycountry_edits_differ_by_seed_but_share_one_base_corpus():
         ({**SMALL, "edits": 3}, "edits"),
         ({**SMALL, "edits": 40}, ""),
         ({**SMALL, "reserve": 7}, ""),
+        ({**SMALL, "loc_prompts": 33}, "loc_prompts"),  # 2 reserve x 2 relations x 8 templates
+        ({**SMALL, "loc_prompts": 0}, "loc_prompts"),
     ],
 )
 def test_pycountry_edits_refuse_bad_parameters_naming_the_field(params, field):
@@ -274,7 +279,7 @@ def test_locality_answers_are_the_models_own_greedy_outputs():
 def one_edit_stream(model):
     """One edit (and a locality prompt), encoded for `model` with its answers cached."""
     request = EditRequest("Peru", "alpha3", "The alpha-3 code of Peru is ", "DEU", "PER",
-                          ("alpha3(Peru) = ",), "The alpha-3 code of Chad is TCD")  # fmt: skip
+                          ("alpha3(Peru) = ",), ("The alpha-3 code of Chad is TCD",))  # fmt: skip
     locality = [Example("The alpha-3 code of Chile is ", "CHL"), Example("Q: x? A: ", "Y")]
     return encode_edit_stream(edit_stream("one", [request], 1, locality), model)
 
@@ -378,7 +383,7 @@ def test_side_memory_routes_queries_below_the_threshold_to_the_main_memory_exact
 def test_wise_routes_its_irrelevant_prompt_to_the_main_memory_with_the_pre_edit_outputs():
     model = tiny_model()
     request = EditRequest("Peru", "alpha3", "The alpha-3 code of Peru is ", "DEU", "PER",
-                          ("alpha3(Peru) = ",), "Q: x? A: Y")  # fmt: skip
+                          ("alpha3(Peru) = ",), ("Q: x? A: Y",))  # fmt: skip
     stream = encode_edit_stream(
         edit_stream("one", [request], 1, [Example("Q: x? A: ", "Y")]), model
     )
@@ -393,10 +398,25 @@ def test_wise_routes_its_irrelevant_prompt_to_the_main_memory_with_the_pre_edit_
     assert strategy.memory.side_threshold < float("inf")
 
 
+def test_wise_trains_against_its_own_loc_prompts_first_then_earlier_edits():
+    model = tiny_model()
+    requests = [
+        EditRequest(s, "alpha3", f"The alpha-3 code of {s} is ", "DEU", "PER", (), locs)
+        for s, locs in [("Peru", ("a 1", "b 2")), ("Chad", ("c 3", "d 4")), ("Iran", ())]
+    ]
+    stream = encode_edit_stream(edit_stream("three", requests, 3, [Example("Q: ", "Y")]), model)
+    strategy = wise(model, stream, negatives=3, prefixes=0)
+    seen = []
+    strategy.edit = lambda prompt, target, irrelevant: seen.append(irrelevant)
+    strategy.train(stream.experiences[0])
+    # an edit with no loc_prompts trains against a random prefix ("Yes" when prefixes=0)
+    assert seen == [["a 1", "b 2"], ["b 2", "c 3", "d 4"], ["c 3", "d 4", "Yes"]]
+
+
 def test_wise_retrieves_a_single_edit_by_its_prompt_and_a_paraphrase():
     model = tiny_model()
     request = EditRequest("Peru", "alpha3", "The alpha-3 code of Peru is ", "DEU", "PER",
-                          ("the alpha-3 code of Peru is ",), "Q: x? A: Y")  # fmt: skip
+                          ("the alpha-3 code of Peru is ",), ("Q: x? A: Y",))  # fmt: skip
     stream = encode_edit_stream(
         edit_stream("one", [request], 1, [Example("Q: x? A: ", "Y")]), model
     )
