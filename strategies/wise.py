@@ -90,9 +90,14 @@ class SideMemory(nn.Module):
     def score(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Delta at each position: the mean over the tokens so far of ||(x - c)(W' - W)||,
         with c the `center` (zero unless `center: true`)."""
-        delta = F.linear(x - self.center.to(x.dtype), weight - self.layer.weight)
-        positions = torch.arange(1, x.shape[1] + 1, device=x.device)
-        return delta.norm(dim=-1).cumsum(dim=1) / positions
+        return self._running_mean(F.linear(x, weight - self.layer.weight), weight)
+
+    def _running_mean(self, change: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`score` from change = x (W' - W), the memory's change of the output: centring
+        subtracts c (W' - W), one vector, so a memory costs one matmul, not two."""
+        shift = F.linear(self.center.to(change.dtype), weight - self.layer.weight)
+        positions = torch.arange(1, change.shape[1] + 1, device=change.device)
+        return (change - shift).norm(dim=-1).cumsum(dim=1) / positions
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         main = self.layer(x)
@@ -106,10 +111,11 @@ class SideMemory(nn.Module):
         for weight, threshold in candidates:
             if threshold == float("inf"):
                 continue
-            candidate = F.linear(x, weight.to(x.dtype), self.layer.bias)
-            ratio = self.score(x, weight.to(x.dtype)) / threshold
+            weight = weight.to(x.dtype)
+            change = F.linear(x, weight - self.layer.weight)
+            ratio = self._running_mean(change, weight) / threshold
             use = (ratio >= 1) & (ratio > best)
-            out = torch.where(use.unsqueeze(-1), candidate, out)
+            out = torch.where(use.unsqueeze(-1), main + change, out)
             best = torch.where(use, ratio, best)
         return out
 
