@@ -112,24 +112,29 @@ def test_unwritable_storage_is_refused_before_any_cell(write_grid, tracking_uri,
     assert MlflowClient(tracking_uri).get_experiment_by_name(grid.name) is None
 
 
-def test_warm_up_raises_the_learning_rate_linearly_at_the_start_of_every_experience():
+def learning_rates_per_step(samples: int, **train) -> list[float]:
+    """The rate of every optimizer step of a linear model trained on two experiences."""
     import torch
 
     from forgetless.strategies import TrainConfig
     from forgetless.strategies.naive import Naive
     from forgetless.streams import Experience, Samples, Stream
 
-    data = Samples(torch.randn(12, 3), torch.randint(0, 2, (12,)))
+    data = Samples(torch.randn(samples, 3), torch.randint(0, 2, (samples,)))
     experiences = [Experience(i, f"e{i}", data, data) for i in range(2)]
     stream = Stream("s", "class", experiences, num_classes=2)
-    train = TrainConfig(epochs=2, batch_size=2, lr=0.1, warmup_steps=4)
-    strategy = Naive(torch.nn.Linear(3, 2), None, train, stream)
+    strategy = Naive(torch.nn.Linear(3, 2), None, TrainConfig(epochs=2, lr=0.1, **train), stream)
     seen = []
     strategy.optimizer.register_step_pre_hook(
         lambda opt, *_: seen.append(opt.param_groups[0]["lr"])
     )
     for experience in experiences:
         strategy.train(experience)
+    return seen
+
+
+def test_warm_up_raises_the_learning_rate_linearly_at_the_start_of_every_experience():
+    seen = learning_rates_per_step(12, batch_size=2, warmup_steps=4)
     ramp = [0.025, 0.05, 0.075, 0.1] + [0.1] * 8  # 12 steps: 2 epochs of 6 batches
     assert seen == pytest.approx(ramp + ramp)
 
@@ -137,23 +142,7 @@ def test_warm_up_raises_the_learning_rate_linearly_at_the_start_of_every_experie
 def test_cosine_decay_falls_from_the_warmed_up_rate_to_zero_within_every_experience():
     import math
 
-    import torch
-
-    from forgetless.strategies import TrainConfig
-    from forgetless.strategies.naive import Naive
-    from forgetless.streams import Experience, Samples, Stream
-
-    data = Samples(torch.randn(10, 3), torch.randint(0, 2, (10,)))
-    experiences = [Experience(i, f"e{i}", data, data) for i in range(2)]
-    stream = Stream("s", "class", experiences, num_classes=2)
-    train = TrainConfig(epochs=2, batch_size=4, lr=0.1, warmup_steps=2, decay="cosine")
-    strategy = Naive(torch.nn.Linear(3, 2), None, train, stream)
-    seen = []
-    strategy.optimizer.register_step_pre_hook(
-        lambda opt, *_: seen.append(opt.param_groups[0]["lr"])
-    )
-    for experience in experiences:
-        strategy.train(experience)
+    seen = learning_rates_per_step(10, batch_size=4, warmup_steps=2, decay="cosine")
     # 6 steps (2 epochs of 3 batches, the last one short): 2 of warm-up, then a cosine over
     # the remaining 4, from the full rate at step 2 down towards 0
     schedule = [0.05, 0.1] + [0.05 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
