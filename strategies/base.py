@@ -143,12 +143,13 @@ class Strategy:
         transformers), then a constant rate or a cosine to 0 at the experience's last of
         `steps`. It keeps no state: checkpoints fall between experiences."""
         cfg = self.train_config
-        if step >= cfg.warmup_steps and cfg.decay == "constant":
-            return
-        factor = min(1.0, (step + 1) / cfg.warmup_steps) if step < cfg.warmup_steps else 1.0
-        if cfg.decay == "cosine" and step >= cfg.warmup_steps:
+        if step < cfg.warmup_steps:
+            factor = (step + 1) / cfg.warmup_steps
+        elif cfg.decay == "cosine":
             progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
             factor = 0.5 * (1 + math.cos(math.pi * progress))
+        else:
+            return
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * factor
 
