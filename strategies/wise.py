@@ -31,6 +31,7 @@ edits are not on one scale.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,12 +91,13 @@ class SideMemory(nn.Module):
     def score(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Delta at each position: the mean over the tokens so far of ||(x - c)(W' - W)||,
         with c the `center` (zero unless `center: true`)."""
-        return self._running_mean(F.linear(x, weight - self.layer.weight), weight)
+        delta = weight - self.layer.weight
+        return self._running_mean(F.linear(x, delta), delta)
 
-    def _running_mean(self, change: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _running_mean(self, change: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """`score` from change = x (W' - W), the memory's change of the output: centring
         subtracts c (W' - W), one vector, so a memory costs one matmul, not two."""
-        shift = F.linear(self.center.to(change.dtype), weight - self.layer.weight)
+        shift = F.linear(self.center.to(change.dtype), delta)
         positions = torch.arange(1, change.shape[1] + 1, device=change.device)
         return (change - shift).norm(dim=-1).cumsum(dim=1) / positions
 
@@ -111,9 +113,9 @@ class SideMemory(nn.Module):
         for weight, threshold in candidates:
             if threshold == float("inf"):
                 continue
-            weight = weight.to(x.dtype)
-            change = F.linear(x, weight - self.layer.weight)
-            ratio = self._running_mean(change, weight) / threshold
+            delta = weight.to(x.dtype) - self.layer.weight
+            change = F.linear(x, delta)
+            ratio = self._running_mean(change, delta) / threshold
             use = (ratio >= 1) & (ratio > best)
             out = torch.where(use.unsqueeze(-1), main + change, out)
             best = torch.where(use, ratio, best)
@@ -188,7 +190,7 @@ class Wise(Strategy):
         self.shards: list[tuple[torch.Tensor, float]] = []  # (weight, its min score)
         self.merged: list[float] = []  # min score of each merged memory
         self.context: list[str] | None = None
-        self.unrelated: list[str] = []  # every edit's irrelevant prompt so far
+        self.unrelated = deque(maxlen=self.config.negatives)  # the latest irrelevant prompts
 
     def train(self, experience: Experience) -> None:
         self.model.eval()
@@ -198,7 +200,7 @@ class Wise(Strategy):
             self.unrelated.extend(
                 request.loc_prompts or [self.context[self.edits % len(self.context)]]
             )
-            self.edit(request.prompt, request.target, self.unrelated[-self.config.negatives :])
+            self.edit(request.prompt, request.target, list(self.unrelated))
 
     def random_prefixes(self) -> list[str]:
         """EasyEdit's context templates: greedy continuations of 5 and 10 tokens of a few

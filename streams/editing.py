@@ -15,10 +15,9 @@ MEND split; CounterFact in EasyEdit's flat form and ROME's nested form).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -276,9 +275,7 @@ def drop_overlap(locality: list[Example], requests: list[EditRequest], where: st
 def pycountry_edits(config: PycountryEditsConfig, seed: int) -> Stream:
     """Counterfactual edits of pycountry facts, from a base model that learned them all."""
     corpus = facts(config.relations, config.subjects)
-    base_config = dataclasses.replace(
-        config.base, relations=list(config.relations), subjects=config.subjects
-    )
+    base_config = replace(config.base, relations=list(config.relations), subjects=config.subjects)
     n_templates = len(RELATIONS["alpha3"][1])
     train = [Example(f.prompt(t), f.answer) for f in corpus
              for t in range(n_templates) if t != f.held_out]  # fmt: skip
