@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,22 +24,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_cluster(folder: str, port: int) -> None:
+    """Stop the processes of the cluster with temp dir `folder` and GCS `port`, and only
+    those: `ray stop` would stop every Ray of the user on this machine, a grid or benchmark
+    running beside the tests too. The head's processes name the folder or the port on
+    their command line; the agents they start (renamed `ray::...`) are their children."""
+    import psutil
+
+    def of_cluster(p: psutil.Process) -> bool:
+        return any(folder in arg or arg.endswith(f":{port}") for arg in p.info["cmdline"] or ())
+
+    processes = {p for p in psutil.process_iter(["cmdline"]) if of_cluster(p)}
+    processes |= {child for p in list(processes) for child in p.children(recursive=True)}
+    for p in processes:
+        p.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=20)
+    for p in alive:
+        p.kill()
+
+
 @pytest.fixture
-def head_node(tmp_path):
-    """A one-node Ray cluster on localhost, as `ray start --head` makes it. Its teardown,
-    `ray stop`, stops every Ray process of the user on this machine, other grids' too."""
+def head_node():
+    """A one-node Ray cluster on localhost, as `ray start --head` makes it, in a temp dir of
+    its own (short: Ray's socket paths must fit in 107 bytes), stopped alone at the end."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    dashboard = free_port()
+    port, dashboard, folder = free_port(), free_port(), tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    # Every port its own: the defaults (the job agent's 52365, the client server's 10001, ...)
+    # are taken by any other Ray on the machine, and the job agent then never comes up.
+    ports = [f"--{name}-port={free_port()}" for name in (
+        "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export",
+        "ray-client-server")]  # fmt: skip
     subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--port={free_port()}", "--num-cpus=2",
-         "--include-dashboard=true", f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+        [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=true", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+         f"--temp-dir={folder}", *ports],
         check=True, env=env, capture_output=True, timeout=180,
     )  # fmt: skip
     token = Path.home() / ".ray" / "auth_token"
     if token.exists():  # this Ray version authenticates job submission with a token
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token.read_text().strip())
-    yield f"http://127.0.0.1:{dashboard}", env
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        stop_cluster(folder, port)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_a_grid_on_the_cluster(head_node, tmp_path):
