@@ -205,7 +205,10 @@ class Wise(Strategy):
     def random_prefixes(self) -> list[str]:
         """EasyEdit's context templates: greedy continuations of 5 and 10 tokens of a few
         starters (the paper: random sequences of 10 tokens); each edit is also trained
-        behind each of them, so that Delta rises with the edit, not with its position."""
+        behind each of them, so that Delta rises with the edit, not with its position.
+        A base that only ever wrote short answers ends them at once, so the starters stay
+        nearly bare ("I", "You26"); forcing 5 to 40 tokens out of the pycountry base (code
+        strings such as "IS888BVPV") made 10 edits hold worse, not better."""
         if not self.config.prefixes:
             return ["Yes"]
         short = self.model.generate(list(STARTERS), max_new_tokens=5)
