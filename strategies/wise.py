@@ -27,6 +27,9 @@ Saved shards not merged yet are routed to like memories. Among several memories 
 their thresholds, a query takes the one whose score is the largest multiple of its own
 threshold (EasyEdit: the largest score), since scores of memories trained on different
 edits are not on one scale.
+`subject_scope: true` adds EasyEdit's factual-editing masks (act_mask / deact_mask of its
+tokenize): a second margin term over each edit row's tokens, the subject's in scope, the
+rest of the prompt out of it, so that a memory fires where a paraphrase shares the edit.
 """
 
 from __future__ import annotations
@@ -85,27 +88,28 @@ class SideMemory(nn.Module):
         self.side_threshold = float("inf")  # of the live side memory (inf: no edit yet)
         self.editing = False
         self.scores: torch.Tensor | None = None  # while editing: Delta at every position
+        self.token_scores: torch.Tensor | None = None  # while editing: each token's own norm
         self.train_positions: torch.Tensor | None = None  # while editing: where W' answers
         self.register_buffer("center", torch.zeros(layer.in_features))
 
-    def score(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Delta at each position: the mean over the tokens so far of ||(x - c)(W' - W)||,
-        with c the `center` (zero unless `center: true`)."""
-        delta = weight - self.layer.weight
-        return self._running_mean(F.linear(x, delta), delta)
+    def token_score(self, change: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """||(x - c)(W' - W)|| at each token from change = x (W' - W), the memory's change of
+        the output, with c the `center` (zero unless `center: true`): centring subtracts
+        c (W' - W), one vector, so a memory costs one matmul, not two."""
+        return (change - F.linear(self.center.to(change.dtype), delta)).norm(dim=-1)
 
-    def _running_mean(self, change: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """`score` from change = x (W' - W), the memory's change of the output: centring
-        subtracts c (W' - W), one vector, so a memory costs one matmul, not two."""
-        shift = F.linear(self.center.to(change.dtype), delta)
-        positions = torch.arange(1, change.shape[1] + 1, device=change.device)
-        return (change - shift).norm(dim=-1).cumsum(dim=1) / positions
+    def score(self, token_scores: torch.Tensor) -> torch.Tensor:
+        """Delta at each position: the mean of the token scores so far."""
+        positions = torch.arange(1, token_scores.shape[1] + 1, device=token_scores.device)
+        return token_scores.cumsum(dim=1) / positions
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         main = self.layer(x)
         if self.editing:  # training: the side memory answers where routing must send the
             # answer to it (the positions that predict it), and its scores are kept
-            self.scores = self.score(x, self.side)
+            delta = self.side - self.layer.weight
+            self.token_scores = self.token_score(F.linear(x, delta), delta)
+            self.scores = self.score(self.token_scores)
             new = F.linear(x, self.side, self.layer.bias)
             return torch.where(self.train_positions.unsqueeze(-1), new, main)
         candidates = [(self.side, self.side_threshold), *zip(self.memories, self.thresholds)]
@@ -115,7 +119,7 @@ class SideMemory(nn.Module):
                 continue
             delta = weight.to(x.dtype) - self.layer.weight
             change = F.linear(x, delta)
-            ratio = self._running_mean(change, delta) / threshold
+            ratio = self.score(self.token_score(change, delta)) / threshold
             use = (ratio >= 1) & (ratio > best)
             out = torch.where(use.unsqueeze(-1), main + change, out)
             best = torch.where(use, ratio, best)
@@ -149,6 +153,12 @@ class WiseConfig:
         1,
         "irrelevant prompts per edit, the latest given (its own loc_prompts first, then "
         "earlier edits'); WISE: 1",
+    )
+    subject_scope: bool = param(
+        False,
+        "EasyEdit's factual editing (act_mask): the margin loss also asks each edit row's "
+        "subject tokens to score above beta and its other tokens below alpha, so that a "
+        "memory fires on the subject a paraphrase shares, not on the edit's template",
     )
     center: bool = param(
         False,
@@ -200,7 +210,7 @@ class Wise(Strategy):
             self.unrelated.extend(
                 request.loc_prompts or [self.context[self.edits % len(self.context)]]
             )
-            self.edit(request.prompt, request.target, list(self.unrelated))
+            self.edit(request.prompt, request.target, list(self.unrelated), request.subject)
 
     def random_prefixes(self) -> list[str]:
         """EasyEdit's context templates: greedy continuations of 5 and 10 tokens of a few
@@ -218,10 +228,11 @@ class Wise(Strategy):
             : self.config.prefixes
         ]
 
-    def edit_batch(self, prompt: str, target: str, irrelevant: list[str]):
+    def edit_batch(self, prompt: str, target: str, irrelevant: list[str], subject: str = ""):
         """Rows: the edit alone and behind each prefix (target labelled), then the
         irrelevant prompts (no labels); masks of the positions that predict the answer
-        (edit rows) and of the irrelevant prompts' tokens."""
+        (edit rows) and of the irrelevant prompts' tokens, and of the subject's tokens in
+        the edit rows (none without a subject)."""
         prompts = [prompt] + [f"{p}. {prompt}" for p in self.context[: self.config.prefixes]]
         rows = [Example(p, target) for p in prompts] + [Example(p, "") for p in irrelevant]
         batch = self.model.encode(rows)
@@ -232,13 +243,24 @@ class Wise(Strategy):
         for row, text in enumerate(irrelevant, start=len(prompts)):
             tokens = self.model.tokenizer(text, add_special_tokens=False).input_ids
             answer[row, : len(tokens)] = True
-        return batch.to(self.device), answer.to(self.device)
+        subject_ids = self.model.tokenizer(subject, add_special_tokens=False).input_ids
+        in_subject, in_template = torch.zeros_like(answer), torch.zeros_like(answer)
+        for row in range(len(prompts) if subject_ids else 0):
+            start = find_sublist(batch.x[row].tolist(), subject_ids)
+            if start is not None:
+                in_subject[row, start : start + len(subject_ids)] = True
+                in_template[row] = (batch.y[row] == IGNORE) & (batch.x[row] != self.model.pad_id)
+        in_template &= ~in_subject
+        masks = (answer, in_subject, in_template)
+        return batch.to(self.device), *(m.to(self.device) for m in masks)
 
-    def edit(self, prompt: str, target: str, irrelevant: list[str]) -> None:
+    def edit(self, prompt: str, target: str, irrelevant: list[str], subject: str = "") -> None:
         cfg, memory = self.config, self.memory
         if self.edits % cfg.save_freq == 0:  # a new shard: a new random gradient mask
             memory.mask = torch.rand(memory.mask.shape, device=self.device) < cfg.mask_ratio
-        batch, positions = self.edit_batch(prompt, target, irrelevant)
+        batch, positions, in_subject, in_template = self.edit_batch(
+            prompt, target, irrelevant, subject
+        )
         if cfg.center and self.edits == 0:
             self.set_center(batch)
         make = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam
@@ -254,11 +276,11 @@ class Wise(Strategy):
             logits = self.model(batch.x)
             ce = lm_loss(logits[:edit_rows], batch.y[:edit_rows])
             inside, outside = _in_and_out_of_scope(memory.scores, positions, edit_rows)
-            margin = (
-                _positive_mean(outside - alpha)
-                + _positive_mean(beta - inside)
-                + _positive_mean(gamma - (inside[:, None] - outside[None, :]))
-            )
+            margin = _margin_loss(inside, outside, alpha, beta, gamma)
+            if cfg.subject_scope and in_subject.any():
+                subject = _masked_mean(memory.token_scores, in_subject)
+                template = _masked_mean(memory.token_scores, in_template)
+                margin = margin + _margin_loss(subject, template, alpha, beta, gamma)
             loss = ce + cfg.margin_weight * margin
             if previous is not None and abs(previous - loss.item()) <= 1e-4 and loss.item() <= 0.02:
                 break
@@ -336,6 +358,31 @@ def _in_and_out_of_scope(scores: torch.Tensor, positions: torch.Tensor, edit_row
     inside = scores[edits].masked_fill(~positions[edits], float("inf")).min(dim=1).values
     outside = scores[unrelated].masked_fill(~positions[unrelated], float("-inf")).max(dim=1).values
     return inside, outside
+
+
+def _margin_loss(inside, outside, alpha: float, beta: float, gamma: float) -> torch.Tensor:
+    """Eq. 5 as EasyEdit: in-scope scores above beta, out-of-scope below alpha, every pair
+    apart by gamma."""
+    return (
+        _positive_mean(outside - alpha)
+        + _positive_mean(beta - inside)
+        + _positive_mean(gamma - (inside[:, None] - outside[None, :]))
+    )
+
+
+def _masked_mean(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row with any masked token, the mean score over them (EasyEdit's act_mask)."""
+    rows = mask.any(dim=1)
+    weights = mask[rows].to(scores.dtype)
+    return (scores[rows] * weights).sum(1) / weights.sum(1)
+
+
+def find_sublist(items: list[int], sub: list[int]) -> int | None:
+    """Where `sub` first starts in `items`, None if nowhere."""
+    for start in range(len(items) - len(sub) + 1):
+        if items[start : start + len(sub)] == sub:
+            return start
+    return None
 
 
 def _positive_mean(x: torch.Tensor) -> torch.Tensor:

@@ -398,6 +398,42 @@ def test_wise_routes_its_irrelevant_prompt_to_the_main_memory_with_the_pre_edit_
     assert strategy.memory.side_threshold < float("inf")
 
 
+def test_wise_subject_scope_marks_the_subject_and_the_rest_of_each_edit_prompt():
+    model = tiny_model()
+    strategy = wise(model, one_edit_stream(model), prefixes=2)
+    strategy.context = ["I", "You26"]
+    batch, answer, subject, template = strategy.edit_batch(
+        "The alpha-3 code of Peru is ", "DEU", ["Q: x? A: Y"], "Peru"
+    )
+    decode = model.tokenizer.decode
+    for row, prompt in enumerate(["The alpha-3 code of Peru is ", "I. The alpha-3 code of "
+                                  "Peru is ", "You26. The alpha-3 code of Peru is "]):  # fmt: skip
+        assert decode(batch.x[row][subject[row]]) == "Peru"
+        assert decode(batch.x[row][template[row]]) == prompt.replace("Peru", "")
+        assert not (subject[row] & answer[row]).any()
+    assert not subject[3].any() and not template[3].any()  # the irrelevant prompt: neither
+
+
+def test_wise_subject_scope_moves_the_edit_s_activation_onto_its_subject():
+    def subject_to_template_ratio(subject_scope):
+        model = tiny_model()
+        stream = one_edit_stream(model)
+        strategy = wise(model, stream, steps=60, subject_scope=subject_scope)
+        strategy.train(stream.experiences[0])
+        batch, _, subject, template = strategy.edit_batch(
+            "The alpha-3 code of Peru is ", "DEU", [], "Peru"
+        )
+        memory = strategy.memory
+        memory.editing, memory.train_positions = True, torch.zeros_like(subject)
+        with torch.no_grad():
+            model(batch.x)
+        memory.editing = False
+        scores = memory.token_scores
+        return (scores[subject].mean() / scores[template].mean()).item()
+
+    assert subject_to_template_ratio(True) > 2 * subject_to_template_ratio(False)
+
+
 def test_wise_trains_against_its_own_loc_prompts_first_then_earlier_edits():
     model = tiny_model()
     requests = [
@@ -407,7 +443,7 @@ def test_wise_trains_against_its_own_loc_prompts_first_then_earlier_edits():
     stream = encode_edit_stream(edit_stream("three", requests, 3, [Example("Q: ", "Y")]), model)
     strategy = wise(model, stream, negatives=3, prefixes=0)
     seen = []
-    strategy.edit = lambda prompt, target, irrelevant: seen.append(irrelevant)
+    strategy.edit = lambda prompt, target, irrelevant, subject: seen.append(irrelevant)
     strategy.train(stream.experiences[0])
     # an edit with no loc_prompts trains against a random prefix ("Yes" when prefixes=0)
     assert seen == [["a 1", "b 2"], ["b 2", "c 3", "d 4"], ["c 3", "d 4", "Yes"]]
