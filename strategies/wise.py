@@ -259,7 +259,7 @@ class Wise(Strategy):
         if self.edits % cfg.save_freq == 0:  # a new shard: a new random gradient mask
             memory.mask = torch.rand(memory.mask.shape, device=self.device) < cfg.mask_ratio
         batch, positions, in_subject, in_template = self.edit_batch(
-            prompt, target, irrelevant, subject
+            prompt, target, irrelevant, subject if cfg.subject_scope else ""
         )
         if cfg.center and self.edits == 0:
             self.set_center(batch)
@@ -277,7 +277,7 @@ class Wise(Strategy):
             ce = lm_loss(logits[:edit_rows], batch.y[:edit_rows])
             inside, outside = _in_and_out_of_scope(memory.scores, positions, edit_rows)
             margin = _margin_loss(inside, outside, alpha, beta, gamma)
-            if cfg.subject_scope and in_subject.any():
+            if in_subject.any():
                 subject = _masked_mean(memory.token_scores, in_subject)
                 template = _masked_mean(memory.token_scores, in_template)
                 margin = margin + _margin_loss(subject, template, alpha, beta, gamma)
