@@ -19,6 +19,8 @@ from forgetless.experiments.schema import ConfigError, param, positive
 from forgetless.streams import Example, Samples
 
 IGNORE = -100
+BYTES = 256  # a byte-level BPE starts from every byte
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
 
 
 class CausalLM(nn.Module):
@@ -128,20 +130,40 @@ class LlamaTinyConfig:
     hidden: int = param(256, "model width")
     heads: int = param(4, "attention heads")
     intermediate: int = param(512, "width of the gate/up/down feed-forward")
-    context: int = param(128, "longest sequence in tokens (bytes)")
+    context: int = param(128, "longest sequence in tokens")
+    tokenizer: Literal["bytes", "bpe"] = param(
+        "bytes",
+        "bytes (ByT5's, no files) or bpe: a byte-level BPE learned from the stream's base "
+        "corpus, so that a word is a token or two as in real LMs, not a run of bytes",
+    )
+    vocab: int = param(1024, "bpe: vocabulary size, special tokens included")
 
     def validate(self, where: str) -> None:
-        for name in ("layers", "hidden", "heads", "intermediate", "context"):
+        for name in ("layers", "hidden", "heads", "intermediate", "context", "vocab"):
             positive(getattr(self, name), f"{where}.{name}")
         if self.hidden % self.heads:
             raise ConfigError(f"{where}.heads: {self.heads} does not divide hidden={self.hidden}")
+        if self.tokenizer == "bpe" and self.vocab < BYTES + len(SPECIAL_TOKENS) + 1:
+            raise ConfigError(
+                f"{where}.vocab: a bpe vocabulary holds the 256 bytes and "
+                f"{len(SPECIAL_TOKENS)} special tokens, so at least "
+                f"{BYTES + len(SPECIAL_TOKENS) + 1}; got {self.vocab}"
+            )
 
 
 def llama_tiny(config: LlamaTinyConfig, stream) -> CausalLM:
     """A Llama-style model (separate q/k/v/o and gate/up/down) with a byte-level tokenizer."""
     from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = ByT5Tokenizer()
+    if config.tokenizer == "bpe":
+        if stream.base is None:
+            raise ConfigError(
+                f"model.tokenizer: bpe learns its vocabulary from the stream's base corpus and "
+                f"stream {stream.name!r} has none; use tokenizer: bytes"
+            )
+        tokenizer = bpe_tokenizer([e.prompt + e.answer for e in stream.base.train], config.vocab)
+    else:
+        tokenizer = ByT5Tokenizer()
     model = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tokenizer),
@@ -158,6 +180,33 @@ def llama_tiny(config: LlamaTinyConfig, stream) -> CausalLM:
         )
     )
     return CausalLM(model, tokenizer, config.context)
+
+
+def bpe_tokenizer(texts: list[str], vocab: int):
+    """A byte-level BPE trained on `texts` (deterministic for the same texts). Spaces and
+    punctuation are tokens of their own, so a word is the same token wherever it stands
+    ("Cuba" in "Cuba's code", "of Cuba:" and "numeric(Cuba)"), and a prompt and its answer
+    tokenize apart as they do together; bytes cover any text outside the corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(" ", "isolated"), pre_tokenizers.Punctuation("isolated"), byte_level]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    pad, eos, unk = SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token=pad, eos_token=eos, unk_token=unk
+    )
 
 
 @dataclass

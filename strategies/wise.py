@@ -4,8 +4,10 @@ Wang et al., "WISE: Rethinking the Knowledge Memory for Lifelong Model Editing o
 Language Models", NeurIPS 2024 (arXiv 2405.14768), as EasyEdit's easyeditor/models/wise
 runs it. The side memory W' starts as a copy of the main memory W (one mlp.down_proj)
 and only W' learns (sec. 2.3.1). A query uses a side memory iff its activation score
-Delta(x) = ||A(x) (W' - W)||, averaged over the tokens, reaches the threshold learned from
-the edits (Eq. 3, 6: the smallest in-scope score seen, times `act_ratio`). Each edit
+Delta(x) = ||A(x) (W' - W)||, averaged over the tokens (`score: max`: the largest token's,
+as EasyEdit past 100 tokens), reaches the threshold learned from the edits (Eq. 3, 6: the
+smallest in-scope score seen, times `act_ratio`; an edit's score is the mean over its rows,
+the prompt and its prefixed copies, as EasyEdit's save_editing_activation). Each edit
 trains W' on the target tokens' loss plus the margin loss of Eq. 5 against irrelevant
 prompts (WISE: one; `negatives` of them, the latest given), over copies of the edit behind
 random prefixes. Knowledge sharding
@@ -78,9 +80,10 @@ def ties_merge(
 class SideMemory(nn.Module):
     """One down_proj with WISE's memories: the main W, the live side copy and saved ones."""
 
-    def __init__(self, layer: nn.Linear) -> None:
+    def __init__(self, layer: nn.Linear, statistic: str = "mean") -> None:
         super().__init__()
         self.layer = layer
+        self.statistic = statistic
         self.side = nn.Parameter(layer.weight.detach().clone())
         self.register_buffer("mask", torch.ones_like(layer.weight, dtype=torch.bool))
         self.memories: list[torch.Tensor] = []  # merged (or saved) side memories
@@ -99,7 +102,9 @@ class SideMemory(nn.Module):
         return (change - F.linear(self.center.to(change.dtype), delta)).norm(dim=-1)
 
     def score(self, token_scores: torch.Tensor) -> torch.Tensor:
-        """Delta at each position: the mean of the token scores so far."""
+        """Delta at each position: the mean (or the largest) of the token scores so far."""
+        if self.statistic == "max":
+            return token_scores.cummax(dim=1).values
         positions = torch.arange(1, token_scores.shape[1] + 1, device=token_scores.device)
         return token_scores.cumsum(dim=1) / positions
 
@@ -143,6 +148,11 @@ class WiseConfig:
         1.0, "weight of the margin loss beside the target's cross-entropy (EasyEdit: 1)"
     )
     act_ratio: float = param(0.88, "threshold = this x the smallest in-scope score of the edits")
+    threshold: Literal["rows", "prompt"] = param(
+        "rows",
+        "an edit's in-scope score: the mean over its rows, the prompt and its prefixed "
+        "copies (EasyEdit's save_editing_activation), or the prompt's alone",
+    )
     prefixes: int = param(10, "random-prefix copies of each edit (0: the edit alone)")
     mask_ratio: float = param(0.2, "density of each shard's random gradient mask (rho)")
     save_freq: int = param(500, "edits per shard: then the side memory is saved and reset")
@@ -159,6 +169,12 @@ class WiseConfig:
         "EasyEdit's factual editing (act_mask): the margin loss also asks each edit row's "
         "subject tokens to score above beta and its other tokens below alpha, so that a "
         "memory fires on the subject a paraphrase shares, not on the edit's template",
+    )
+    score: Literal["mean", "max"] = param(
+        "mean",
+        "Delta over the tokens so far: their mean (WISE) or the largest token's (EasyEdit's "
+        "top-1, which it takes past 100 tokens), which the template around a subject does "
+        "not dilute",
     )
     center: bool = param(
         False,
@@ -193,7 +209,7 @@ class Wise(Strategy):
         layer = ffn_module(self.model, self.config.layer, "down_proj", "strategy.layer")
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.memory = SideMemory(layer)
+        self.memory = SideMemory(layer, self.config.score)
         replace_module(self.model, layer, self.memory)
         self.edits = 0
         self.live_min = float("inf")  # smallest in-scope score of the live memory's edits
@@ -295,7 +311,8 @@ class Wise(Strategy):
         with torch.no_grad():
             self.model(batch.x)
             inside, _ = _in_and_out_of_scope(memory.scores, positions, edit_rows)
-            self.live_min = min(self.live_min, inside[0].item())  # the edit's own prompt
+            score = inside.mean() if cfg.threshold == "rows" else inside[0]
+            self.live_min = min(self.live_min, score.item())
         memory.editing = False
         memory.side_threshold = self.live_min * cfg.act_ratio
         self.edits += 1

@@ -24,13 +24,14 @@ from forgetless.experiments.base_model import base_path, encode_stream, load_or_
 from forgetless.experiments.config import grid_from_dict
 from forgetless.experiments.evaluate import _generation_counts, evaluate, score_stream
 from forgetless.experiments.runner import build_cell, run_grid
-from forgetless.experiments.schema import ConfigError
+from forgetless.experiments.schema import ConfigError, parse
 from forgetless.models import build_model
 from forgetless.models.causal_lm import (
     IGNORE,
     CausalLM,
     HFConfig,
     LlamaTinyConfig,
+    bpe_tokenizer,
     llama_tiny,
     lm_loss,
     trim_padding,
@@ -301,6 +302,37 @@ def test_encode_stream_fits_rows_of_a_tokenizer_that_merges_across_the_boundary(
     encoded = encode_stream(stream, model)
     assert encoded.experiences[0].train.x[0].tolist() == [3, 2, 5]
     assert encoded.experiences[0].train.y[0].tolist() == [IGNORE, 2, 5]
+
+
+def test_bpe_tokenizer_keeps_a_word_one_token_wherever_it_stands_and_is_deterministic():
+    texts = ["The alpha-3 code of Cuba is CUB", "Cuba's numeric code is 192", "numeric(Peru) = 604"]
+    texts = texts * 20 + ["Three-digit ISO code of Peru: 604"]
+    tokenizer = bpe_tokenizer(texts, vocab=300)
+    cuba = tokenizer("Cuba", add_special_tokens=False).input_ids
+    assert len(cuba) == 1  # a word of the corpus is one token
+    for text in ("numeric(Cuba) = ", "Cuba's code", "Three-digit ISO code of Cuba: "):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert cuba[0] in ids  # the same token after "(", at the start, before ":"
+        assert tokenizer.decode(ids) == text
+    unseen = "Ünïcode, never seen: {x}"
+    assert tokenizer.decode(tokenizer(unseen, add_special_tokens=False).input_ids) == unseen
+    again = bpe_tokenizer(texts, vocab=300)
+    assert again.get_vocab() == tokenizer.get_vocab()
+
+
+def test_a_bpe_tiny_llama_learns_its_vocabulary_from_the_base_corpus_and_needs_one():
+    corpus = [Example("The alpha-3 code of Cuba is ", "CUB")] * 10
+    base = BaseMixture(BaseConfig(), corpus)
+    config = LlamaTinyConfig(
+        layers=1, hidden=16, heads=2, intermediate=32, tokenizer="bpe", vocab=300
+    )
+    model = llama_tiny(config, Stream("s", "instruction", [], base=base))
+    assert model.model.config.vocab_size == len(model.tokenizer) <= 300
+    assert len(model.tokenizer("Cuba", add_special_tokens=False).input_ids) == 1
+    with pytest.raises(ConfigError, match="model.tokenizer: bpe .* stream 's' has none"):
+        llama_tiny(config, Stream("s", "instruction", []))
+    with pytest.raises(ConfigError, match="model.vocab: .* at least 260"):
+        parse(LlamaTinyConfig, {"tokenizer": "bpe", "vocab": 259}, "model")
 
 
 # --- built-in tasks ---------------------------------------------------------------------
