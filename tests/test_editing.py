@@ -380,7 +380,6 @@ def test_side_memory_routes_queries_below_the_threshold_to_the_main_memory_exact
     assert torch.allclose(out[0, 1:], x[0, 1:] @ memory.side.T)  # means 1.0 and 1.33
 
 
-
 def test_side_memory_scores_the_mean_or_the_largest_token_so_far():
     from forgetless.strategies.wise import SideMemory
 
@@ -389,6 +388,7 @@ def test_side_memory_scores_the_mean_or_the_largest_token_so_far():
     largest = SideMemory(nn.Linear(4, 3), statistic="max").score(token_scores)
     assert mean.tolist() == [[1.0, 2.0, 2.0, 1.5]]
     assert largest.tolist() == [[1.0, 3.0, 3.0, 3.0]]
+
 
 def test_wise_routes_its_irrelevant_prompt_to_the_main_memory_with_the_pre_edit_outputs():
     model = tiny_model()
