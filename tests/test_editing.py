@@ -472,6 +472,27 @@ def test_wise_retrieves_a_single_edit_by_its_prompt_and_a_paraphrase():
     assert row == [1.0] and extra["generalization"] == 1.0 and extra["locality"] == 1.0
 
 
+@pytest.mark.parametrize("threshold", ["rows", "prompt"])
+def test_wise_threshold_is_the_edit_s_in_scope_score_over_its_rows_or_its_prompt(threshold):
+    from forgetless.strategies.wise import _in_and_out_of_scope
+
+    model = tiny_model()
+    stream = one_edit_stream(model)
+    strategy = wise(model, stream, threshold=threshold, act_ratio=0.5)
+    strategy.train(stream.experiences[0])
+    request = stream.experiences[0].train[0]
+    memory = strategy.memory
+    batch, positions, *_ = strategy.edit_batch(request.prompt, request.target, ["Q: x? A: Y"])
+    memory.editing, memory.train_positions = True, positions
+    with torch.no_grad():
+        model(batch.x)
+    memory.editing = False
+    inside, _ = _in_and_out_of_scope(memory.scores, positions, len(positions) - 1)
+    assert len(inside) == 3  # the prompt and its 2 prefixed copies
+    expected = inside.mean() if threshold == "rows" else inside[0]
+    assert memory.side_threshold == pytest.approx(0.5 * expected.item(), rel=1e-5)
+
+
 def test_ties_merge_keeps_the_top_entries_elects_signs_and_averages_agreeing_ones():
     from forgetless.strategies.wise import ties_merge
 
