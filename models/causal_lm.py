@@ -3,7 +3,8 @@
 `CausalLM` wraps a transformers model and its tokenizer so that the one training loop
 sees what it sees for classification: `model(input_ids) -> logits`, with labels that
 are -100 wherever no loss is taken (the prompt and the padding). The tiny models use
-transformers' `ByT5Tokenizer`, byte-level, which needs no files; nothing downloads.
+transformers' `ByT5Tokenizer`, byte-level, which needs no files, or a BPE learned from the
+stream's base corpus (`tokenizer: bpe`); nothing downloads.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ class LlamaTinyConfig:
 
 
 def llama_tiny(config: LlamaTinyConfig, stream) -> CausalLM:
-    """A Llama-style model (separate q/k/v/o and gate/up/down) with a byte-level tokenizer."""
+    """A Llama-style model (separate q/k/v/o and gate/up/down) with a byte-level tokenizer:
+    ByT5's bytes, or a BPE over bytes learned from the stream's base corpus."""
     from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
     if config.tokenizer == "bpe":
