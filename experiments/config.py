@@ -255,7 +255,7 @@ def _resolve(raw: dict[str, Any], where_strategy: str, where_stream: str) -> dic
     def section(name: str, cls: type, spec: dict, where: str) -> dict[str, Any]:
         return {"name": name, **dataclasses.asdict(parse(cls, spec, where))}
 
-    return {
+    resolved = {
         "stream": section(
             stream_name,
             _config_class("stream", stream_name, where_stream),
@@ -268,6 +268,12 @@ def _resolve(raw: dict[str, Any], where_strategy: str, where_stream: str) -> dic
         "train": dataclasses.asdict(parse(TrainConfig, raw["train"], "train")),
         "strategy": section(strategy_name, strategy.Config, strategy_spec, where_strategy),
     }
+    if resolved["model"].get("tokenizer") == "bpe" and resolved["stream"].get("base") is None:
+        raise ConfigError(
+            f"model.tokenizer: bpe learns its vocabulary from the stream's base corpus and "
+            f"{where_stream} ({stream_name}) pre-trains no base; use tokenizer: bytes"
+        )
+    return resolved
 
 
 def build_params(cls: type, resolved: dict[str, Any], where: str) -> Any:

@@ -335,6 +335,16 @@ def test_a_bpe_tiny_llama_learns_its_vocabulary_from_the_base_corpus_and_needs_o
         parse(LlamaTinyConfig, {"tokenizer": "bpe", "vocab": 259}, "model")
 
 
+def test_a_grid_pairing_a_bpe_model_with_a_stream_without_base_fails_before_any_cell():
+    model = {"name": "llama_tiny", "tokenizer": "bpe"}
+    no_base = {"name": "instructions", "base": None}
+    with pytest.raises(ConfigError, match=r"model.tokenizer: .* streams\[0\] \(instructions\)"):
+        grid_from_dict({"name": "g", "streams": [no_base], "strategies": ["naive"], "model": model})
+    grid = grid_from_dict({"name": "g", "streams": ["instructions"], "strategies": ["naive"],
+                           "model": model})  # fmt: skip
+    assert grid.cells[0].config["model"]["tokenizer"] == "bpe"
+
+
 # --- built-in tasks ---------------------------------------------------------------------
 
 
