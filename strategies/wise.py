@@ -26,9 +26,10 @@ While an edit trains, W' answers only at the positions that predict the answer (
 swaps the whole sequence): the prompt before them is shared with unrelated prompts and
 routes to the main memory, and training must see what inference will.
 Saved shards not merged yet are routed to like memories. Among several memories above
-their thresholds, a query takes the one whose score is the largest multiple of its own
-threshold (EasyEdit: the largest score), since scores of memories trained on different
-edits are not on one scale.
+their thresholds, a query takes the one with the largest score (WISE-Retrieve, EasyEdit;
+`select: ratio`: the largest multiple of its own threshold). Where one subject is edited in
+two relations, both memories fire on the subject; the ratio then favours whichever memory
+learned the lower threshold, the score the memory trained on this very prompt.
 `subject_scope: true` adds EasyEdit's factual-editing masks (act_mask / deact_mask of its
 tokenize): a second margin term over each edit row's tokens, the subject's in scope, the
 rest of the prompt out of it, so that a memory fires where a paraphrase shares the edit.
@@ -80,10 +81,11 @@ def ties_merge(
 class SideMemory(nn.Module):
     """One down_proj with WISE's memories: the main W, the live side copy and saved ones."""
 
-    def __init__(self, layer: nn.Linear, statistic: str = "mean") -> None:
+    def __init__(self, layer: nn.Linear, statistic: str = "mean", select: str = "score") -> None:
         super().__init__()
         self.layer = layer
         self.statistic = statistic
+        self.select = select
         self.side = nn.Parameter(layer.weight.detach().clone())
         self.register_buffer("mask", torch.ones_like(layer.weight, dtype=torch.bool))
         self.memories: list[torch.Tensor] = []  # merged (or saved) side memories
@@ -124,10 +126,11 @@ class SideMemory(nn.Module):
                 continue
             delta = weight.to(x.dtype) - self.layer.weight
             change = F.linear(x, delta)
-            ratio = self.score(self.token_score(change, delta)) / threshold
-            use = (ratio >= 1) & (ratio > best)
+            score = self.score(self.token_score(change, delta))
+            key = score / threshold if self.select == "ratio" else score
+            use = (score >= threshold) & (key > best)
             out = torch.where(use.unsqueeze(-1), main + change, out)
-            best = torch.where(use, ratio, best)
+            best = torch.where(use, key, best)
         return out
 
 
@@ -176,6 +179,11 @@ class WiseConfig:
         "top-1, which it takes past 100 tokens), which the template around a subject does "
         "not dilute",
     )
+    select: Literal["score", "ratio"] = param(
+        "score",
+        "among memories above their thresholds, the one with the largest score (WISE-Retrieve) "
+        "or the largest multiple of its threshold",
+    )
     center: bool = param(
         False,
         "score (x - c)(W' - W) with c the mean layer input over the first edit's rows: small "
@@ -209,7 +217,7 @@ class Wise(Strategy):
         layer = ffn_module(self.model, self.config.layer, "down_proj", "strategy.layer")
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.memory = SideMemory(layer, self.config.score)
+        self.memory = SideMemory(layer, self.config.score, self.config.select)
         replace_module(self.model, layer, self.memory)
         self.edits = 0
         self.live_min = float("inf")  # smallest in-scope score of the live memory's edits

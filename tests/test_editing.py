@@ -390,6 +390,26 @@ def test_side_memory_scores_the_mean_or_the_largest_token_so_far():
     assert largest.tolist() == [[1.0, 3.0, 3.0, 3.0]]
 
 
+def test_side_memory_gives_a_query_two_memories_fire_on_the_largest_score_or_ratio():
+    from forgetless.strategies.wise import SideMemory
+
+    layer = nn.Linear(4, 3, bias=False)
+    x = torch.zeros(1, 1, 4)
+    x[0, 0, 0] = 1.0
+    memories = []
+    for size in (2.0, 3.0):  # Delta(x) = 2 and 3
+        weight = layer.weight.detach().clone()
+        weight[0, 0] += size
+        memories.append(weight)
+    expected = {"score": memories[1], "ratio": memories[0]}  # ratios 2 / 1 = 2, 3 / 2.5 = 1.2
+    for select, weight in expected.items():
+        memory = SideMemory(layer, statistic="max", select=select)
+        memory.memories, memory.thresholds = memories, [1.0, 2.5]
+        assert torch.allclose(memory(x), x @ weight.T)
+    memory.thresholds = [2.5, 3.5]  # neither fires
+    assert torch.equal(memory(x), layer(x))
+
+
 def test_wise_routes_its_irrelevant_prompt_to_the_main_memory_with_the_pre_edit_outputs():
     model = tiny_model()
     request = EditRequest("Peru", "alpha3", "The alpha-3 code of Peru is ", "DEU", "PER",
