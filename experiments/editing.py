@@ -129,6 +129,32 @@ def score_edits(strategy, stream: Stream) -> tuple[list[float], dict[str, float]
     return row, extra
 
 
+def edit_results(strategy, stream: Stream) -> dict[str, list]:
+    """Per edit, its raw final result as table columns (EasyEdit users ask for these beside
+    the means to check a reproduction): experience, the request, whether it is forgotten,
+    whether its prompt gives the new target, and the share of its paraphrases that do
+    (None for an edit without any)."""
+    from forgetless.experiments.evaluate import exact_rows
+
+    names = ("experience", "subject", "relation", "prompt", "target", "original")
+    columns: dict[str, list] = {k: [] for k in (*names, "forgotten", "reliable", "generalization")}
+    for j, e in enumerate(stream):
+        reliable = exact_rows(strategy, e.test.reliability)
+        paraphrased = exact_rows(strategy, e.test.generalization)
+        any_paraphrase = any(r.paraphrases for r in e.train)  # else: the prompts, rescored
+        start = 0
+        for k, request in enumerate(e.train):
+            rows = paraphrased[start : start + (len(request.paraphrases) if any_paraphrase else 1)]
+            start += len(rows)
+            for name in names[1:]:
+                columns[name].append(getattr(request, name))
+            columns["experience"].append(j)
+            columns["forgotten"].append("forgotten_at" in e.info)
+            columns["reliable"].append(reliable[k])
+            columns["generalization"].append(float(np.mean(rows)) if rows else None)
+    return columns
+
+
 def applied_scores(R: np.ndarray, i: int, extra: dict[str, float], stream: Stream) -> dict:
     """Reliability and generalization over the edits held after experience `i` (applied
     and not forgotten; experiences hold equal numbers of edits), locality, and forget

@@ -21,24 +21,13 @@ PRIMARY = {"classification": "accuracy", "generation": "exact_match", "edit": "e
 @torch.no_grad()
 def evaluate(strategy: Strategy, data: Samples, kind: str) -> dict[str, float]:
     """Scores of `strategy` on `data`; the PRIMARY one fills the accuracy matrix."""
-    model = strategy.model
-    was_training = model.training
-    model.eval()
-    batch_size = strategy.train_config.eval_batch_size
     totals: dict[str, torch.Tensor] = {}
-    for start in range(0, len(data), batch_size):
-        index = slice(start, start + batch_size)
-        task = None if data.task is None else data.task[index]
-        batch = Samples(data.x[index], data.y[index], task).to(strategy.device)
-        if kind == "generation":
-            batch = trim_padding(batch)
-        logits = strategy.logits(batch)
+    for batch, logits in _batch_logits(strategy, data, kind):
         counts = _generation_counts(logits, batch.y) if kind == "generation" else {
             "accuracy": (logits.argmax(dim=1) == batch.y).sum(),
         }  # fmt: skip
         for key, value in counts.items():
             totals[key] = totals.get(key, 0) + value
-    model.train(was_training)
     n = len(data)
     if kind != "generation":
         return {"accuracy": totals["accuracy"].item() / n}
@@ -50,16 +39,50 @@ def evaluate(strategy: Strategy, data: Samples, kind: str) -> dict[str, float]:
     }
 
 
+@torch.no_grad()
+def exact_rows(strategy: Strategy, data: Samples) -> list[bool]:
+    """Per row of a generation set, whether greedy decoding gives its answer exactly."""
+    return [
+        flag
+        for batch, logits in _batch_logits(strategy, data, "generation")
+        for flag in _exact(logits, batch.y).tolist()
+    ]
+
+
+def _batch_logits(strategy: Strategy, data: Samples, kind: str):
+    """(batch, logits) over `data` in evaluation batches, the model in eval mode."""
+    model = strategy.model
+    was_training = model.training
+    model.eval()
+    batch_size = strategy.train_config.eval_batch_size
+    try:
+        for start in range(0, len(data), batch_size):
+            index = slice(start, start + batch_size)
+            task = None if data.task is None else data.task[index]
+            batch = Samples(data.x[index], data.y[index], task).to(strategy.device)
+            if kind == "generation":
+                batch = trim_padding(batch)
+            yield batch, strategy.logits(batch)
+    finally:
+        model.train(was_training)
+
+
+def _exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Rows whose every answer token (and EOS) is the argmax given the true prefix."""
+    target = labels[:, 1:]
+    scored = target != IGNORE
+    return ((logits[:, :-1].argmax(dim=-1) == target) | ~scored).all(dim=1)
+
+
 def _generation_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     target = labels[:, 1:]
     scored = target != IGNORE
-    predicted = logits[:, :-1].argmax(dim=-1)
-    correct = (predicted == target) & scored
+    correct = (logits[:, :-1].argmax(dim=-1) == target) & scored
     loss = torch.nn.functional.cross_entropy(
         logits[:, :-1].transpose(1, 2).float(), target, ignore_index=IGNORE, reduction="sum"
     )
     return {
-        "exact": (correct | ~scored).all(dim=1).sum(),
+        "exact": _exact(logits, labels).sum(),
         "correct_tokens": correct.sum(),
         "tokens": scored.sum(),
         "loss_sum": loss,

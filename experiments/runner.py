@@ -25,7 +25,7 @@ import torch
 
 from forgetless.experiments import checkpoint, metrics, tracking
 from forgetless.experiments.config import Cell, Grid, build_params
-from forgetless.experiments.editing import applied_scores, edit_summary
+from forgetless.experiments.editing import applied_scores, edit_results, edit_summary
 from forgetless.experiments.evaluate import PRIMARY, score_stream
 from forgetless.models import build_model, model_factory
 from forgetless.strategies import Strategy, TrainConfig, strategy_class
@@ -156,6 +156,7 @@ def run_cell(
         summary.update(train_time_s=train_time, memory_bytes=strategy.memory_bytes())
         if stream.kind == "edit":
             summary.update(edit_summary(extra, stream, train_time))
+            run.client.log_table(run.run_id, edit_results(strategy, stream), "edits.json")
         if base_general:
             summary["general_retention"] = extra["general_acc"] / base_general
         elif base_general is not None:

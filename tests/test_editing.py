@@ -12,6 +12,7 @@ from torch import nn
 from forgetless.experiments.editing import (
     applied_scores,
     cache_locality,
+    edit_results,
     edit_summary,
     encode_edit_stream,
     score_edits,
@@ -215,6 +216,11 @@ def test_edit_scores_on_hand_made_predictions():
     assert applied_scores(R, 0, extra, stream)["reliability"] == 0.5
     assert applied_scores(R, 1, extra, stream)["edits_applied"] == 4
     assert edit_summary(extra, stream, train_time_s=2.0)["edit_latency_s"] == 0.5
+    table = edit_results(scored, stream)
+    assert table["subject"] == ["Aa", "Bb", "Cc", "Dd"] and table["experience"] == [0, 0, 1, 1]
+    assert table["reliable"] == [True, False, True, True]
+    assert table["generalization"] == [1.0, 1.0, 0.0, 0.0]
+    assert table["forgotten"] == [False] * 4 and table["target"] == ["X"] * 4
 
 
 def test_a_forgetting_stream_asks_to_forget_every_other_experience_k_later():
@@ -249,6 +255,9 @@ def test_forget_success_and_the_kept_edits_scores_on_hand_made_predictions():
     assert applied_scores(R, 1, extra, stream)["reliability"] == 1.0  # edit 1 alone held
     assert applied_scores(R, 3, extra, stream)["forget_success"] == 0.5
     assert edit_summary(extra, stream, train_time_s=4.0)["forget_success"] == 0.5
+    table = edit_results(Scored(NextTokenOracle({"Aa is"})), stream)
+    assert table["forgotten"] == [True, False, True, False]
+    assert table["reliable"] == [False, True, True, True]
 
 
 def test_a_forgetting_stream_is_refused_for_an_editor_that_cannot_forget():

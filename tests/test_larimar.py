@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,12 @@ def test_a_forgetting_edit_grid_runs_through_the_runner_and_logs_forget_success(
     history = client.get_metric_history(run.info.run_id, "forget_success")
     assert [m.step for m in history] == [1, 2, 3]
     assert metrics["final/forget_success"] == history[-1].value
+    # Every edit's raw result, as an MLflow table; the kept edits' mean is the final score.
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "edits.json")).read_text())
+    edits = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [e["forgotten"] for e in edits] == [True, False, True, False]
+    kept = [e["reliable"] for e in edits if not e["forgotten"]]
+    assert metrics["final/reliability"] == pytest.approx(sum(kept) / len(kept))
 
 
 def test_the_key_encoder_gives_a_held_out_phrasing_its_own_facts_key():
