@@ -106,6 +106,7 @@ def run_cell(
     path = checkpoint_path(storage, cell)
     run = None
     try:
+        _reset_peak_memory(torch.device(device))
         stream, strategy = build_cell(cell, device)
         T = len(stream)
         state = checkpoint.load(path) if strategy.resumable else None
@@ -154,6 +155,7 @@ def run_cell(
                 })  # fmt: skip
         summary = metrics.summarize(R, baseline)
         summary.update(train_time_s=train_time, memory_bytes=strategy.memory_bytes())
+        summary.update(_peak_memory(strategy.device))
         if stream.kind == "edit":
             summary.update(edit_summary(extra, stream, train_time))
             run.client.log_table(run.run_id, edit_results(strategy, stream), "edits.json")
@@ -208,6 +210,19 @@ def _clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """The most GPU memory the cell held at once (since it started or resumed), to size
+    `resources.gpu` fractions by (EasyEdit users ask for such a table); none on CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
 
 
 def _warn_if_untrained(run, cell: Cell, experience, score: float) -> None:

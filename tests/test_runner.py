@@ -159,3 +159,19 @@ def test_progress_bar_counts_every_cell_when_it_draws_it(write_grid, tracking_ur
     bars = capsys.readouterr().err.replace("\r", "\n").splitlines()
     final = [line for line in bars if "2/2" in line]
     assert final and all("done=2" in line for line in final)
+
+
+def test_a_gpu_cell_reports_its_peak_memory_and_a_cpu_cell_none(monkeypatch):
+    import torch
+
+    from forgetless.experiments import runner
+
+    reset = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset.append)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**20)
+    gpu, cpu = torch.device("cuda", 1), torch.device("cpu")
+    runner._reset_peak_memory(gpu)
+    runner._reset_peak_memory(cpu)
+    assert reset == [gpu]
+    assert runner._peak_memory(gpu) == {"peak_gpu_memory_mb": 3.0}
+    assert runner._peak_memory(cpu) == {}
