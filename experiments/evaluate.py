@@ -67,22 +67,26 @@ def _batch_logits(strategy: Strategy, data: Samples, kind: str):
         model.train(was_training)
 
 
+def _answer_tokens(logits: torch.Tensor, labels: torch.Tensor):
+    """Which answer tokens (and EOS) are the argmax given the true prefix, and which are
+    answer tokens at all."""
+    scored = labels[:, 1:] != IGNORE
+    return (logits[:, :-1].argmax(dim=-1) == labels[:, 1:]) & scored, scored
+
+
 def _exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Rows whose every answer token (and EOS) is the argmax given the true prefix."""
-    target = labels[:, 1:]
-    scored = target != IGNORE
-    return ((logits[:, :-1].argmax(dim=-1) == target) | ~scored).all(dim=1)
+    """Rows whose every answer token is right: greedy decoding writes the answer."""
+    correct, scored = _answer_tokens(logits, labels)
+    return (correct | ~scored).all(dim=1)
 
 
 def _generation_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    target = labels[:, 1:]
-    scored = target != IGNORE
-    correct = (logits[:, :-1].argmax(dim=-1) == target) & scored
+    correct, scored = _answer_tokens(logits, labels)
     loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2).float(), target, ignore_index=IGNORE, reduction="sum"
+        logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE, reduction="sum"
     )
     return {
-        "exact": _exact(logits, labels).sum(),
+        "exact": (correct | ~scored).all(dim=1).sum(),
         "correct_tokens": correct.sum(),
         "tokens": scored.sum(),
         "loss_sum": loss,
