@@ -21,8 +21,14 @@ import yaml
 
 from forgetless.experiments.schema import ConfigError, param, parse, positive, suggest
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+NAME_RULE = "1 to 100 letters, digits, - _ . not starting with . or -"
 SECTIONS = ("stream", "model", "train", "strategy")
+# Part of every cell hash. Bump it only when a change gives an existing configuration a
+# new meaning (a default's value, what a parameter does), so that finished cells run
+# again on purpose; say so in CHANGELOG.md. Adding a field whose default keeps the old
+# behaviour needs no bump: fields at their default are not hashed.
+HASH_VERSION = 2
 
 
 @dataclass
@@ -40,7 +46,7 @@ class Resources:
 class GridFile:
     """The top level of a grid YAML file."""
 
-    name: str = param(help="the MLflow experiment; letters, digits, - _ .")
+    name: str = param(help=f"the MLflow experiment and the checkpoint folder; {NAME_RULE}")
     strategies: list[Any] = param(help="strategy names, or {name: ..., <param>: ...} mappings")
     streams: list[Any] = param(help="stream names, or {name: ..., <param>: ...} mappings")
     seeds: list[int] = param([0], "one cell per seed; the seed drives every RNG")
@@ -52,7 +58,12 @@ class GridFile:
 
     def validate(self, where: str) -> None:
         if not NAME_PATTERN.match(self.name):
-            raise ConfigError(f"name: {self.name!r} may only hold letters, digits, - _ .")
+            raise ConfigError(f"name: {self.name[:120]!r} is not a grid name; use {NAME_RULE}")
+        if not self.storage.strip():
+            raise ConfigError(
+                "storage: empty; give a folder (default forgetless_runs) or a URI the workers "
+                "can reach (e.g. s3://bucket/forgetless)"
+            )
         for key in ("strategies", "streams", "seeds"):
             if not getattr(self, key):
                 raise ConfigError(f"{key}: list at least one")
@@ -69,11 +80,20 @@ class Cell:
     config: dict[str, Any]
     """{'stream': {...}, 'model': {...}, 'train': {...}, 'strategy': {...}, 'seed': n}"""
     overrides: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] | None = None
+    """`config` without the fields at their declared default: what `hash` is taken of."""
+    variant: str = ""
+    """What sets this cell apart from the other cells of its stream and strategy name
+    (grid points, or one strategy listed twice with other parameters), seed aside."""
 
     @property
     def hash(self) -> str:
-        """Identity of what changes results; resources and tracking are not part of it."""
-        blob = json.dumps(self.config, sort_keys=True, separators=(",", ":"))
+        """Identity of what changes results; resources and tracking are not part of it.
+
+        Fields at their default are left out, so a new field whose default keeps the old
+        behaviour leaves every finished cell's hash as it was."""
+        identity = self.config if self.identity is None else self.identity
+        blob = json.dumps({"v": HASH_VERSION, **identity}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
@@ -83,11 +103,6 @@ class Cell:
     @property
     def strategy(self) -> str:
         return self.config["strategy"]["name"]
-
-    @property
-    def variant(self) -> str:
-        """The grid point without the seed: cells differing only by seed share it."""
-        return ",".join(f"{k}={v}" for k, v in sorted(self.overrides.items()))
 
     def label(self) -> str:
         extra = f" [{self.variant}]" if self.variant else ""
@@ -134,13 +149,75 @@ def grid_from_dict(data: Any, where: str = "grid") -> Grid:
             where_strategy = f"strategies[{i_strategy}]"
             for point in itertools.product(*axes.values()) if axes else [()]:
                 overrides = dict(zip(axes, point))
-                config = _resolve(_apply(raw, overrides), where_strategy, f"streams[{i_stream}]")
+                config, defaults = _resolve(
+                    _apply(raw, overrides), where_strategy, f"streams[{i_stream}]"
+                )
                 applied = {k: v for k, v in overrides.items() if _lookup(config, k) == v}
+                identity = _without_defaults(config, defaults)
                 for seed in top.seeds:
-                    cell = Cell(top.name, seed, {**config, "seed": seed}, applied)
+                    cell = Cell(top.name, seed, {**config, "seed": seed}, applied,
+                                {**identity, "seed": seed})  # fmt: skip
                     cells.setdefault(cell.hash, cell)
     _check_overrides_used(axes, cells.values())
+    _label_variants(list(cells.values()))
     return Grid(top.name, list(cells.values()), top.resources, top.storage, data)
+
+
+def _label_variants(cells: list[Cell]) -> None:
+    """Name each cell by the dotted values that differ among the cells of its stream and
+    strategy name, so two configurations of one strategy never share a row or a group."""
+    by_name: dict[tuple[str, str], list[Cell]] = {}
+    for cell in cells:
+        by_name.setdefault((cell.stream, cell.strategy), []).append(cell)
+    for group in by_name.values():
+        flat = [flatten({k: v for k, v in c.config.items() if k != "seed"}) for c in group]
+        keys = sorted({k for f in flat for k in f})
+        differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True)
+                                              for f in flat}) > 1]  # fmt: skip
+        for cell, values in zip(group, flat):
+            cell.variant = ",".join(f"{k}={_text(values.get(k))}" for k in differing)
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) or value is None else str(value)
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}; lists and empty mappings stay values."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _without_defaults(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`config` with every value equal to its default in `defaults` dropped, recursively."""
+    out = {}
+    for key, value in config.items():
+        if key in defaults and value == defaults[key]:
+            continue
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            value = _without_defaults(value, defaults[key])
+        out[key] = value
+    return out
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The declared default of every field of dataclass `cls` that has one."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def _component(spec: Any, where: str) -> dict[str, Any]:
@@ -227,8 +304,11 @@ def _config_class(section: str, name: str, where: str) -> type:
     return strategy_class(name, where).Config
 
 
-def _resolve(raw: dict[str, Any], where_strategy: str, where_stream: str) -> dict[str, Any]:
-    """Parse every section against its declaration; return plain data with defaults filled."""
+def _resolve(
+    raw: dict[str, Any], where_strategy: str, where_stream: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parse every section against its declaration: plain data with defaults filled, and
+    the defaults themselves (per section, for the cell hash)."""
     from forgetless.models import DEFAULT_MODEL
     from forgetless.strategies import TrainConfig, strategy_class
     from forgetless.streams import stream_factory
@@ -252,28 +332,24 @@ def _resolve(raw: dict[str, Any], where_strategy: str, where_stream: str) -> dic
     model_spec = dict(raw["model"] or {"name": DEFAULT_MODEL[kind]})
     model_name = model_spec.pop("name") or DEFAULT_MODEL[kind]
 
-    def section(name: str, cls: type, spec: dict, where: str) -> dict[str, Any]:
-        return {"name": name, **dataclasses.asdict(parse(cls, spec, where))}
-
-    resolved = {
-        "stream": section(
-            stream_name,
-            _config_class("stream", stream_name, where_stream),
-            stream_spec,
-            where_stream,
-        ),
-        "model": section(
-            model_name, _config_class("model", model_name, "model"), model_spec, "model"
-        ),
-        "train": dataclasses.asdict(parse(TrainConfig, raw["train"], "train")),
-        "strategy": section(strategy_name, strategy.Config, strategy_spec, where_strategy),
-    }
+    classes = {
+        "stream": (stream_name, _config_class("stream", stream_name, where_stream), stream_spec,
+                   where_stream),
+        "model": (model_name, _config_class("model", model_name, "model"), model_spec, "model"),
+        "train": (None, TrainConfig, raw["train"], "train"),
+        "strategy": (strategy_name, strategy.Config, strategy_spec, where_strategy),
+    }  # fmt: skip
+    resolved, defaults = {}, {}
+    for key, (name, cls, spec, where) in classes.items():
+        values = dataclasses.asdict(parse(cls, spec, where))
+        resolved[key] = values if name is None else {"name": name, **values}
+        defaults[key] = _defaults(cls)
     if resolved["model"].get("tokenizer") == "bpe" and resolved["stream"].get("base") is None:
         raise ConfigError(
             f"model.tokenizer: bpe learns its vocabulary from the stream's base corpus and "
             f"{where_stream} ({stream_name}) pre-trains no base; use tokenizer: bytes"
         )
-    return resolved
+    return resolved, defaults
 
 
 def build_params(cls: type, resolved: dict[str, Any], where: str) -> Any:

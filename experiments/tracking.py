@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Experiment, Metric, Param, RunTag
 
 from forgetless.experiments.config import Cell
+from forgetless.experiments.config import flatten as config_flatten
 from forgetless.experiments.schema import ConfigError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -275,13 +276,7 @@ def log_groups(grid_run: GridRun, groups: dict[tuple[str, str, str], dict[str, f
         client.set_terminated(run.info.run_id, "FINISHED")
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}; lists stay values."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
-    return out
+def flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}; lists as JSON text, as MLflow params."""
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else v
+            for k, v in config_flatten(config).items()}  # fmt: skip

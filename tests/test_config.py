@@ -207,9 +207,17 @@ def test_n_experiences_not_dividing_the_classes_lists_valid_divisors(load):
     )
 
 
-@pytest.mark.parametrize("name", ["my grid", "grid!", "a/b", ""])
+@pytest.mark.parametrize("name", ["my grid", "grid!", "a/b", "", "..", ".", ".hidden", "-x",
+                                  "n" * 101])  # fmt: skip
 def test_bad_grid_name_is_refused(load, name):
-    refuses(load, f"name: {name!r} may only hold letters, digits, - _ .", name=name)
+    """A name becomes a folder under storage: '..' would write outside it, and a long one
+    fails the file system only when the first checkpoint is written."""
+    refuses(load, f"name: {name!r} is not a grid name; use 1 to 100 letters, digits", name=name)
+
+
+def test_empty_storage_is_refused_rather_than_writing_at_the_root(load):
+    refuses(load, "storage: empty; give a folder", storage="")
+    refuses(load, "storage: empty; give a folder", storage="  ")
 
 
 def test_good_grid_name_characters_are_accepted(load):
@@ -350,6 +358,57 @@ def test_cell_hash_ignores_resources_and_storage(load, tmp_path):
     base = load().cells[0].hash
     assert load(resources={"cpu": 4, "gpu": 0.25}).cells[0].hash == base
     assert load(storage=str(tmp_path / "elsewhere")).cells[0].hash == base
+
+
+# Hashes of finished cells in users' stores: a change here reruns every such cell. Change
+# them only on purpose (HASH_VERSION), with a line in CHANGELOG.md.
+PINNED_HASHES = {
+    "naive": "a51989ce51739ba3",
+    "rehearsal": "5c36779f590ef3bf",
+    "ewc": "adc7ac0c2f75c57e",
+}
+
+
+def test_cell_hashes_are_pinned(load):
+    grid = load(strategies=["naive", {"name": "rehearsal", "buffer": {"size": 20}},
+                            {"name": "avalanche.EWC", "ewc_lambda": 0.4}],
+                train={"lr": 0.05})  # fmt: skip
+    assert dict(zip(PINNED_HASHES, (c.hash for c in grid.cells))) == PINNED_HASHES
+
+
+def test_a_new_field_at_its_default_keeps_every_hash(load, monkeypatch):
+    """Upgrading forgetless must not rerun finished cells because a field was added."""
+    import dataclasses
+
+    import forgetless.strategies as strategies
+
+    before = [c.hash for c in load(strategies=["naive", "rehearsal"]).cells]
+    extended = dataclasses.make_dataclass(
+        "TrainConfig", [("warmup_fraction", float, dataclasses.field(default=0.0))],
+        bases=(strategies.TrainConfig,),
+    )  # fmt: skip
+    monkeypatch.setattr(strategies, "TrainConfig", extended)
+    grid = load(strategies=["naive", "rehearsal"])
+    assert grid.cells[0].config["train"]["warmup_fraction"] == 0.0  # the field is there
+    assert [c.hash for c in grid.cells] == before
+    assert load(strategies=["naive"], train={"warmup_fraction": 0.1}).cells[0].hash != before[0]
+
+
+def test_one_strategy_listed_twice_gives_two_labelled_variants(load):
+    grid = load(
+        strategies=[{"name": "rehearsal", "buffer": {"size": 20}},
+                    {"name": "rehearsal", "buffer": {"size": 50}}, "naive"],
+        seeds=[0, 1],
+    )  # fmt: skip
+    variants = {(c.strategy, c.variant) for c in grid.cells}
+    assert variants == {("rehearsal", "strategy.buffer.size=20"),
+                        ("rehearsal", "strategy.buffer.size=50"), ("naive", "")}  # fmt: skip
+    assert len(grid.cells) == 6
+
+
+def test_variant_names_the_grid_point(load):
+    grid = load(strategies=["naive"], grid={"train.lr": [0.1, 0.05]})
+    assert sorted(c.variant for c in grid.cells) == ["train.lr=0.05", "train.lr=0.1"]
 
 
 def test_resolved_cell_config_fills_every_default(load):
