@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -69,18 +70,39 @@ def save(location: str, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+class UnreadableCheckpoint(RuntimeError):
+    """A checkpoint file that exists but cannot be read (truncated, or not a checkpoint)."""
+
+
 def load(location: str) -> dict[str, Any] | None:
-    """The checkpoint on CPU, or None (RNG states must be CPU tensors; strategies move the rest)."""
+    """The checkpoint on CPU, or None (RNG states must be CPU tensors; strategies move the rest).
+
+    Raises UnreadableCheckpoint, naming the file, for one that exists but does not load.
+    """
+    try:
+        if "://" in location:
+            fs, path = pyarrow.fs.FileSystem.from_uri(location)
+            if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+                return None
+            with fs.open_input_stream(path) as stream:
+                data = io.BytesIO(stream.read())
+            return torch.load(data, map_location="cpu", weights_only=True)
+        if not Path(location).exists():
+            return None
+        return torch.load(location, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raise UnreadableCheckpoint(f"checkpoint {location} is unreadable ({e})") from e
+
+
+def set_aside(location: str, suffix: str) -> str:
+    """Rename a checkpoint that must not be resumed to `<location>.<suffix>`, for a look."""
+    target = f"{location}.{suffix}"
     if "://" in location:
         fs, path = pyarrow.fs.FileSystem.from_uri(location)
-        if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-            return None
-        with fs.open_input_stream(path) as stream:
-            data = io.BytesIO(stream.read())
-        return torch.load(data, map_location="cpu", weights_only=True)
-    if not Path(location).exists():
-        return None
-    return torch.load(location, map_location="cpu", weights_only=True)
+        fs.move(path, pyarrow.fs.FileSystem.from_uri(target)[1])
+    else:
+        os.replace(location, target)
+    return target
 
 
 def remove(location: str) -> None:

@@ -10,6 +10,7 @@ reason in `forgetless.error`, and the grid goes on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -38,10 +39,12 @@ log = logging.getLogger(__name__)
 class CellOutcome:
     cell_hash: str
     label: str
-    status: str  # FINISHED | FAILED | SKIPPED
+    status: str  # FINISHED | FAILED | SKIPPED | HELD (by another driver) | UNLOGGED
     summary: dict[str, float] = field(default_factory=dict)
     error: str = ""
     recorded: bool = True  # False when the worker died and could not record the failure
+    notes: list[str] = field(default_factory=list)  # what the driver should say about it
+    run_id: str = ""
 
 
 def default_device() -> str:
@@ -93,23 +96,27 @@ def run_cell(
     storage: str,
     device: str | None = None,
     threads: int | None = None,
+    run_id: str | None = None,
 ) -> CellOutcome:
-    """Train and score one cell, checkpointing after every experience and resuming from it.
+    """Train and score one cell into MLflow run `run_id` (which its driver claimed; a new
+    run when None), checkpointing after every experience and resuming from it.
 
-    A worker that dies leaves the last checkpoint, and the retried call resumes there. An
-    exception ends the cell FAILED and removes its checkpoint, so that resubmitting the
-    grid retries it from the start in a new run while the FAILED run keeps its reason.
+    A worker that dies leaves the last checkpoint, and the retried call resumes there. A
+    store that stops answering leaves it too, with the metrics not yet written, and the
+    next submission logs them (UNLOGGED). An exception ends the cell FAILED and removes
+    the checkpoint, so that resubmitting the grid retries it from the start in a new run
+    while the FAILED run keeps its reason. A FINISHED cell needs no checkpoint.
     """
     if threads:
         torch.set_num_threads(threads)
     device = device or default_device()
     path = checkpoint_path(storage, cell)
-    run = None
+    run, notes = None, []
     try:
         _reset_peak_memory(torch.device(device))
         stream, strategy = build_cell(cell, device)
         T = len(stream)
-        state = checkpoint.load(path) if strategy.resumable else None
+        state = _resumable_state(path, grid_run, run_id, notes) if strategy.resumable else None
         if state is not None:
             strategy.load_state_dict(state["strategy"])
             checkpoint.set_rng_state(state["rng"])
@@ -117,15 +124,19 @@ def run_cell(
             base_general = state["base_general"]
             extra = {} if state["general"] is None else {"general_acc": state["general"]}
             start, train_time = state["next"], state["train_time_s"]
-            run = tracking.CellRun.resume(
+            run = tracking.CellRun(
                 grid_run, state["run_id"], cell, stream.manifest(), state["pending_metrics"]
             )
             log.info("%s: resuming at experience %d of %d", cell.label(), start, T)
+            if start == T:  # trained before the store stopped answering: score it again
+                _, extra = score_stream(strategy, stream)
         else:
             baseline, extra = score_stream(strategy, stream)
             base_general = extra.get("general_acc")
-            run = tracking.CellRun.start(grid_run, cell, stream.manifest())
+            run = tracking.CellRun.fresh(grid_run, run_id, cell, stream.manifest())
             R, start, train_time = np.full((T, T), np.nan), 0, 0.0
+        for note in notes:
+            run.warn(note)
         for i in range(start, T):
             experience = stream.experiences[i]
             tick = _clock(strategy.device)
@@ -150,21 +161,27 @@ def run_cell(
                     "strategy": strategy.state_dict(), "rng": checkpoint.rng_state(),
                     "R": torch.from_numpy(R), "baseline": torch.tensor(baseline),
                     "next": i + 1, "train_time_s": train_time, "run_id": run.run_id,
+                    "tracking_uri": grid_run.tracking_uri,
                     "base_general": base_general, "general": extra.get("general_acc"),
                     "pending_metrics": run.pending(),
                 })  # fmt: skip
         summary = metrics.summarize(R, baseline)
         summary.update(train_time_s=train_time, memory_bytes=strategy.memory_bytes())
         summary.update(_peak_memory(strategy.device))
+        flag = diverged(strategy.model, stream, R)
+        if flag:
+            log.warning("%s: %s", cell.label(), flag)
+            run.tag("flag", flag)
+            notes.append(f"flagged: {flag}")
         if stream.kind == "edit":
             summary.update(edit_summary(extra, stream, train_time))
-            run.client.log_table(run.run_id, edit_results(strategy, stream), "edits.json")
+            run.log_table(edit_results(strategy, stream), "edits.json")
         if base_general:
             summary["general_retention"] = extra["general_acc"] / base_general
         elif base_general is not None:
             message = "the base model scores 0 on its general set: general_retention undefined"
             log.warning("%s: %s", cell.label(), message)
-            run.client.set_tag(run.run_id, "forgetless.warning", message)
+            run.warn(message)
         names = [e.name for e in stream]
         matrix = {"experiences": names, "R": R.tolist(), "baseline": baseline,
                   "score": PRIMARY[stream.kind]}  # fmt: skip
@@ -176,25 +193,76 @@ def run_cell(
             Path(folder, "accuracy_matrix.json").write_text(json.dumps(matrix))
             accuracy_heatmap(R, names, cell.label(), Path(folder, "accuracy_matrix.png"))
             run.finish(summary, Path(folder))
-        return CellOutcome(cell.hash, cell.label(), "FINISHED", summary)
+        checkpoint.remove(path)
+        return CellOutcome(cell.hash, cell.label(), "FINISHED", summary, notes=notes,
+                           run_id=run.run_id)  # fmt: skip
+    except tracking.TrackingUnavailable as e:
+        reason = (f"{e}; what it trained is kept in {path} and is logged when the grid "
+                  "is run again")  # fmt: skip
+        log.error("%s not logged: %s", cell.label(), reason)
+        return CellOutcome(cell.hash, cell.label(), "UNLOGGED", error=reason, notes=notes)
     except Exception as e:  # noqa: BLE001 - a failing cell must not stop the grid
         reason = f"{type(e).__name__}: {e}"
         log.error("%s failed: %s\n%s", cell.label(), reason, traceback.format_exc())
         checkpoint.remove(path)
-        return record_failure(cell, grid_run, reason, run)
+        outcome = record_failure(cell, grid_run, reason, run.run_id if run else run_id)
+        outcome.notes = notes
+        return outcome
+
+
+def _resumable_state(
+    path: str, grid_run: tracking.GridRun, run_id: str | None, notes: list[str]
+) -> dict | None:
+    """The cell's checkpoint if it belongs to `run_id` (or, with none given, to a live run
+    of this store); one that does not is set aside, with a note saying why."""
+    try:
+        state = checkpoint.load(path)
+    except checkpoint.UnreadableCheckpoint as e:
+        aside = checkpoint.set_aside(path, "unreadable")
+        notes.append(f"{e}; moved to {aside}; the cell starts from scratch")
+        return None
+    if state is None:
+        return None
+    owner = state.get("run_id")
+    if run_id is None and tracking.run_is_open(grid_run.tracking_uri, owner):
+        return state
+    if owner == run_id:
+        return state
+    aside = checkpoint.set_aside(path, "stale")
+    store = state.get("tracking_uri", "an earlier store")
+    notes.append(f"checkpoint {path} belongs to run {owner} of {store}, not to this store's "
+                 f"run of the cell (another store, or a deleted run); moved to {aside}; the "
+                 "cell starts from scratch")  # fmt: skip
+    return None
+
+
+def diverged(model: torch.nn.Module, stream: Stream, R: np.ndarray) -> str:
+    """Why a cell's results are not to be ranked ('' if they are): non-finite parameters,
+    or experiences learnt no better than chance right after training on them.
+
+    Chance is judged on R[i][i], not on the final row: a naive learner in a
+    class-incremental stream forgets old classes below chance, and that is a result."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        return "non-finite parameters (the loss exploded)"
+    classes = [e.info.get("classes") for e in stream.experiences]
+    if not all(classes):
+        return ""
+    chance = float(np.mean([1.0 / len(c) for c in classes]))
+    learning = float(np.mean(np.diag(R)))
+    if learning <= chance:
+        return f"learning accuracy {learning:.3f} at or below chance ({chance:.3f})"
+    return ""
 
 
 def record_failure(
-    cell: Cell, grid_run: tracking.GridRun, reason: str, run: tracking.CellRun | None = None
+    cell: Cell, grid_run: tracking.GridRun, reason: str, run_id: str | None = None
 ) -> CellOutcome:
     """End the cell's run FAILED with `reason` (creating the run if it never started)."""
     try:
-        if run is None:
-            run = tracking.CellRun.start(grid_run, cell, [])
-        run.fail(reason)
+        tracking.CellRun.fresh(grid_run, run_id, cell, [], reuse=True).fail(reason)
     except Exception:  # noqa: BLE001 - the store itself failed; report in the terminal
         log.exception("could not record the failure of %s in MLflow", cell.label())
-    return CellOutcome(cell.hash, cell.label(), "FAILED", error=reason)
+    return CellOutcome(cell.hash, cell.label(), "FAILED", error=reason, run_id=run_id or "")
 
 
 def trainable_fraction(model: torch.nn.Module) -> float:
@@ -225,7 +293,7 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
     return {"peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
 
 
-def _warn_if_untrained(run, cell: Cell, experience, score: float) -> None:
+def _warn_if_untrained(run: tracking.CellRun, cell: Cell, experience, score: float) -> None:
     """A just-trained experience near chance means a broken loader or lr (Mammoth #41)."""
     classes = experience.info.get("classes")
     if not classes:
@@ -237,7 +305,7 @@ def _warn_if_untrained(run, cell: Cell, experience, score: float) -> None:
             f"at or below chance ({chance:.3f})"
         )
         log.warning("%s: %s", cell.label(), message)
-        run.client.set_tag(run.run_id, "forgetless.warning", message)
+        run.warn(message)
 
 
 Executor = Callable[[list[Cell], Callable[[Cell], CellOutcome]], Iterable[CellOutcome]]
@@ -257,43 +325,54 @@ def run_grid(
 ) -> list[CellOutcome]:
     tracking.check_tracking_uri(tracking_uri)
     checkpoint.check_writable(grid.storage)
-    done = tracking.finished_cells(tracking_uri, grid.name)
-    todo = [c for c in grid.cells if c.hash not in done]
-    outcomes = [CellOutcome(c.hash, c.label(), "SKIPPED") for c in grid.cells if c.hash in done]
-    for outcome in outcomes:
+    outcomes: list[CellOutcome] = []
+
+    def report(outcome: CellOutcome) -> None:
+        outcomes.append(outcome)
         if on_outcome:
             on_outcome(outcome)
+
+    done = tracking.finished_cells(tracking_uri, grid.name)
+    for cell in grid.cells:
+        if cell.hash in done:
+            report(CellOutcome(cell.hash, cell.label(), "SKIPPED"))
+    todo = [c for c in grid.cells if c.hash not in done]
     if not todo:
         return outcomes
-    # Runs left RUNNING by an interrupted submission: a cell with a checkpoint reopens its
-    # run when it resumes, the others start a new one.
-    tracking.mark_interrupted(tracking_uri, grid.name, {c.hash for c in todo})
     grid_run = tracking.open_grid(tracking_uri, grid.name, len(grid.cells), grid.source)
+    with tracking.Heartbeat(grid_run):
+        claims = tracking.claim_cells(grid_run, todo)
+        for cell in todo:
+            if cell.hash in claims.finished:
+                report(CellOutcome(cell.hash, cell.label(), "SKIPPED"))
+            elif cell.hash in claims.held:
+                report(CellOutcome(cell.hash, cell.label(), "HELD",
+                                   error=f"run by {claims.held[cell.hash]}"))  # fmt: skip
+        runnable = [c for c in todo if c.hash in claims.runs]
 
-    def one(cell: Cell, device: str | None = None, threads: int | None = None) -> CellOutcome:
-        return run_cell(cell, grid_run, grid.storage, device, threads)
+        def one(cell: Cell, device: str | None = None, threads: int | None = None):
+            return run_cell(cell, grid_run, grid.storage, device, threads, claims.runs[cell.hash])
 
-    cells = {c.hash: c for c in todo}
-    try:
-        for outcome in executor(todo, one):
-            if not outcome.recorded:
-                state = checkpoint.load(checkpoint_path(grid.storage, cells[outcome.cell_hash]))
-                run = None if state is None else tracking.CellRun.resume(
-                    grid_run, state["run_id"], cells[outcome.cell_hash], [],
-                    state["pending_metrics"],
-                )  # fmt: skip
-                outcome = record_failure(cells[outcome.cell_hash], grid_run, outcome.error, run)
-            outcomes.append(outcome)
-            if on_outcome:
-                on_outcome(outcome)
-    except BaseException:  # Ctrl-C or a dying driver: say so in the parent run, then stop
-        tracking.close_grid(grid_run, "KILLED")
-        raise
+        ended: set[str] = set()
+        try:
+            for outcome in executor(runnable, one):
+                if not outcome.recorded:
+                    run_id = claims.runs[outcome.cell_hash]
+                    cell = next(c for c in runnable if c.hash == outcome.cell_hash)
+                    outcome = record_failure(cell, grid_run, outcome.error, run_id)
+                ended.add(outcome.cell_hash)
+                report(outcome)
+        except BaseException:  # Ctrl-C or a dying driver: end its runs KILLED, then stop
+            with contextlib.suppress(Exception):
+                tracking.release(grid_run, [r for h, r in claims.runs.items() if h not in ended])
+                tracking.close_grid(grid_run, "KILLED")
+            raise
     if len(outcomes) != len(grid.cells):
         raise RuntimeError(f"{len(grid.cells)} cells expanded but {len(outcomes)} reported back")
     from forgetless.experiments.compare import log_seed_groups
 
-    log_seed_groups(grid_run, grid.name)
-    failed = sum(o.status == "FAILED" for o in outcomes)
+    with tracking.store_lock(tracking_uri):
+        tracking.retrying(log_seed_groups, grid_run, grid.name)
+    failed = sum(o.status in ("FAILED", "UNLOGGED") for o in outcomes)
     tracking.close_grid(grid_run, "FAILED" if failed else "FINISHED", failed)
     return outcomes

@@ -9,20 +9,29 @@ never knows which strategy ran; it receives plain numbers.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import os
+import socket
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import filelock
+import requests
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Experiment, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from forgetless.experiments.config import Cell
 from forgetless.experiments.config import flatten as config_flatten
@@ -31,18 +40,45 @@ from forgetless.experiments.schema import ConfigError
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "forgetless."
 MAX_PARAM_LENGTH = 6000
+# How long a tracking call is retried while the store does not answer before the cell's
+# results are kept for the next submission instead (FORGETLESS_TRACKING_PATIENCE_S).
+PATIENCE_S = float(os.environ.get("FORGETLESS_TRACKING_PATIENCE_S", "300"))
+# A driver renews its lease every HEARTBEAT_S; another driver takes over the cells of one
+# silent for LEASE_S. Over a server, claims settle for CLAIM_GRACE_S before they count:
+# longer than a store write takes to be seen, much shorter than a driver's start.
+HEARTBEAT_S, LEASE_S, CLAIM_GRACE_S = 20.0, 120.0, 2.0
+# forgetless retries (with messages and a bound) on top of few quick MLflow retries; the
+# MLflow default of 7 retries with doubling backoff stalls each call for minutes silently.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+log = logging.getLogger(__name__)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store did not answer for PATIENCE_S; nothing trained is thrown away."""
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def check_tracking_uri(uri: str) -> None:
-    """Fail before any cell starts if the store cannot be reached or created."""
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]).expanduser() if uri.startswith("sqlite:///") else None
+
+
+def check_tracking_uri(uri: str, must_exist: bool = False) -> None:
+    """Fail fast if the store cannot be reached or created; with `must_exist` (the commands
+    that only read), also if it does not exist yet, rather than creating an empty one."""
     parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        path = Path(uri[len("sqlite:///") :]).expanduser()
+    path = sqlite_path(uri)
+    if path is not None:
         folder = path.parent if str(path.parent) else Path(".")
+        if must_exist and not path.is_file():
+            raise ConfigError(
+                f"--tracking-uri {uri!r}: no store at {str(path)!r}; run a grid first or "
+                "point at the store it logged to (sqlite:///PATH or http://HOST:PORT)"
+            )
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise ConfigError(
                 f"--tracking-uri {uri!r}: folder {str(folder)!r} does not exist or is not "
@@ -59,11 +95,77 @@ def check_tracking_uri(uri: str) -> None:
             ) from e
 
 
+def _transient(error: BaseException) -> bool:
+    """Whether `error` says the store is unreachable or busy, not that a request is wrong."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (ConnectionError, TimeoutError, requests.ConnectionError,
+                             requests.Timeout)):  # fmt: skip
+            return True
+        text = str(seen)
+        if any(s in text for s in ("Max retries exceeded", "Connection refused",
+                                   "database is locked", "503", "Read timed out")):  # fmt: skip
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def retrying(fn: Callable[..., Any], *args: Any, patience: float | None = None, **kwargs: Any):
+    """Call `fn`, retrying with doubling waits while the store is unreachable.
+
+    Raises TrackingUnavailable after `patience` seconds (PATIENCE_S by default) and says
+    in the log, once per outage, that it is waiting."""
+    patience = PATIENCE_S if patience is None else patience
+    deadline, wait, warned = time.monotonic() + patience, 1.0, False
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not _transient(e):
+                raise
+            if time.monotonic() + wait > deadline:
+                raise TrackingUnavailable(
+                    f"the tracking store did not answer for {patience:.0f} s "
+                    f"({type(e).__name__}: {str(e)[:200]})"
+                ) from e
+            if not warned:
+                log.warning("tracking store unreachable (%s); retrying for up to %.0f s",
+                            str(e)[:200], patience)  # fmt: skip
+                warned = True
+            time.sleep(wait)
+            wait = min(2 * wait, 30.0)
+
+
+class Store:
+    """MlflowClient whose every call goes through `retrying`."""
+
+    def __init__(self, uri: str, patience: float | None = None) -> None:
+        self.uri = uri
+        self.patience = patience
+        self._client = MlflowClient(uri)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        return functools.partial(retrying, method, patience=self.patience)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[bool]:
+    """Serialise drivers on one SQLite store (creating it, claiming cells): yields True.
+    A server store has no shared lock: yields False, and claims settle instead."""
+    path = sqlite_path(uri)
+    if path is None:
+        yield False
+        return
+    with filelock.FileLock(f"{path}.lock", timeout=PATIENCE_S):
+        yield True
+
+
 def artifact_location(uri: str, grid_name: str) -> str | None:
     """Artifacts beside a local SQLite store; a server uses its own artifact root."""
-    if uri.startswith("sqlite:///"):
-        store = Path(uri[len("sqlite:///") :]).expanduser().resolve()
-        return (store.parent / "mlartifacts" / grid_name).as_uri()
+    path = sqlite_path(uri)
+    if path is not None:
+        return (path.resolve().parent / "mlartifacts" / grid_name).as_uri()
     return None
 
 
@@ -77,63 +179,217 @@ class GridRun:
 
 
 def open_grid(uri: str, grid_name: str, n_cells: int, grid_source: dict[str, Any]) -> GridRun:
-    """Create the store, the experiment and the parent run before any worker logs."""
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(grid_name)
-    if experiment is None:
-        experiment_id = client.create_experiment(
-            grid_name, artifact_location=artifact_location(uri, grid_name)
-        )
-    else:
-        experiment_id = experiment.experiment_id
-    run = client.create_run(
-        experiment_id,
-        run_name=f"{grid_name} ({time.strftime('%Y-%m-%d %H:%M:%S')})",
-        tags={f"{TAG}role": "grid", f"{TAG}grid": grid_name, f"{TAG}cells": str(n_cells)},
-    )
-    client.log_text(run.info.run_id, yaml.safe_dump(grid_source, sort_keys=False), "grid.yaml")
+    """Create the store, the experiment and the parent run before any worker logs, and
+    close the parent runs of drivers that stopped without closing theirs."""
+    with store_lock(uri):
+        store = Store(uri)
+        experiment = store.get_experiment_by_name(grid_name)
+        if experiment is None:
+            try:
+                experiment_id = store.create_experiment(
+                    grid_name, artifact_location=artifact_location(uri, grid_name)
+                )
+            except MlflowException as e:  # another driver created it since we looked
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment_id = store.get_experiment_by_name(grid_name).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+            for parent in _search_all(store, experiment_id, f"tags.`{TAG}role` = 'grid' and "
+                                      "attributes.status = 'RUNNING'"):  # fmt: skip
+                if not _alive(parent):
+                    store.set_tag(parent.info.run_id, f"{TAG}interrupted", "true")
+                    store.set_terminated(parent.info.run_id, "KILLED")
+        run = store.create_run(
+            experiment_id,
+            run_name=f"{grid_name} ({time.strftime('%Y-%m-%d %H:%M:%S')})",
+            tags={f"{TAG}role": "grid", f"{TAG}grid": grid_name, f"{TAG}cells": str(n_cells),
+                  f"{TAG}heartbeat": str(time.time()), f"{TAG}host": socket.gethostname()},
+        )  # fmt: skip
+    store.log_text(run.info.run_id, yaml.safe_dump(grid_source, sort_keys=False), "grid.yaml")
     return GridRun(uri, experiment_id, run.info.run_id)
 
 
 def close_grid(grid_run: GridRun, status: str, failed: int = 0) -> None:
-    client = MlflowClient(grid_run.tracking_uri)
-    client.set_tag(grid_run.parent_run_id, f"{TAG}failed_cells", str(failed))
-    client.set_terminated(grid_run.parent_run_id, status)
+    store = Store(grid_run.tracking_uri)
+    store.set_tag(grid_run.parent_run_id, f"{TAG}failed_cells", str(failed))
+    store.set_terminated(grid_run.parent_run_id, status)
 
 
-def mark_interrupted(uri: str, grid_name: str, cell_hashes: set[str]) -> None:
-    """End as KILLED the RUNNING runs of these cells, left by an interrupted submission."""
-    client = MlflowClient(uri)
-    try:
-        runs = cell_runs(uri, grid_name, status="RUNNING")
-    except ConfigError:  # no experiment yet
-        return
+def _alive(parent) -> bool:
+    """A driver is alive while its parent run is RUNNING and its heartbeat is recent."""
+    beat = float(parent.data.tags.get(f"{TAG}heartbeat", 0))
+    return parent.info.status == "RUNNING" and time.time() - beat < LEASE_S
+
+
+class Heartbeat:
+    """The driver's lease on the cells it claimed: the parent run's `heartbeat` tag, renewed
+    from a background thread while the grid runs."""
+
+    def __init__(self, grid_run: GridRun) -> None:
+        self.store = Store(grid_run.tracking_uri, patience=0)
+        self.run_id = grid_run.parent_run_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="forgetless-heartbeat",
+                                       daemon=True)  # fmt: skip
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _beat(self) -> None:
+        while not self.stop.wait(HEARTBEAT_S):
+            try:
+                self.store.set_tag(self.run_id, f"{TAG}heartbeat", str(time.time()))
+            except Exception:  # noqa: BLE001 - an outage: the next beat tries again
+                log.debug("heartbeat not written", exc_info=True)
+
+
+@dataclass
+class Claims:
+    """What a driver may run: cell hash -> its run id; and what it must leave alone."""
+
+    runs: dict[str, str]
+    finished: set[str]
+    held: dict[str, str]  # cell hash -> the run name of the driver that holds it
+
+
+def claim_cells(grid_run: GridRun, cells: list[Cell]) -> Claims:
+    """Take a lease on each cell that no live driver holds and that has not FINISHED.
+
+    A cell is claimed by its run, SCHEDULED until a worker starts it: a new run, or the
+    run that a stopped driver left unfinished (so a checkpoint resumes the same run). On
+    a SQLite store a file lock makes the claim atomic; on a server each driver writes its
+    claims, waits CLAIM_GRACE_S, and keeps only the cells whose earliest live claim is
+    its own, so two drivers never both run a cell.
+    """
+    me, uri = grid_run.parent_run_id, grid_run.tracking_uri
+    store = Store(uri)
+    wanted = {c.hash: c for c in cells}
+    claims = Claims({}, set(), {})
+    with store_lock(uri) as atomic:
+        parents, runs = _grid_state(store, grid_run.experiment_id, wanted)
+        for cell_hash, cell in wanted.items():
+            mine = runs.get(cell_hash, [])
+            holder = _holder(mine, parents, me)
+            if any(r.info.status == "FINISHED" for r in mine):
+                claims.finished.add(cell_hash)
+            elif holder is not None:
+                claims.held[cell_hash] = holder
+            else:
+                claims.runs[cell_hash] = _take(store, grid_run, cell, mine)
+    if atomic or not claims.runs:
+        return claims
+    time.sleep(CLAIM_GRACE_S)
+    parents, runs = _grid_state(store, grid_run.experiment_id, wanted)
+    for cell_hash in list(claims.runs):
+        live = [r for r in runs.get(cell_hash, []) if _live_claim(r, parents)]
+        first = min(live, key=lambda r: (float(r.data.tags.get(f"{TAG}claimed_at", 0)),
+                                         r.info.run_id), default=None)  # fmt: skip
+        if first is None or first.data.tags.get(f"{TAG}driver") != me:
+            run_id = claims.runs.pop(cell_hash)
+            if first is None or first.info.run_id != run_id:
+                store.delete_run(run_id)
+            claims.held[cell_hash] = _driver_name(first, parents)
+    return claims
+
+
+def _grid_state(store: Store, experiment_id: str, wanted: dict[str, Cell]):
+    parents = {p.info.run_id: p for p in _search_all(store, experiment_id,
+                                                     f"tags.`{TAG}role` = 'grid'")}  # fmt: skip
+    runs: dict[str, list] = {}
+    for run in _search_all(store, experiment_id, f"tags.`{TAG}role` = 'cell'"):
+        cell_hash = run.data.tags.get(f"{TAG}cell_hash")
+        if cell_hash in wanted:
+            runs.setdefault(cell_hash, []).append(run)
+    return parents, runs
+
+
+def _live_claim(run, parents: dict) -> bool:
+    driver = parents.get(run.data.tags.get(f"{TAG}driver", ""))
+    return run.info.status in ("RUNNING", "SCHEDULED") and driver is not None and _alive(driver)
+
+
+def _holder(runs: list, parents: dict, me: str) -> str | None:
     for run in runs:
-        if run.data.tags.get(f"{TAG}cell_hash") in cell_hashes:
-            client.set_tag(run.info.run_id, f"{TAG}interrupted", "true")
-            client.set_terminated(run.info.run_id, "KILLED")
+        if _live_claim(run, parents) and run.data.tags.get(f"{TAG}driver") != me:
+            return _driver_name(run, parents)
+    return None
+
+
+def _driver_name(run, parents: dict) -> str:
+    driver = parents.get(run.data.tags.get(f"{TAG}driver", "")) if run is not None else None
+    if driver is None:
+        return "another driver"
+    host = driver.data.tags.get(f"{TAG}host", "?")
+    return f"{driver.info.run_name} on {host}"
+
+
+def _take(store: Store, grid_run: GridRun, cell: Cell, runs: list) -> str:
+    """The run this driver will log the cell to: the latest one a stopped driver left
+    unfinished (RUNNING, SCHEDULED or KILLED), else a new one. FAILED runs keep their
+    reason; the others of the cell are closed as KILLED."""
+    lease = {f"{TAG}driver": grid_run.parent_run_id, f"{TAG}claimed_at": str(time.time()),
+             "mlflow.parentRunId": grid_run.parent_run_id}  # fmt: skip
+    unfinished = sorted((r for r in runs if r.info.status in ("RUNNING", "SCHEDULED", "KILLED")),
+                        key=lambda r: r.info.start_time)  # fmt: skip
+    for stale in unfinished[:-1]:
+        if stale.info.status != "KILLED":
+            store.set_terminated(stale.info.run_id, "KILLED")
+    if unfinished:
+        run_id = unfinished[-1].info.run_id
+        store.log_batch(run_id, tags=[RunTag(k, v) for k, v in lease.items()])
+    else:
+        run_id = store.create_run(grid_run.experiment_id, run_name=cell.label(),
+                                  tags={**cell_tags(cell), **lease}).info.run_id  # fmt: skip
+    store.update_run(run_id, status="SCHEDULED")
+    return run_id
+
+
+def release(grid_run: GridRun, run_ids: Iterable[str]) -> None:
+    """End as KILLED the claimed runs of cells that did not end (Ctrl-C, a dying driver)."""
+    store = Store(grid_run.tracking_uri, patience=10)
+    for run_id in run_ids:
+        store.set_tag(run_id, f"{TAG}interrupted", "true")
+        store.set_terminated(run_id, "KILLED")
 
 
 def finished_cells(uri: str, grid_name: str) -> dict[str, str]:
     """cell hash -> run id of every FINISHED cell run of this grid (for resubmission)."""
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(grid_name)
+    with store_lock(uri):  # the first call on a new SQLite store creates its tables
+        store = Store(uri)
+        experiment = store.get_experiment_by_name(grid_name)
     if experiment is None:
         return {}
     runs = _search_all(
-        client,
+        store,
         experiment.experiment_id,
         f"tags.`{TAG}role` = 'cell' and attributes.status = 'FINISHED'",
     )
     return {r.data.tags[f"{TAG}cell_hash"]: r.info.run_id for r in runs}
 
 
+def run_is_open(uri: str, run_id: str | None) -> bool:
+    """Whether `run_id` is a run of this store that can still be logged to."""
+    if not run_id:
+        return False
+    try:
+        run = Store(uri).get_run(run_id)
+    except MlflowException:
+        return False
+    return run.info.lifecycle_stage == "active" and run.info.status != "FINISHED"
+
+
 def grid_experiment(uri: str, grid_name: str) -> Experiment:
     """The grid's MLflow experiment; a name not in the store is an error listing the grids."""
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(grid_name)
+    store = Store(uri)
+    experiment = store.get_experiment_by_name(grid_name)
     if experiment is None:
-        names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        names = sorted(e.name for e in store.search_experiments() if e.name != "Default")
         raise ConfigError(
             f"no grid named {grid_name!r} in {uri}; grids there: {', '.join(names) or '(none)'}"
             " (or run the grid first)"
@@ -142,15 +398,14 @@ def grid_experiment(uri: str, grid_name: str) -> Experiment:
 
 
 def cell_runs(uri: str, grid_name: str, status: str | None = "FINISHED") -> list:
-    client = MlflowClient(uri)
     experiment = grid_experiment(uri, grid_name)
     query = f"tags.`{TAG}role` = 'cell'"
     if status:
         query += f" and attributes.status = '{status}'"
-    return _search_all(client, experiment.experiment_id, query)
+    return _search_all(Store(uri), experiment.experiment_id, query)
 
 
-def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list:
+def _search_all(client: MlflowClient | Store, experiment_id: str, query: str) -> list:
     runs, token = [], None
     while True:
         page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
@@ -160,53 +415,73 @@ def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list:
             return runs
 
 
+def cell_tags(cell: Cell) -> dict[str, str]:
+    tags = {
+        f"{TAG}role": "cell",
+        f"{TAG}cell_hash": cell.hash,
+        f"{TAG}grid": cell.grid,
+        f"{TAG}stream": cell.stream,
+        f"{TAG}strategy": cell.strategy,
+        f"{TAG}seed": str(cell.seed),
+        f"{TAG}variant": cell.variant or "-",
+    }
+    # Grid keys as tags too, so flat filters work without the nesting UI.
+    tags.update({f"{TAG}grid.{k}": str(v) for k, v in cell.overrides.items()})
+    return tags
+
+
 class CellRun:
     """The MLflow run of one cell, logged in a few batched calls.
 
-    A run is created RUNNING at the start; parameters and per-step metrics are buffered
-    and written with one `log_batch` at most every FLUSH_SECONDS and at the end, with the
-    artifacts in one upload. A short cell thus costs four store calls in all, and a long
-    one shows progress every few seconds. What is not yet written travels in the cell's
-    checkpoint (`pending`), so a killed worker loses no metric.
+    Parameters and per-step metrics are buffered and written with one `log_batch` at
+    most every FLUSH_SECONDS and at the end, with the artifacts in one upload. A short
+    cell thus costs a handful of store calls, and a long one shows progress every few
+    seconds. What is not yet written travels in the cell's checkpoint (`pending`), so a
+    killed worker or a store that stops answering loses no metric: metrics carry their
+    first timestamps, and MLflow stores an identical metric once.
     """
 
     FLUSH_SECONDS = 10.0
 
-    def __init__(self, grid_run: GridRun, run_id: str, cell: Cell, manifest: list[dict]) -> None:
-        self.client = MlflowClient(grid_run.tracking_uri)
+    def __init__(self, grid_run: GridRun, run_id: str, cell: Cell, manifest: list[dict],
+                 pending: list[tuple] = ()) -> None:  # fmt: skip
+        self.store = Store(grid_run.tracking_uri)
         self.run_id = run_id
         self.cell = cell
         self.manifest = manifest
         self.params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(cell.config).items()]
-        self.metrics: list[Metric] = []
+        self.metrics: list[Metric] = [Metric(*m) for m in pending]
         self.flushed_at = time.monotonic()
+        self.store.update_run(run_id, status="RUNNING")
 
     @classmethod
     def start(cls, grid_run: GridRun, cell: Cell, manifest: list[dict]) -> CellRun:
-        tags = {
-            "mlflow.parentRunId": grid_run.parent_run_id,
-            f"{TAG}role": "cell",
-            f"{TAG}cell_hash": cell.hash,
-            f"{TAG}grid": cell.grid,
-            f"{TAG}stream": cell.stream,
-            f"{TAG}strategy": cell.strategy,
-            f"{TAG}seed": str(cell.seed),
-            f"{TAG}variant": cell.variant or "-",
-        }
-        # Grid keys as tags too, so flat filters work without the nesting UI.
-        tags.update({f"{TAG}grid.{k}": str(v) for k, v in cell.overrides.items()})
-        client = MlflowClient(grid_run.tracking_uri)
-        run = client.create_run(grid_run.experiment_id, run_name=cell.label(), tags=tags)
+        """A new run for a cell that no driver claimed (a cell run on its own)."""
+        tags = {**cell_tags(cell), "mlflow.parentRunId": grid_run.parent_run_id}
+        run = Store(grid_run.tracking_uri).create_run(
+            grid_run.experiment_id, run_name=cell.label(), tags=tags
+        )
         return cls(grid_run, run.info.run_id, cell, manifest)
 
     @classmethod
-    def resume(cls, grid_run: GridRun, run_id: str, cell: Cell, manifest: list[dict],
-               pending: list[tuple]) -> CellRun:  # fmt: skip
-        """Reopen the run of an interrupted cell with the metrics it had not yet written."""
-        self = cls(grid_run, run_id, cell, manifest)
-        self.client.update_run(run_id, status="RUNNING")
-        self.metrics = [Metric(*m) for m in pending]
-        return self
+    def fresh(cls, grid_run: GridRun, run_id: str | None, cell: Cell, manifest: list[dict],
+              reuse: bool = False) -> CellRun:  # fmt: skip
+        """The cell's claimed run for a start from scratch. A run that already holds metrics
+        of an attempt whose checkpoint is gone is closed KILLED and replaced by a new one
+        with the same lease, so that no step is logged twice (`reuse` keeps it)."""
+        if run_id is None:
+            return cls.start(grid_run, cell, manifest)
+        store = Store(grid_run.tracking_uri)
+        old = store.get_run(run_id)
+        if reuse or not old.data.metrics:
+            return cls(grid_run, run_id, cell, manifest)
+        store.set_tag(run_id, f"{TAG}interrupted", "true")
+        store.set_terminated(run_id, "KILLED")
+        lease = {k: v for k, v in old.data.tags.items()
+                 if k in (f"{TAG}driver", f"{TAG}claimed_at", "mlflow.parentRunId")}  # fmt: skip
+        run = store.create_run(grid_run.experiment_id, run_name=cell.label(),
+                               tags={**cell_tags(cell), **lease})  # fmt: skip
+        return cls(grid_run, run.info.run_id, cell, manifest)
 
     def log_step(self, step: int, row: list[float], values: dict[str, float]) -> None:
         """Metrics after experience `step`: its accuracy row and named values."""
@@ -214,17 +489,32 @@ class CellRun:
         self.metrics += [Metric(f"acc/exp_{j}", float(v), now, step) for j, v in enumerate(row)]
         self.metrics += [Metric(k, float(v), now, step) for k, v in values.items()]
         if time.monotonic() - self.flushed_at > self.FLUSH_SECONDS:
-            self.flush()
+            try:  # progress only: what is not written goes on in the checkpoint
+                self.flush(patience=0)
+            except TrackingUnavailable as e:
+                log.warning("%s: metrics kept for later: %s", self.cell.label(), e)
+                self.flushed_at = time.monotonic()
+
+    def warn(self, message: str) -> None:
+        """A warning the user should see beside the cell's results."""
+        self.store.set_tag(self.run_id, f"{TAG}warning", message[:5000])
+
+    def tag(self, key: str, value: str) -> None:
+        self.store.set_tag(self.run_id, f"{TAG}{key}", value[:5000])
+
+    def log_table(self, rows: dict[str, list], name: str) -> None:
+        self.store.log_table(self.run_id, rows, name)
 
     def pending(self) -> list[tuple]:
         """Metrics not yet written, as plain values for the checkpoint."""
         return [(m.key, m.value, m.timestamp, m.step) for m in self.metrics]
 
-    def flush(self) -> None:
+    def flush(self, patience: float | None = None) -> None:
+        """Write what is buffered; a batch leaves the buffer only once the store has it."""
+        store = self.store if patience is None else Store(self.store.uri, patience)
         while self.params or self.metrics:  # MLflow's per-call limits: 100 params, 1000 values
-            params, self.params = self.params[:100], self.params[100:]
-            metrics, self.metrics = self.metrics[:1000], self.metrics[1000:]
-            self.client.log_batch(self.run_id, metrics=metrics, params=params)
+            store.log_batch(self.run_id, metrics=self.metrics[:1000], params=self.params[:100])
+            self.params, self.metrics = self.params[100:], self.metrics[1000:]
         self.flushed_at = time.monotonic()
 
     def finish(self, summary: dict[str, float], artifacts: Path) -> None:
@@ -233,18 +523,18 @@ class CellRun:
         self.metrics += [Metric(f"final/{k}", float(v), now, 0) for k, v in summary.items()]
         self.flush()
         self._write_config(artifacts)
-        self.client.log_artifacts(self.run_id, str(artifacts))
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self.store.log_artifacts(self.run_id, str(artifacts))
+        self.store.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, reason: str) -> None:
         try:
             self.flush()
             with tempfile.TemporaryDirectory() as folder:
                 self._write_config(Path(folder))
-                self.client.log_artifacts(self.run_id, folder)
+                self.store.log_artifacts(self.run_id, folder)
         finally:
-            self.client.log_batch(self.run_id, tags=[RunTag(f"{TAG}error", reason[:5000])])
-            self.client.set_terminated(self.run_id, "FAILED")
+            self.store.log_batch(self.run_id, tags=[RunTag(f"{TAG}error", reason[:5000])])
+            self.store.set_terminated(self.run_id, "FAILED")
 
     def _write_config(self, folder: Path) -> None:
         (folder / "config.yaml").write_text(yaml.safe_dump(self.cell.config, sort_keys=False))
@@ -253,7 +543,7 @@ class CellRun:
 
 def log_groups(grid_run: GridRun, groups: dict[tuple[str, str, str], dict[str, float]]) -> None:
     """One run per (stream, strategy, grid point) carrying `final/<metric>_mean` and `_std`."""
-    client = MlflowClient(grid_run.tracking_uri)
+    client = Store(grid_run.tracking_uri)
     now = int(time.time() * 1000)
     for (stream, strategy, variant), values in groups.items():
         values = dict(values)

@@ -134,3 +134,24 @@ def serve():
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def logged_matrix(tmp_path):
+    """logged_matrix(uri, grid_name, cell_hash) -> R of the cell's FINISHED run, as logged
+    (a finished cell's checkpoint is removed; its matrix lives in MLflow)."""
+    import json
+
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from forgetless.experiments.tracking import finished_cells
+
+    def read(uri: str, grid_name: str, cell_hash: str):
+        run_id = finished_cells(uri, grid_name)[cell_hash]
+        folder = tmp_path / f"matrix-{run_id}"
+        folder.mkdir(exist_ok=True)
+        path = MlflowClient(uri).download_artifacts(run_id, "accuracy_matrix.json", str(folder))
+        return np.array(json.loads(Path(path).read_text())["R"])
+
+    return read

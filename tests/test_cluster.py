@@ -7,10 +7,10 @@ import signal
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 import ray
-import torch
 from mlflow import MlflowClient
 
 from forgetless.experiments import checkpoint
@@ -65,7 +65,7 @@ def test_parallel_cells_on_ray_lose_no_metric_in_sqlite(local_ray, write_grid, t
 
 
 def test_killed_worker_resumes_its_cell_and_matches_an_undisturbed_run(
-    local_ray, write_grid, tracking_uri, tmp_path
+    local_ray, write_grid, tracking_uri, tmp_path, logged_matrix
 ):
     grid = write_grid(seeds=[0, 1], streams=FIVE, train={"epochs": 25, "lr": 0.05},
                       strategies=[{"name": "rehearsal", "buffer": {"size": 60}}])  # fmt: skip
@@ -105,9 +105,9 @@ def test_killed_worker_resumes_its_cell_and_matches_an_undisturbed_run(
     run_grid(reference, tracking_uri, local_executor)
     for cell, twin in zip(grid.cells, reference.cells):
         assert cell.hash == twin.hash
-        killed = checkpoint.load(checkpoint_path(grid.storage, cell))["R"]
-        undisturbed = checkpoint.load(checkpoint_path(reference.storage, twin))["R"]
-        assert torch.equal(killed, undisturbed)
+        killed = logged_matrix(tracking_uri, grid.name, cell.hash)
+        undisturbed = logged_matrix(tracking_uri, reference.name, twin.hash)
+        assert np.array_equal(killed, undisturbed)
 
 
 def test_resources_no_node_offers_are_refused(local_ray):
