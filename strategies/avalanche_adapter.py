@@ -11,12 +11,16 @@ once into an avalanche benchmark so that strategies keyed on the experience inde
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import inspect
+from collections.abc import Iterator
 from typing import Any, Optional, Union, get_args, get_origin
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from forgetless.experiments.schema import ConfigError, suggest
 from forgetless.strategies.base import NonFiniteLoss, Strategy, TrainConfig
@@ -68,16 +72,48 @@ class AvalancheStrategy(Strategy):
                 f"{experience.name!r}; lower train.lr"
             )
 
-    def memory_bytes(self) -> int:
-        """Tensors the strategy and its plugins hold beyond the model, and replay buffers."""
-        seen: set[int] = {id(p) for p in self.model.parameters()}
-        total = 0
-        for plugin in self.inner.plugins:
-            total += _tensor_bytes(vars(plugin), seen)
-            storage = getattr(plugin, "storage_policy", None)
-            if storage is not None and len(self.benchmark.train_stream) > 0:
-                total += len(storage.buffer) * _sample_bytes(self.benchmark)
-        return total
+    def memory_bytes(self) -> float:
+        """Bytes the avalanche strategy holds beyond the model, or NaN where it cannot tell.
+
+        Counted: every tensor its plugins hold (EWC's importances and saved parameters,
+        SI's, GEM's memories and constraint matrix G, AGEM's reference gradients,
+        reservoir weights), every module they keep besides the model (LwF's previous
+        model, GDumb's initial one), and every buffered sample (replay buffers and
+        per-experience datasets) at the size of what its dataset returns: the input at its
+        dtype, 8 bytes (int64) for each integer field (target, task label), DER's logits.
+        A strategy class keeping state on itself is counted only where `OWN_STATE` names
+        that state; anything the walk does not know how to measure makes the answer NaN,
+        never a guessed 0.
+        """
+        name, module = self.avalanche_class.__name__, self.avalanche_class.__module__
+        own = OWN_STATE.get(name, () if module in PLUGIN_WRAPPERS else None)
+        if own is None:
+            return float("nan")
+        seen = {id(self.inner), id(self.inner.evaluator), id(self.model)}
+        # The model's weights and gradients, which every strategy holds: plugins keep views
+        # of them (SI's old_theta, new_theta and grad on CPU), which cost nothing more.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        model_storage = {t.data_ptr() for t in [*self.model.state_dict().values(), *grads]}
+        held = [p for p in self.inner.plugins if p is not self.inner.evaluator]
+        held += [getattr(self.inner, name) for name in own]
+        return float(_held_bytes(held, seen, model_storage))
+
+
+# Avalanche-lib 0.6.0 strategy classes that keep memory on the strategy object rather than
+# in plugins: the attributes that hold it (None: not counted, so reported as unknown).
+OWN_STATE: dict[str, tuple[str, ...] | None] = {
+    "Cumulative": ("dataset",),
+    "DER": ("storage_policy",),
+    "ER_ACE": ("storage_policy",),
+    "ER_AML": ("storage_policy",),
+    "GenerativeReplay": None,  # a whole generator strategy beside the model
+}
+# Modules whose strategies are a template plus plugins, keeping nothing of their own.
+PLUGIN_WRAPPERS = {
+    "avalanche.training.supervised.strategy_wrappers",
+    "avalanche.training.supervised.strategy_wrappers_online",
+}
+_NO_DATA = (type(None), bool, int, float, complex, str, torch.device, torch.dtype, torch.Size)
 
 
 def _as_avalanche(samples):
@@ -90,26 +126,51 @@ def _as_avalanche(samples):
     )
 
 
-def _sample_bytes(benchmark) -> int:
-    x, y, *_ = benchmark.train_stream[0].dataset[0]
-    return x.element_size() * x.nelement() + 8
+def _held_bytes(obj: Any, seen: set[int], counted: set[int], depth: int = 0) -> float:
+    """Bytes of the tensors, modules and datasets reachable from `obj`, each counted once
+    (tensors by storage address, so the model's own, in `counted`, are not)."""
+    from avalanche.benchmarks.utils import AvalancheDataset
 
-
-def _tensor_bytes(obj: Any, seen: set[int], depth: int = 0) -> int:
-    if depth > 8 or id(obj) in seen:
+    if isinstance(obj, _NO_DATA) or id(obj) in seen:
         return 0
+    if depth > 12:
+        return float("nan")
     seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
     if isinstance(obj, torch.Tensor):
+        if obj.data_ptr() in counted:
+            return 0
+        counted.add(obj.data_ptr())
         return obj.element_size() * obj.nelement()
     if isinstance(obj, nn.Module):
-        return sum(_tensor_bytes(t, seen, depth + 1) for t in obj.state_dict().values())
+        tensors = [*obj.parameters(), *obj.buffers()]
+        return sum(_held_bytes(t, seen, counted, depth + 1) for t in tensors)
+    if isinstance(obj, AvalancheDataset):
+        return len(obj) * _sample_bytes(obj[0]) if len(obj) else 0
     if isinstance(obj, dict):
-        return sum(_tensor_bytes(v, seen, depth + 1) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v, seen, depth + 1) for v in obj)
-    if type(obj).__module__.startswith("avalanche"):  # ParamData, LwF's helper, ...
-        return _tensor_bytes(vars(obj), seen, depth + 1) if hasattr(obj, "__dict__") else 0
-    return 0
+        return sum(_held_bytes(v, seen, counted, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return sum(_held_bytes(v, seen, counted, depth + 1) for v in obj)
+    if isinstance(obj, (DataLoader, Iterator, enum.Enum, type)) or inspect.isroutine(obj):
+        return 0  # loaders and iterators read data counted where it is held; code; names
+    if type(obj).__module__.startswith("avalanche") and hasattr(obj, "__dict__"):
+        return _held_bytes(vars(obj), seen, counted, depth + 1)  # storage policies, ParamData
+    return float("nan")  # something the walk cannot measure: unknown, never 0
+
+
+def _sample_bytes(sample: Any) -> float:
+    """One buffered sample: its tensors at their dtype, 8 bytes per integer or float field."""
+    fields = sample if isinstance(sample, (list, tuple)) else [sample]
+    total = 0.0
+    for value in fields:
+        if isinstance(value, torch.Tensor):
+            total += value.element_size() * value.nelement()
+        elif isinstance(value, (bool, int, float)):
+            total += 8
+        else:
+            return float("nan")
+    return total
 
 
 @functools.cache
