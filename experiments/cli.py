@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import subprocess
 import sys
+import time
 import typing
 
 from forgetless.experiments.schema import ConfigError, describe
@@ -58,11 +61,21 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from forgetless.experiments.tracking import TrackingUnavailable
+
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrackingUnavailable as e:
+        print(f"error: {e}; cells that trained keep their checkpoints and are logged when the "
+              "grid is run again with the store back", file=sys.stderr)  # fmt: skip
+        return 3
+    except KeyboardInterrupt:
+        print("\ninterrupted: running cells are marked KILLED and resume from their last "
+              "checkpoint when the grid is run again", file=sys.stderr)  # fmt: skip
+        return 130
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -76,13 +89,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)
-    counts = {"FINISHED": 0, "FAILED": 0, "SKIPPED": 0}
+    counts = dict.fromkeys(("FINISHED", "FAILED", "SKIPPED", "HELD", "UNLOGGED"), 0)
     running = [0]
     bar = tqdm(total=len(grid.cells), desc=grid.name, unit="cell", file=sys.stderr)
 
     def show() -> None:
         bar.set_postfix(done=counts["FINISHED"], running=running[0], failed=counts["FAILED"],
-                        skipped=counts["SKIPPED"], refresh=False)  # fmt: skip
+                        skipped=counts["SKIPPED"] + counts["HELD"], refresh=False)  # fmt: skip
 
     def on_running(n: int) -> None:
         running[0] = n
@@ -90,8 +103,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def on_outcome(outcome) -> None:
         counts[outcome.status] += 1
-        if outcome.status == "FAILED":
-            tqdm.write(f"FAILED {outcome.label}: {outcome.error}", file=sys.stderr)
+        for note in outcome.notes:
+            tqdm.write(f"note {outcome.label}: {note}", file=sys.stderr)
+        if outcome.status in ("FAILED", "HELD", "UNLOGGED"):
+            tqdm.write(f"{outcome.status} {outcome.label}: {outcome.error}", file=sys.stderr)
         show()  # before update(1), which draws the bar: else its counts lag a cell behind
         bar.update(1)
 
@@ -102,14 +117,58 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         connect(args.address)
         executor = ray_executor(grid.resources, len(grid.cells), on_running)
-    run_grid(grid, uri, executor, on_outcome=on_outcome)
+    with _watch_server(uri, lambda text: tqdm.write(text, file=sys.stderr)):
+        run_grid(grid, uri, executor, on_outcome=on_outcome)
     bar.close()
     print(format_table(compare_table(uri, grid.name)))
     print(f"\n{counts['FINISHED']} cells run, {counts['SKIPPED']} already finished, "
           f"{counts['FAILED']} failed.")  # fmt: skip
+    if counts["HELD"]:
+        print(f"{counts['HELD']} cells left to the driver that runs them now; run the grid "
+              "again after it ends for the full table.")  # fmt: skip
+    if counts["UNLOGGED"]:
+        print(
+            f"{counts['UNLOGGED']} cells trained but could not be logged: the store did not "
+            "answer. Run the grid again when it does; they are logged from their checkpoints."
+        )
+        return 3
     print(f"Report: forgetless report {grid.name} --tracking-uri {uri}\n"
           f"MLflow UI: forgetless ui {grid.name} --tracking-uri {uri}")  # fmt: skip
     return 1 if counts["FAILED"] else 0
+
+
+@contextlib.contextmanager
+def _watch_server(uri: str, say: typing.Callable[[str], None], every: float = 10.0):
+    """While a grid runs against a tracking server, say when it stops and starts answering:
+    the cells retry meanwhile, and a still progress bar alone would say nothing."""
+    import threading
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        yield
+        return
+    stop = threading.Event()
+
+    def watch() -> None:
+        down_since = None
+        while not stop.wait(every):
+            try:
+                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+                if down_since is not None:
+                    say(f"tracking server {uri} answers again")
+                down_since = None
+            except OSError as e:
+                if down_since is None:
+                    down_since = time.strftime("%H:%M:%S")
+                    say(f"tracking server {uri} unreachable since {down_since} ({e}); cells "
+                        "keep training and retry logging")  # fmt: skip
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -189,11 +248,19 @@ def _where(items: list[str]) -> dict[str, str]:
     return where
 
 
+def _readable_store(tracking_uri: str | None) -> str:
+    """The store a read-only command reads: probed fast, and never created."""
+    from forgetless.experiments.tracking import check_tracking_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri, must_exist=True)
+    return uri
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from forgetless.experiments.compare import compare_table, format_table
-    from forgetless.experiments.tracking import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = _readable_store(args.tracking_uri)
     table = compare_table(uri, args.grid_name, args.stream, args.strategy, _where(args.where),
                           args.sort)  # fmt: skip
     print(format_table(table))
@@ -209,11 +276,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from forgetless.experiments import report
-    from forgetless.experiments.tracking import resolve_tracking_uri
 
     fmt = args.format or ("markdown" if (args.out or "").endswith(".md") else "html")
     out = Path(args.out or f"{args.grid_name}-report.{'md' if fmt == 'markdown' else 'html'}")
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = _readable_store(args.tracking_uri)
     built = report.build(uri, args.grid_name, args.stream, args.strategy, _where(args.where))
     report.write(built, out, fmt, Path(args.csv) if args.csv else None)
     print(f"wrote {out}" + (f" and {args.csv}" if args.csv else ""))
@@ -233,9 +299,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     import mlflow
 
-    from forgetless.experiments.tracking import grid_experiment, resolve_tracking_uri
+    from forgetless.experiments.tracking import grid_experiment
 
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = _readable_store(args.tracking_uri)
     served = uri.startswith(("http://", "https://"))
     url = (uri.rstrip("/") if served else f"http://127.0.0.1:{args.port}") + "/"
     charts = None
@@ -266,9 +332,19 @@ def cmd_ui(args: argparse.Namespace) -> int:
         store = Path(uri[len("sqlite:///") :]).expanduser().resolve()
         command += ["--artifacts-destination", str(store.parent / "mlartifacts")]
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def stop(signum: int, frame: object) -> None:  # the server and its workers with us
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
     try:
-        return subprocess.call(command, env=env)
+        return server.wait()
     except KeyboardInterrupt:
+        stop(signal.SIGINT, None)
+        server.wait()
         return 0
 
 

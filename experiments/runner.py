@@ -236,9 +236,13 @@ def _resumable_state(
     return None
 
 
+NEAR_CHANCE = 0.05  # of the way from chance to a perfect score
+
+
 def diverged(model: torch.nn.Module, stream: Stream, R: np.ndarray) -> str:
     """Why a cell's results are not to be ranked ('' if they are): non-finite parameters,
-    or experiences learnt no better than chance right after training on them.
+    or experiences learnt no better than chance right after training on them (within
+    NEAR_CHANCE: a diverged SGD run scores a hair above chance by luck).
 
     Chance is judged on R[i][i], not on the final row: a naive learner in a
     class-incremental stream forgets old classes below chance, and that is a result."""
@@ -249,8 +253,8 @@ def diverged(model: torch.nn.Module, stream: Stream, R: np.ndarray) -> str:
         return ""
     chance = float(np.mean([1.0 / len(c) for c in classes]))
     learning = float(np.mean(np.diag(R)))
-    if learning <= chance:
-        return f"learning accuracy {learning:.3f} at or below chance ({chance:.3f})"
+    if learning <= chance + NEAR_CHANCE * (1 - chance):
+        return f"learning accuracy {learning:.3f}: no better than chance ({chance:.3f})"
     return ""
 
 

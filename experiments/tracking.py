@@ -53,6 +53,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 log = logging.getLogger(__name__)
+_ACTIVE_GRIDS: set[str] = set()  # parent runs of the drivers running in this process
 
 
 class TrackingUnavailable(RuntimeError):
@@ -204,8 +205,10 @@ def open_grid(uri: str, grid_name: str, n_cells: int, grid_source: dict[str, Any
             experiment_id,
             run_name=f"{grid_name} ({time.strftime('%Y-%m-%d %H:%M:%S')})",
             tags={f"{TAG}role": "grid", f"{TAG}grid": grid_name, f"{TAG}cells": str(n_cells),
-                  f"{TAG}heartbeat": str(time.time()), f"{TAG}host": socket.gethostname()},
+                  f"{TAG}heartbeat": str(time.time()), f"{TAG}host": socket.gethostname(),
+                  f"{TAG}pid": str(os.getpid())},
         )  # fmt: skip
+        _ACTIVE_GRIDS.add(run.info.run_id)  # until its Heartbeat ends
     store.log_text(run.info.run_id, yaml.safe_dump(grid_source, sort_keys=False), "grid.yaml")
     return GridRun(uri, experiment_id, run.info.run_id)
 
@@ -217,9 +220,28 @@ def close_grid(grid_run: GridRun, status: str, failed: int = 0) -> None:
 
 
 def _alive(parent) -> bool:
-    """A driver is alive while its parent run is RUNNING and its heartbeat is recent."""
-    beat = float(parent.data.tags.get(f"{TAG}heartbeat", 0))
-    return parent.info.status == "RUNNING" and time.time() - beat < LEASE_S
+    """A driver is alive while its parent run is RUNNING and its heartbeat is recent; on
+    this machine, also only while its process runs (no need to wait out its lease)."""
+    tags = parent.data.tags
+    if parent.info.status != "RUNNING":
+        return False
+    if tags.get(f"{TAG}host") == socket.gethostname():
+        pid = int(tags.get(f"{TAG}pid", 0))
+        if pid == os.getpid():
+            return parent.info.run_id in _ACTIVE_GRIDS
+        if not _process_exists(pid):
+            return False
+    return time.time() - float(tags.get(f"{TAG}heartbeat", 0)) < LEASE_S
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return pid > 0
 
 
 class Heartbeat:
@@ -240,6 +262,7 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
+        _ACTIVE_GRIDS.discard(self.run_id)
 
     def _beat(self) -> None:
         while not self.stop.wait(HEARTBEAT_S):
@@ -325,8 +348,10 @@ def _driver_name(run, parents: dict) -> str:
     driver = parents.get(run.data.tags.get(f"{TAG}driver", "")) if run is not None else None
     if driver is None:
         return "another driver"
-    host = driver.data.tags.get(f"{TAG}host", "?")
-    return f"{driver.info.run_name} on {host}"
+    tags = driver.data.tags
+    return (f"{driver.info.run_name} on {tags.get(f'{TAG}host', '?')} (pid "
+            f"{tags.get(f'{TAG}pid', '?')}); if that driver is gone, its lease ends within "
+            f"{LEASE_S:.0f} s")  # fmt: skip
 
 
 def _take(store: Store, grid_run: GridRun, cell: Cell, runs: list) -> str:
@@ -451,6 +476,8 @@ class CellRun:
         self.manifest = manifest
         self.params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(cell.config).items()]
         self.metrics: list[Metric] = [Metric(*m) for m in pending]
+        self.warnings: list[str] = []
+        self.tags: dict[str, str] = {}
         self.flushed_at = time.monotonic()
         self.store.update_run(run_id, status="RUNNING")
 
@@ -496,11 +523,15 @@ class CellRun:
                 self.flushed_at = time.monotonic()
 
     def warn(self, message: str) -> None:
-        """A warning the user should see beside the cell's results."""
-        self.store.set_tag(self.run_id, f"{TAG}warning", message[:5000])
+        """A warning the user should see beside the cell's results (one line each)."""
+        self.warnings.append(message)
+        self.tag("warning", "\n".join(self.warnings)[-5000:])
 
     def tag(self, key: str, value: str) -> None:
-        self.store.set_tag(self.run_id, f"{TAG}{key}", value[:5000])
+        """Set tag `forgetless.<key>` now, or with the next write if the store is away."""
+        self.tags[f"{TAG}{key}"] = value[:5000]
+        with contextlib.suppress(TrackingUnavailable):
+            self.flush(patience=0)
 
     def log_table(self, rows: dict[str, list], name: str) -> None:
         self.store.log_table(self.run_id, rows, name)
@@ -515,6 +546,9 @@ class CellRun:
         while self.params or self.metrics:  # MLflow's per-call limits: 100 params, 1000 values
             store.log_batch(self.run_id, metrics=self.metrics[:1000], params=self.params[:100])
             self.params, self.metrics = self.params[100:], self.metrics[1000:]
+        if self.tags:
+            store.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self.tags.items()])
+            self.tags = {}
         self.flushed_at = time.monotonic()
 
     def finish(self, summary: dict[str, float], artifacts: Path) -> None:
