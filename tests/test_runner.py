@@ -175,3 +175,21 @@ def test_a_gpu_cell_reports_its_peak_memory_and_a_cpu_cell_none(monkeypatch):
     assert reset == [gpu]
     assert runner._peak_memory(gpu) == {"peak_gpu_memory_mb": 3.0}
     assert runner._peak_memory(cpu) == {}
+
+
+def test_two_configurations_of_one_strategy_stay_apart_in_compare_and_groups(
+    write_grid, tracking_uri
+):
+    grid = write_grid(
+        seeds=[0, 1],
+        strategies=[
+            {"name": "rehearsal", "buffer": {"size": 20}},
+            {"name": "rehearsal", "buffer": {"size": 80}},
+        ],
+    )
+    assert {o.status for o in run_grid(grid, tracking_uri)} == {"FINISHED"}
+    table = compare_table(tracking_uri, grid.name)
+    assert sorted(table["variant"]) == ["strategy.buffer.size=20", "strategy.buffer.size=80"]
+    assert list(table["seeds"]) == [2, 2]
+    groups = runs_by_role(tracking_uri, grid.name)["group"]
+    assert sorted(g.data.tags["forgetless.variant"] for g in groups) == sorted(table["variant"])
