@@ -3,6 +3,11 @@
 One aggregation serves the terminal table, the report and the group runs in the MLflow
 UI, so they always agree: cells are grouped by (stream, strategy, grid point) and every
 final metric gets a mean and a standard deviation over seeds.
+
+A FINISHED cell may carry the tag `forgetless.flag`, the reason its numbers are not to be
+believed (it diverged to chance accuracy, its weights are not finite): a diverged cell
+forgets nothing because it learned nothing. A group is flagged when any of its cells is;
+flagged groups are shown as such and ranked after every unflagged one, whatever the sort.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from forgetless.experiments.schema import ConfigError
 
 TAG = tracking.TAG
 GROUP_KEYS = ["stream", "strategy", "variant"]
+FLAG_TAG = f"{TAG}flag"
+# Columns of the cell frame that are neither metrics nor parameters.
+CELL_KEYS = GROUP_KEYS + ["seed", "run_id", "flag"]
 HEADLINE = ["avg_acc", "learning_acc", "forgetting", "bwt", "fwt", "train_time_s", "memory_bytes"]
 # Shown after the headline when a grid logs them (editing and language-model streams).
 EXTRA = ["reliability", "generalization", "locality", "edit_latency_s", "general_retention"]
@@ -25,7 +33,8 @@ LOWER_IS_BETTER = {"forgetting", "train_time_s", "memory_bytes", "edit_latency_s
 
 
 def cell_frame(uri: str, grid_name: str) -> pd.DataFrame:
-    """One row per FINISHED cell: stream, strategy, variant, seed and every final metric."""
+    """One row per FINISHED cell: stream, strategy, variant, seed, its flag ("" when it has
+    none) and every final metric."""
     rows = []
     for run in tracking.cell_runs(uri, grid_name):
         tags = run.data.tags
@@ -35,6 +44,7 @@ def cell_frame(uri: str, grid_name: str) -> pd.DataFrame:
             "variant": tags.get(f"{TAG}variant", "-"),
             "seed": int(tags[f"{TAG}seed"]),
             "run_id": run.info.run_id,
+            "flag": tags.get(FLAG_TAG, "").strip(),
         }
         row.update({k[len("final/") :]: v for k, v in run.data.metrics.items()
                     if k.startswith("final/")})  # fmt: skip
@@ -45,19 +55,41 @@ def cell_frame(uri: str, grid_name: str) -> pd.DataFrame:
 
 def metric_names(cells: pd.DataFrame) -> list[str]:
     """The final metrics the cells carry, without the `final/` prefix."""
-    return [c for c in cells.columns if c not in GROUP_KEYS + ["seed", "run_id"]
-            and not c.startswith("param:")]  # fmt: skip
+    return [c for c in cells.columns if c not in CELL_KEYS and not c.startswith("param:")]
 
 
 def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds per group; columns `<metric>_mean`, `<metric>_std`, `seeds`."""
+    """Mean and std over seeds per group; columns `<metric>_mean`, `<metric>_std`, `seeds`,
+    and `flagged` (how many of its cells are flagged) with `flag` (their reasons, by seed).
+
+    A metric unknown (NaN) for any seed is unknown for the group: a mean over the seeds
+    that happen to have it would pass for a mean over all of them.
+    """
+    if "flag" not in cells:
+        cells = cells.assign(flag="")
     metric_columns = metric_names(cells)
     grouped = cells.groupby(GROUP_KEYS, sort=False)
-    mean = grouped[metric_columns].mean().add_suffix("_mean")
-    std = grouped[metric_columns].std(ddof=0).add_suffix("_std")
+    unknown = cells[metric_columns].isna().groupby([cells[k] for k in GROUP_KEYS], sort=False)
+    unknown = unknown.any()
+    mean = grouped[metric_columns].mean().mask(unknown).add_suffix("_mean")
+    std = grouped[metric_columns].std(ddof=0).mask(unknown).add_suffix("_std")
     table = pd.concat([mean, std], axis=1)
     table["seeds"] = grouped.size()
+    flagged = cells[cells["flag"] != ""].sort_values("seed")
+    flagged = flagged.assign(reason="seed " + flagged["seed"].astype(str) + ": " + flagged["flag"])
+    by_group = flagged.groupby(GROUP_KEYS, sort=False)
+    table["flagged"] = by_group.size().reindex(table.index, fill_value=0)
+    table["flag"] = by_group["reason"].agg("; ".join).reindex(table.index, fill_value="")
     return table.reset_index()
+
+
+def rank(table: pd.DataFrame, column: str, ascending: bool) -> pd.DataFrame:
+    """Best first by `column`, every flagged group after every unflagged one, unknown
+    values after known ones: a diverged or unmeasured group is never ranked best."""
+    order = table.assign(_flagged=table["flagged"] > 0 if "flagged" in table else False)
+    order = order.sort_values(["_flagged", column], ascending=[True, ascending],
+                              na_position="last", kind="stable")  # fmt: skip
+    return order.drop(columns="_flagged").reset_index(drop=True)
 
 
 def select(
@@ -114,7 +146,8 @@ def compare_table(
     where: dict[str, str] | None = None,
     sort: str = "final/avg_acc",
 ) -> pd.DataFrame:
-    """The aggregated table, filtered by stream / strategy / parameter values, best first."""
+    """The aggregated table, filtered by stream / strategy / parameter values, best first
+    (flagged groups last)."""
     cells = cell_frame(uri, grid_name)
     if cells.empty:
         return cells
@@ -127,37 +160,64 @@ def compare_table(
             f"final/{', final/'.join(metric_names(cells))}"
         )
     ascending = key.removesuffix("_mean").removesuffix("_std") in LOWER_IS_BETTER
-    return table.sort_values(column, ascending=ascending, ignore_index=True)
+    return rank(table, column, ascending)
 
 
 def formatted(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as text: `mean ± std` per shown metric (the mean alone for one seed)."""
+    """The table as text: `mean ± std` per shown metric (the mean alone for one seed), "n/a"
+    where a metric is unknown, and a `flag` column when any group is flagged."""
     out = table[GROUP_KEYS].copy()
     for metric in HEADLINE + EXTRA:
         if f"{metric}_mean" not in table:
             continue
-        digits = 0 if metric == "memory_bytes" else 3
         out[metric] = [
-            f"{m:.{digits}f}" if n < 2 else f"{m:.{digits}f} ± {s:.{digits}f}"
+            mean_std(m, s, n, 0 if metric == "memory_bytes" else 3)
             for m, s, n in zip(table[f"{metric}_mean"], table[f"{metric}_std"], table["seeds"])
         ]
     out["seeds"] = table["seeds"]
     if (out["variant"] == "-").all():
         out = out.drop(columns="variant")
+    if "flagged" in table and (table["flagged"] > 0).any():
+        out["flag"] = [
+            f"FLAGGED ({k} of {n} seeds)" if k else ""
+            for k, n in zip(table["flagged"], table["seeds"])
+        ]
     return out
 
 
+def mean_std(mean: float, std: float, seeds: int, digits: int) -> str:
+    """`mean ± std` (the mean alone for one seed); "n/a" for an unknown value, never 0."""
+    if pd.isna(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" if seeds < 2 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def flag_lines(table: pd.DataFrame) -> list[str]:
+    """One line per flagged group: where, which strategy, and each flagged seed's reason."""
+    rows = table[table["flagged"] > 0] if "flagged" in table else table.iloc[:0]
+    return [
+        f"{r.stream} / {group_label(r.strategy, r.variant)}: {r.flag}" for r in rows.itertuples()
+    ]
+
+
 def format_table(table: pd.DataFrame) -> str:
-    """`mean ± std` per headline metric, a row per stream x strategy (x grid point)."""
+    """`mean ± std` per headline metric, a row per stream x strategy (x grid point), then
+    the reasons of the flagged groups, which are ranked last."""
     if table.empty:
         return "(no finished cells)"
-    return formatted(table).to_string(index=False)
+    text = formatted(table).to_string(index=False)
+    flags = flag_lines(table)
+    if flags:
+        text += "\n\nFLAGGED, ranked last whatever the sort (numbers not to be trusted):\n"
+        text += "\n".join(f"  {line}" for line in flags)
+    return text
 
 
 def log_seed_groups(grid_run: tracking.GridRun, grid_name: str) -> None:
-    """Replace the grid's group runs with fresh ones from every FINISHED cell, and write
-    the table with links to every cell run as the parent run's description, so the
-    parent run shows what the grid found and leads to each of its cells."""
+    """Replace the grid's group runs with fresh ones from every FINISHED cell (a flagged
+    group's run carries `forgetless.flag` too), and write the table with links to every
+    cell run as the parent run's description, so the parent run shows what the grid found
+    and leads to each of its cells."""
     client = MlflowClient(grid_run.tracking_uri)
     old = client.search_runs([grid_run.experiment_id], f"tags.`{TAG}role` = 'group'")
     for run in old:
@@ -172,6 +232,15 @@ def log_seed_groups(grid_run: tracking.GridRun, grid_name: str) -> None:
         groups[key] = {c: row[c] for c in table.columns if c.endswith(("_mean", "_std"))}
         groups[key]["seeds"] = int(row["seeds"])
     tracking.log_groups(grid_run, groups)
+    flagged = table[table["flagged"] > 0]
+    if len(flagged):
+        reasons = {tuple(r[k] for k in GROUP_KEYS): r["flag"] for _, r in flagged.iterrows()}
+        query = f"tags.`{TAG}role` = 'group'"
+        for run in client.search_runs([grid_run.experiment_id], query):
+            tags = run.data.tags
+            key = (tags.get(f"{TAG}stream"), tags.get(f"{TAG}strategy"), tags.get(f"{TAG}variant"))
+            if key in reasons:
+                client.set_tag(run.info.run_id, FLAG_TAG, reasons[key][:5000])
     client.set_tag(grid_run.parent_run_id, "mlflow.note.content",
                    grid_note(grid_run.experiment_id, cells, table))  # fmt: skip
 
@@ -183,10 +252,11 @@ def grid_note(experiment_id: str, cells: pd.DataFrame, table: pd.DataFrame) -> s
     lines = [
         "Final metrics, mean ± std over seeds (the group runs carry them as metrics):",
         "",
-        formatted(table.sort_values("avg_acc_mean", ascending=False)).to_markdown(
+        formatted(rank(table, "avg_acc_mean", ascending=False)).to_markdown(
             index=False, disable_numparse=True
         ),
         "",
+        *[f"Flagged: {line}" for line in flag_lines(table)],
         "Cell runs:",
         "",
     ]

@@ -3,8 +3,10 @@
 Built from MLflow alone (a local SQLite store or a server), on compare.py's frames, so
 its table is the table of `forgetless compare` and of the group runs: final metrics over
 seeds with the best per column marked, confidence intervals and paired tests over seeds,
-then the figures of plots.py. HTML embeds its images, so the report is one file to send or
-attach; markdown writes them beside it, for papers and READMEs.
+then the figures of plots.py. A flagged group (a cell tagged `forgetless.flag`, e.g. one that
+diverged to chance accuracy and so "forgets" nothing) is listed with its reasons, ranked
+last, never marked best and never named in the headline. HTML embeds its images, so the
+report is one file to send or attach; markdown writes them beside it, for papers and READMEs.
 """
 
 from __future__ import annotations
@@ -70,8 +72,10 @@ def build(
         )
     cells = compare.select(cells, streams, strategies, where)
     table = compare.aggregate(cells)
-    table = table.sort_values(["stream", "avg_acc_mean"], ascending=[True, False])
-    table = table.reset_index(drop=True)
+    table = table.assign(_flagged=table["flagged"] > 0).sort_values(
+        ["stream", "_flagged", "avg_acc_mean"], ascending=[True, True, False], na_position="last"
+    )
+    table = table.drop(columns="_flagged").reset_index(drop=True)
     table.insert(0, "label", [compare.group_label(*k) for k in zip(table.strategy, table.variant)])
     cells = cells.assign(
         label=[compare.group_label(*k) for k in zip(cells.strategy, cells.variant)]
@@ -80,7 +84,10 @@ def build(
     client = MlflowClient(uri)
     matrices = accuracy_matrices(client, list(cells["run_id"]))
 
-    sections = [at_a_glance(table), final_table(table), statistics_section(cells)]
+    sections = [at_a_glance(table)]
+    if (cells["flag"] != "").any():
+        sections.append(flagged_section(cells))
+    sections += [final_table(table), statistics_section(cells)]
     figures = {key: Section(key, title, text) for key, title, text in FIGURES}
     for stream, rows in table.groupby("stream", sort=False):
         stream_cells = cells[cells["stream"] == stream]
@@ -109,6 +116,11 @@ def stream_figures(
 ) -> dict[str, plots.Figure]:
     """The figures of one stream, keyed by the section they belong to."""
     order = list(rows["label"])
+    known = rows.dropna(subset=["memory_bytes_mean"])
+    unknown = sorted(set(rows["label"]) - set(known["label"]))
+    memory_title = f"{stream}: accuracy vs memory" + (
+        f" (memory unknown, not drawn: {', '.join(unknown)})" if unknown else ""
+    )
     figures = {
         "curves": average_accuracy_figure(stream, cells, order, matrices, colors),
         "heatmaps": heatmaps_figure(stream, cells, order, matrices),
@@ -121,14 +133,16 @@ def stream_figures(
             better="lower right",
         ),
         "memory": plots.trade_off(
-            points(rows, "memory_bytes", "avg_acc"),
+            points(known, "memory_bytes", "avg_acc"),
             colors,
             "strategy memory beyond the model (bytes, symlog)",
             "final average accuracy",
-            f"{stream}: accuracy vs memory",
+            memory_title,
             better="upper left",
             xscale="symlog",
-        ),
+        )
+        if len(known)
+        else None,
         "time": plots.bars(
             {r.label: (r.train_time_s_mean, r.train_time_s_std) for r in rows.itertuples()},
             colors,
@@ -136,10 +150,8 @@ def stream_figures(
             f"{stream}: training time",
         ),
     }
-    editing = editing_figure(client, stream, cells, order, colors)
-    if editing is not None:
-        figures["editing"] = editing
-    return figures
+    figures["editing"] = editing_figure(client, stream, cells, order, colors)
+    return {key: fig for key, fig in figures.items() if fig is not None}
 
 
 # (key, title, what the section shows): the text printed above each figure.
@@ -190,26 +202,81 @@ FIGURES = [
 
 
 def at_a_glance(table: pd.DataFrame) -> Section:
-    """Per stream, the strategies from least to most forgetting, each beside what it costs."""
+    """Per stream, the strategies from least to most forgetting, each beside what it costs.
+
+    Only unflagged groups are named best: a cell that diverged to chance accuracy forgets
+    nothing because it learned nothing, and must not headline the report.
+    """
     lines = []
     for stream, rows in table.groupby("stream", sort=False):
-        stable = rows.loc[rows["forgetting_mean"].idxmin()]
-        accurate = rows.loc[rows["avg_acc_mean"].idxmax()]
-        lines.append(
-            f"{stream}: {stable.label} forgets least ({stable.forgetting_mean:.3f}), at "
-            f"{stable.memory_bytes_mean:,.0f} bytes of memory and {stable.train_time_s_mean:.1f}"
-            f" s of training per cell; {accurate.label} ends most accurate "
-            f"({accurate.avg_acc_mean:.3f})."
-        )
+        ranked = rows[rows["flagged"] == 0]
+        stable = _best(ranked, "forgetting_mean", lowest=True)
+        accurate = _best(ranked, "avg_acc_mean", lowest=False)
+        if stable is None or accurate is None:
+            line = f"{stream}: no unflagged strategy to rank"
+        else:
+            line = (
+                f"{stream}: {stable.label} forgets least ({stable.forgetting_mean:.3f}), at "
+                f"{_bytes(stable.memory_bytes_mean)} of memory and "
+                f"{_number(stable.train_time_s_mean, '.1f')} s of training per cell; "
+                f"{accurate.label} ends most accurate ({accurate.avg_acc_mean:.3f})"
+            )
+        flagged = rows.loc[rows["flagged"] > 0, "label"]
+        if len(flagged):
+            line += f". Flagged, so not ranked (see Flagged cells): {', '.join(flagged)}"
+        lines.append(line + ".")
     shown = compare.formatted(table)
     keys = [c for c in compare.GROUP_KEYS if c in shown]
-    order = table.sort_values(["stream", "forgetting_mean"]).index
+    order = (
+        table.assign(_flagged=table["flagged"] > 0)
+        .sort_values(["stream", "_flagged", "forgetting_mean"], na_position="last")
+        .index
+    )
     columns = keys + ["forgetting", "avg_acc", "memory_bytes", "train_time_s"]
-    text = (
-        "\n\n".join(lines)
-        + "\n\nForgetting, least first, beside its costs (mean ± std over seeds):"
+    columns += ["flag"] if "flag" in shown else []
+    text = "\n\n".join(lines) + (
+        "\n\nForgetting, least first (flagged groups last), beside its costs "
+        "(mean ± std over seeds; n/a: not known for that strategy):"
     )
     return Section("glance", "At a glance", text, shown.loc[order, columns])
+
+
+def _best(rows: pd.DataFrame, column: str, lowest: bool) -> pd.Series | None:
+    """The row with the best known value of `column`, or None when no row has one."""
+    known = rows[column].dropna()
+    if known.empty:
+        return None
+    return rows.loc[known.idxmin() if lowest else known.idxmax()]
+
+
+def _number(value: float, spec: str) -> str:
+    return "n/a" if pd.isna(value) else format(value, spec)
+
+
+def _bytes(value: float) -> str:
+    """Memory in words: unknown is "n/a", never a 0 that reads as "holds nothing"."""
+    return "an unknown amount (n/a)" if pd.isna(value) else f"{value:,.0f} bytes"
+
+
+def flagged_section(cells: pd.DataFrame) -> Section:
+    """Every flagged cell with its reason and run id."""
+    flagged = cells[cells["flag"] != ""].sort_values(["stream", "label", "seed"])
+    shown = pd.DataFrame(
+        {
+            "stream": flagged["stream"],
+            "strategy": flagged["label"],
+            "seed": flagged["seed"].astype(str),
+            "reason": flagged["flag"],
+            "run": flagged["run_id"],
+        }
+    )
+    text = (
+        f"{len(flagged)} finished cell(s) carry a `forgetless.flag`: their numbers are not "
+        "to be trusted (a cell that diverged to chance accuracy forgets nothing because it "
+        "learned nothing). A group with any flagged cell is marked FLAGGED in the tables, "
+        "ranked after every unflagged group, never bold and never named best above."
+    )
+    return Section("flagged", "Flagged cells", text, shown.reset_index(drop=True))
 
 
 def final_table(table: pd.DataFrame) -> Section:
@@ -218,15 +285,19 @@ def final_table(table: pd.DataFrame) -> Section:
     for metric in shown.columns:
         if f"{metric}_mean" not in table:
             continue
-        means = table[f"{metric}_mean"].round(12)
-        by_stream = means.groupby(table["stream"])
-        best = by_stream.transform("min" if metric in compare.LOWER_IS_BETTER else "max")
-        bold[metric] = (means == best) & (by_stream.transform("nunique") > 1)
+        values = table[f"{metric}_mean"].round(12)
+        ranked = values.where(table["flagged"] == 0)  # a flagged group is never the best
+        best = ranked.groupby(table["stream"]).transform(
+            "min" if metric in compare.LOWER_IS_BETTER else "max"
+        )
+        varies = values.groupby(table["stream"]).transform("nunique") > 1
+        bold[metric] = (ranked == best) & varies
     text = (
         "Each cell's final metrics, mean ± std over seeds (std with ddof=0, as the group runs "
         "in MLflow carry it). Bold: the best value of its column within its stream (lowest "
-        "forgetting, training time, memory and edit latency; highest otherwise). Definitions "
-        "in the README's Metrics section; bwt and fwt are backward and forward transfer."
+        "forgetting, training time, memory and edit latency; highest otherwise) among the "
+        "unflagged groups; n/a: not known for that strategy. Definitions in the README's "
+        "Metrics section; bwt and fwt are backward and forward transfer."
     )
     return Section("table", "Final metrics over seeds", text, shown, bold)
 
@@ -241,9 +312,13 @@ def seed_statistics(
     strategy, so the paired test removes that shared variation. The interval uses the
     sample std (n - 1) and Student's t with n - 1 degrees of freedom: it needs two seeds.
     The test needs two shared seeds whose differences are not all equal (else t is not
-    finite); p-values are two-sided and not corrected for multiple comparisons.
+    finite); p-values are two-sided and not corrected for multiple comparisons. A flagged
+    group (any cell with a `flag`) is never the best: it is ranked after the unflagged ones,
+    and a stream whose groups are all flagged has no best and no tests.
     """
     by_seed = cells.pivot(index="seed", columns=compare.GROUP_KEYS, values=metric)
+    flags = cells["flag"] if "flag" in cells else pd.Series("", index=cells.index)
+    flagged = set(cells.loc[flags != "", compare.GROUP_KEYS].itertuples(index=False, name=None))
     rows = []
     for key in by_seed.columns:
         values = by_seed[key].dropna().to_numpy()
@@ -257,15 +332,18 @@ def seed_statistics(
                 "mean": mean,
                 "ci_low": mean - half,
                 "ci_high": mean + half,
+                "flagged": tuple(key) in flagged,
             }
         )
     lower = metric in compare.LOWER_IS_BETTER
     frame = pd.DataFrame(rows).sort_values(
-        ["stream", "mean"], ascending=[True, lower], ignore_index=True
+        ["stream", "flagged", "mean"], ascending=[True, True, lower], ignore_index=True
     )
     frame["best"], frame["pairs"], frame["diff"], frame["p_value"] = "", 0, np.nan, np.nan
     for _, group in frame.groupby("stream", sort=False):
         best = group.index[0]
+        if frame.loc[best, "flagged"]:
+            continue
         best_key = tuple(frame.loc[best, compare.GROUP_KEYS])
         frame.loc[group.index, "best"] = compare.group_label(*best_key[1:])
         for i in group.index[1:]:
@@ -283,12 +361,13 @@ def statistics_section(cells: pd.DataFrame) -> Section:
     rows = []
     for metric in TESTED:
         for r in seed_statistics(cells, metric).itertuples():
-            is_best = r.best == compare.group_label(r.strategy, r.variant)
+            label = compare.group_label(r.strategy, r.variant)
+            is_best = r.best == label
             rows.append(
                 {
                     "metric": f"final/{metric}",
                     "stream": r.stream,
-                    "strategy": compare.group_label(r.strategy, r.variant),
+                    "strategy": f"{label} (FLAGGED)" if r.flagged else label,
                     "seeds": r.seeds,
                     "mean": f"{r.mean:.3f}",
                     f"{CONFIDENCE:.0%} CI": "–"
@@ -305,7 +384,8 @@ def statistics_section(cells: pd.DataFrame) -> Section:
         "of its stream in a paired t-test over the seeds both ran (a seed gives every "
         "strategy the same class order and initialisation). Δ is the mean paired difference "
         "(this minus best), p two-sided and uncorrected for multiple comparisons; – means "
-        "too few seeds (an interval needs 2, a test 2 shared seeds with differences that vary)."
+        "too few seeds (an interval needs 2, a test 2 shared seeds with differences that vary). "
+        "A flagged group is never the best; a stream with only flagged groups has no tests."
     )
     return Section("statistics", "Statistics over seeds", text, pd.DataFrame(rows))
 

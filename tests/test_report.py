@@ -17,7 +17,7 @@ from mlflow.entities import Metric
 
 from forgetless.experiments import report
 from forgetless.experiments.cli import main
-from forgetless.experiments.compare import HEADLINE, compare_table
+from forgetless.experiments.compare import HEADLINE, cell_frame, compare_table
 
 FIGURE_SECTIONS = ["curves", "heatmaps", "tradeoff", "memory", "time"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -57,13 +57,20 @@ def markdown_table(text: str, heading: str) -> pd.DataFrame:
     return pd.DataFrame(cells[2:], columns=cells[0])
 
 
+def flagged_strategies(uri: str, name: str) -> set[str]:
+    """Strategies with a cell the runner flagged (e.g. learnt no better than chance)."""
+    cells = cell_frame(uri, name)
+    return set(cells.loc[cells["flag"] != "", "strategy"])
+
+
 def test_report_has_every_section_and_one_image_per_plot(finished_grid, tmp_path):
     uri, name = finished_grid
     out = tmp_path / "report.html"
     assert main(["report", name, "--tracking-uri", uri, "--out", str(out)]) == 0
     page = Page()
     page.feed(out.read_text())
-    expected = ["glance", "table", "statistics", *FIGURE_SECTIONS]
+    flagged = ["flagged"] if flagged_strategies(uri, name) else []
+    expected = ["glance", *flagged, "table", "statistics", *FIGURE_SECTIONS]
     assert list(page.sections) == expected  # no editing section: these runs do not edit
     for key in FIGURE_SECTIONS:
         (source,) = page.sections[key]["img"]  # one stream: one image per plot
@@ -97,8 +104,10 @@ def test_markdown_table_numbers_equal_the_metrics_in_mlflow(finished_grid, tmp_p
             digits = 0 if metric == "memory_bytes" else 3
             assert row[metric].strip("*") == f"{mean:.{digits}f} ± {std:.{digits}f}", metric
         assert row["seeds"] == "2"
-    # The best final accuracy is bold, and only there.
-    best = max(groups, key=lambda r: r.data.metrics["final/avg_acc_mean"])
+    # The best final accuracy of the unflagged groups is bold, and only there.
+    flagged = flagged_strategies(uri, name)
+    ranked = [r for r in groups if r.data.tags["forgetless.strategy"] not in flagged]
+    best = max(ranked, key=lambda r: r.data.metrics["final/avg_acc_mean"])
     column = table["avg_acc"]
     assert column[best.data.tags["forgetless.strategy"]].startswith("**")
     assert sum(v.startswith("**") for v in column) == 1
@@ -221,10 +230,17 @@ def test_unknown_metric_lists_the_metrics_that_exist(finished_grid, capsys):
 
 def test_compare_filters_and_sorts_best_first(finished_grid, capsys):
     uri, name = finished_grid
+    # Best first among the unflagged groups, then the flagged ones (best first among them).
     by_forgetting = compare_table(uri, name, sort="final/forgetting")
-    assert list(by_forgetting["forgetting_mean"]) == sorted(by_forgetting["forgetting_mean"])
+    flagged = list(by_forgetting["flagged"] > 0)
+    assert flagged == sorted(flagged)
+    for group in (by_forgetting[by_forgetting["flagged"] == 0],
+                  by_forgetting[by_forgetting["flagged"] > 0]):  # fmt: skip
+        assert list(group["forgetting_mean"]) == sorted(group["forgetting_mean"])
     by_accuracy = compare_table(uri, name, sort="final/avg_acc")
-    assert list(by_accuracy["avg_acc_mean"]) == sorted(by_accuracy["avg_acc_mean"], reverse=True)
+    for group in (by_accuracy[by_accuracy["flagged"] == 0],
+                  by_accuracy[by_accuracy["flagged"] > 0]):  # fmt: skip
+        assert list(group["avg_acc_mean"]) == sorted(group["avg_acc_mean"], reverse=True)
     only = compare_table(
         uri, name, strategies=["rehearsal"], where={"strategy.buffer.size": "50.0"}
     )
@@ -265,3 +281,137 @@ def test_readme_search_runs_query_ranks_strategies_by_forgetting(finished_grid, 
     ranked = runs[["tags.forgetless.strategy", *means]]
     assert set(ranked["tags.forgetless.strategy"]) == {"naive", "rehearsal"}
     assert ranked["metrics.final/forgetting_mean"].is_monotonic_increasing
+
+
+@pytest.fixture(scope="module")
+def diverged_grid(make_grid, tmp_path_factory) -> tuple[str, str, str]:
+    """(tracking URI, grid name, diverged variant): naive at lr 0.05 and at lr 1e8 x 2 seeds,
+    run for real. At 1e8 the cells FINISH near chance accuracy, and so "forget" less than
+    the healthy ones; the test tags them `forgetless.flag` by hand, as the runner would."""
+    from forgetless.experiments.runner import run_grid
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('diverged-grid') / 'mlflow.db'}"
+    grid = make_grid(name="diverged", seeds=[0, 1], grid={"train.lr": [0.05, 1e8]})
+    assert {o.status for o in run_grid(grid, uri)} == {"FINISHED"}
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(grid.name)
+    for run in client.search_runs([experiment.experiment_id], "tags.`forgetless.role` = 'cell'"):
+        if "forgetless.flag" in run.data.tags:  # this test decides which cells are flagged
+            client.delete_tag(run.info.run_id, "forgetless.flag")
+        if float(run.data.params["train.lr"]) > 1:
+            accuracy = run.data.metrics["final/avg_acc"]
+            reason = f"final avg_acc {accuracy:.3f} near chance 0.100"
+            client.set_tag(run.info.run_id, "forgetless.flag", reason)
+    (diverged,) = {c.variant for c in grid.cells if c.config["train"]["lr"] > 1}
+    return uri, grid.name, diverged
+
+
+def test_compare_ranks_a_flagged_group_last_whatever_the_sort(diverged_grid, capsys):
+    uri, name, diverged = diverged_grid
+    by_forgetting = compare_table(uri, name, sort="final/forgetting")
+    healthy, flagged = by_forgetting.iloc[0], by_forgetting.iloc[1]
+    assert (flagged.variant, flagged.flagged, healthy.flagged) == (diverged, 2, 0)
+    # The diverged group forgets least, which is why it must not be ranked by it.
+    assert flagged.forgetting_mean < healthy.forgetting_mean
+    assert flagged.flag.startswith("seed 0: final avg_acc ") and "; seed 1: " in flagged.flag
+    for metric in ["avg_acc", "learning_acc", "forgetting", "bwt", "fwt", "train_time_s",
+                   "memory_bytes"]:  # fmt: skip
+        for suffix in ("", "_std"):
+            table = compare_table(uri, name, sort=f"final/{metric}{suffix}")
+            assert list(table["variant"])[-1] == diverged, metric + suffix
+
+    assert main(["compare", name, "--tracking-uri", uri, "--sort", "final/forgetting"]) == 0
+    out = capsys.readouterr().out
+    rows = out.split("\n\n")[0].splitlines()
+    assert "FLAGGED (2 of 2 seeds)" in rows[-1] and diverged in rows[-1]
+    assert "FLAGGED" not in rows[-2]
+    listed = out.split("FLAGGED, ranked last", 1)[1]
+    assert f"naive [{diverged}]: seed 0: final avg_acc" in listed
+
+
+def test_report_never_names_a_flagged_group_best_and_lists_its_cells(diverged_grid, tmp_path):
+    uri, name, diverged = diverged_grid
+    built = report.build(uri, name)
+    sections = {s.key: s for s in built.sections}
+    assert list(sections)[:4] == ["glance", "flagged", "table", "statistics"]
+    label = f"naive [{diverged}]"
+
+    headline = sections["glance"].text.split("\n\n")[0]
+    ranked, not_ranked = headline.split("Flagged, so not ranked")
+    assert label not in ranked and "forgets least" in ranked and "most accurate" in ranked
+    assert label in not_ranked
+    glance = sections["glance"].table
+    assert glance["flag"].iloc[-1] == "FLAGGED (2 of 2 seeds)"
+    assert (glance["flag"].iloc[:-1] == "").all()
+
+    listed = sections["flagged"].table
+    assert list(listed["strategy"]) == [label, label] and list(listed["seed"]) == ["0", "1"]
+    assert all(reason.startswith("final avg_acc ") for reason in listed["reason"])
+
+    final = sections["table"]
+    flagged_rows = final.table.index[final.table["flag"] != ""]
+    assert not final.bold.loc[flagged_rows].any().any()  # never bold, though it forgets least
+
+    stats = sections["statistics"].table
+    assert not stats["vs"].str.contains(diverged, regex=False).any()
+    assert (stats.loc[stats["strategy"] == f"{label} (FLAGGED)", "vs"] != "(best)").all()
+
+    out = tmp_path / "report.html"
+    assert main(["report", name, "--tracking-uri", uri, "--out", str(out)]) == 0
+    page = Page()
+    page.feed(out.read_text())
+    assert len(page.sections["flagged"]["tr"]) == 2
+
+
+def log_cells(uri: str, name: str, artifacts: Path, finals: dict[str, list[dict]]) -> None:
+    """Cell runs logged with MLflow's API: per strategy, one dict of final metrics per seed."""
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment(name, artifact_location=artifacts.as_uri())
+    for strategy, seeds in finals.items():
+        for seed, final in enumerate(seeds):
+            run = client.create_run(experiment_id, tags={
+                "forgetless.role": "cell", "forgetless.stream": "digits",
+                "forgetless.strategy": strategy, "forgetless.seed": str(seed),
+                "forgetless.variant": "-", "forgetless.grid": name,
+            })  # fmt: skip
+            metrics = [Metric(f"final/{k}", v, 0, 0) for k, v in final.items()]
+            client.log_batch(run.info.run_id, metrics=metrics)
+            R = [[final["avg_acc"], 0.0], [final["avg_acc"], final["avg_acc"]]]
+            matrix = {"experiences": ["e0", "e1"], "R": R, "baseline": [0, 0]}
+            client.log_dict(run.info.run_id, matrix, "accuracy_matrix.json")
+            client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def test_unknown_memory_shows_as_na_never_as_zero(tracking_uri, tmp_path, capsys):
+    def final(memory: float, forgetting: float) -> dict:
+        return {"avg_acc": 0.6, "learning_acc": 0.8, "forgetting": forgetting, "bwt": -0.1,
+                "fwt": 0.0, "train_time_s": 1.0, "memory_bytes": memory}  # fmt: skip
+
+    nan = float("nan")
+    log_cells(tracking_uri, "unknown-memory", tmp_path, {
+        "naive": [final(0, 0.4), final(0, 0.4)],
+        "avalanche.MER": [final(nan, 0.1), final(nan, 0.1)],  # forgets least, memory unknown
+        "half-known": [final(nan, 0.3), final(5000, 0.3)],  # unknown for one seed: unknown
+    })  # fmt: skip
+    table = compare_table(tracking_uri, "unknown-memory", sort="final/memory_bytes")
+    assert table["strategy"][0] == "naive"  # unknown memory is never ranked the smallest
+    assert set(table["strategy"][1:]) == {"avalanche.MER", "half-known"}
+    assert list(table["memory_bytes_mean"][1:].isna()) == [True, True]
+    assert main(["compare", "unknown-memory", "--tracking-uri", tracking_uri]) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert re.search(r"\b0 ± 0\b", rows["naive"])
+    for strategy in ("avalanche.MER", "half-known"):
+        assert "n/a" in rows[strategy] and "nan" not in rows[strategy]
+
+    built = report.build(tracking_uri, "unknown-memory")
+    sections = {s.key: s for s in built.sections}
+    headline = sections["glance"].text.split("\n\n")[0]
+    assert headline.startswith("digits: avalanche.MER forgets least (0.100), at an unknown "
+                               "amount (n/a) of memory")  # fmt: skip
+    memory = sections["table"].table.set_index("strategy")["memory_bytes"]
+    assert (memory["avalanche.MER"], memory["half-known"], memory["naive"]) == (
+        "n/a",
+        "n/a",
+        "0 ± 0",
+    )
+    assert sections["memory"].images  # drawn for the strategies whose memory is known
