@@ -19,16 +19,15 @@ from typing import Any
 from filelock import FileLock
 from safetensors.torch import load_model, save_model
 
+from forgetless.core.cache import cache_dir
 from forgetless.experiments import checkpoint
 from forgetless.models.causal_lm import CausalLM
+from forgetless.strategies import NoParams, TrainConfig
+from forgetless.strategies.naive import Naive
 from forgetless.streams import Experience, Stream
 from forgetless.streams.instructions import BaseMixture
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FORGETLESS_CACHE", Path.home() / ".cache" / "forgetless"))
 
 
 def base_path(model_config: dict[str, Any], base: BaseMixture) -> Path:
@@ -53,9 +52,6 @@ def load_or_train_base(model: CausalLM, base: BaseMixture, model_config: dict[st
 
 
 def _train_base(model: CausalLM, base: BaseMixture) -> None:
-    from forgetless.strategies import NoParams, TrainConfig
-    from forgetless.strategies.naive import Naive
-
     cfg = base.config
     saved = checkpoint.rng_state()  # the cell's RNG stream must not depend on the cache
     checkpoint.seed_everything(0)

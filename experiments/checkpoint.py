@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.fs
 import torch
 
-from forgetless.experiments.schema import ConfigError
+from forgetless.core.schema import ConfigError
 
 
 def rng_state() -> dict[str, Any]:

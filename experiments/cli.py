@@ -11,7 +11,7 @@ import sys
 import time
 import typing
 
-from forgetless.experiments.schema import ConfigError, describe
+from forgetless.core.schema import ConfigError, describe
 
 UI_PORT = 5000
 

@@ -19,15 +19,20 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import ray
 
+from forgetless.core.schema import ConfigError
 from forgetless.experiments.config import Cell, Resources
-from forgetless.experiments.runner import CellOutcome
-from forgetless.experiments.schema import ConfigError
+
+if TYPE_CHECKING:  # the runner brings torch and MLflow: connect() does without them
+    from forgetless.experiments.runner import CellOutcome
 
 log = logging.getLogger(__name__)
 MAX_RETRIES = 3  # worker deaths per cell before it is reported lost
+# Raised by Ray's token authentication (RAY_AUTH_MODE=token); Rays without it lack the class.
+_AuthenticationError = getattr(ray.exceptions, "AuthenticationError", ())
 
 
 def connect(address: str | None) -> None:
@@ -38,6 +43,7 @@ def connect(address: str | None) -> None:
     try:
         if address:
             _check_reachable(address)
+            _check_token(address)
             ray.init(address=address, log_to_driver=False)
         else:
             # Workers see what the driver sees (a plugin module beside the grid, say). Set
@@ -45,6 +51,8 @@ def connect(address: str | None) -> None:
             # Ray prestarts; address="local" never joins another `ray start` on the machine.
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
             ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    except _AuthenticationError as e:  # token mode on, but no token anywhere
+        raise ConfigError(f"--address {address!r}: {e}") from None
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError(
             f"--address {address!r}: no Ray cluster answers ({e}); start one with "
@@ -64,6 +72,67 @@ def _check_reachable(address: str) -> None:
         raise ConnectionError(f"cannot connect to {host}:{port}: {e}") from e
 
 
+def _check_token(address: str) -> None:
+    """One call to the cluster's GCS carrying the token ray.init would send (none unless
+    RAY_AUTH_MODE=token). A cluster started with token authentication answers it at once
+    with UNAUTHENTICATED, where ray.init retries for a minute of InvalidAuthToken warnings
+    and then says only that it failed to connect. Any other answer is left to ray.init.
+    """
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return  # "auto" finds ~/.ray/auth_token by itself; a Ray Client server is no GCS
+    try:
+        import grpc
+        from ray._private.authentication.grpc_authentication_client_interceptor import (
+            SyncAuthenticationMetadataClientInterceptor,
+        )
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # a Ray without token authentication: nothing to probe
+        return
+    channel = grpc.intercept_channel(
+        grpc.insecure_channel(address), SyncAuthenticationMetadataClientInterceptor()
+    )
+    try:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=10)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise ConfigError(token_advice(address, e.details() or "")) from None
+    finally:
+        channel.close()
+
+
+def token_advice(address: str, answer: str) -> str:
+    """What to do when the cluster at `address` refuses this driver's token (or its lack)."""
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    where = (
+        "copy the token from ~/.ray/auth_token on the head node (`ray get-auth-token` there "
+        "prints it)"
+    )
+    if mode.lower() != "token":
+        unsent = (
+            " (RAY_AUTH_TOKEN is set, but Ray sends it only when RAY_AUTH_MODE=token)"
+            if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            else ""
+        )
+        return (
+            f"--address {address!r}: the Ray cluster there requires token authentication "
+            f"and this driver sends no token{unsent} (the cluster answered: {answer}). Set "
+            "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN (or in a file "
+            f"named by RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token on this machine): {where}"
+        )
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        source = "RAY_AUTH_TOKEN"
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        source = f"the file RAY_AUTH_TOKEN_PATH names ({os.environ['RAY_AUTH_TOKEN_PATH']})"
+    else:
+        source = "~/.ray/auth_token on this machine"
+    return (
+        f"--address {address!r}: the Ray cluster there refuses this driver's token, read from "
+        f"{source} (the cluster answered: {answer}). Put the cluster's token there instead: "
+        f"{where}"
+    )
+
+
 def check_resources(resources: Resources) -> None:
     """Refuse a grid whose per-cell resources no node of the cluster can satisfy."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -77,10 +146,22 @@ def check_resources(resources: Resources) -> None:
     )
 
 
-def device_for(gpu_ids: list, gpu_request: float) -> str:
-    """The device a cell trains on: the GPU Ray assigned it, or the CPU."""
+def device_for(gpu_ids: list, gpu_request: float, cuda_available: bool = True) -> str:
+    """The device a cell trains on: the GPU Ray assigned it, or the CPU.
+
+    A node can declare GPUs that this process cannot use (`ray start --num-gpus` on a
+    machine without a driver, a CPU-only torch): the cell then trains on the CPU, and says
+    so, rather than failing on its first CUDA call.
+    """
     if gpu_request > 0 and gpu_ids:
-        return "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
+        if cuda_available:
+            return "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
+        log.warning(
+            "Ray assigned GPU %s to this cell on %s, but CUDA is not available there "
+            "(torch.cuda.is_available() is False): training on the CPU",
+            ",".join(map(str, gpu_ids)),
+            socket.gethostname(),
+        )
     return "cpu"
 
 
@@ -91,7 +172,9 @@ def threads_for(cpu_request: float) -> int:
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)
 def _run_cell_task(fn: Callable[..., CellOutcome], cell: Cell, resources: Resources):
-    device = device_for(ray.get_gpu_ids(), resources.gpu)
+    import torch
+
+    device = device_for(ray.get_gpu_ids(), resources.gpu, torch.cuda.is_available())
     return fn(cell, device=device, threads=threads_for(resources.cpu))
 
 
@@ -113,10 +196,14 @@ def ray_executor(resources: Resources, cells: int, on_running: Callable[[int], N
     delay each worker's first cell.
     """
     check_resources(resources)
+    # Asking for what a cell asks puts each warm-up on a node that will run cells.
+    warm_up = _warm_up.options(num_cpus=resources.cpu, num_gpus=resources.gpu)
     for _ in range(min(cells, _slots(resources))):
-        _warm_up.options(num_cpus=resources.cpu).remote()
+        warm_up.remote()
 
     def execute(cells: list[Cell], fn: Callable[..., CellOutcome]) -> Iterator[CellOutcome]:
+        from forgetless.experiments.runner import CellOutcome
+
         task = _run_cell_task.options(num_cpus=resources.cpu, num_gpus=resources.gpu)
         pending = {task.remote(fn, cell, resources): cell for cell in cells}
         slots = _slots(resources)

@@ -17,8 +17,8 @@ import difflib
 import pandas as pd
 from mlflow import MlflowClient
 
+from forgetless.core.schema import ConfigError
 from forgetless.experiments import tracking
-from forgetless.experiments.schema import ConfigError
 
 TAG = tracking.TAG
 GROUP_KEYS = ["stream", "strategy", "variant"]

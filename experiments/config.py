@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from forgetless.experiments.schema import ConfigError, param, parse, positive, suggest
+from forgetless.core.schema import ConfigError, param, parse, positive, suggest
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 NAME_RULE = "1 to 100 letters, digits, - _ . not starting with . or -"

@@ -9,8 +9,10 @@ agree at a fraction of the cost (tests/test_language_models.py checks it against
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from forgetless.experiments.editing import SCORES
 from forgetless.models.causal_lm import IGNORE, trim_padding
 from forgetless.strategies import Strategy
 from forgetless.streams import Samples, Stream
@@ -96,8 +98,6 @@ def _generation_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, 
 def score_stream(strategy: Strategy, stream: Stream) -> tuple[list[float], dict[str, float]]:
     """R[i, :] (or b before training) and the secondary scores keyed `<score>/exp_<j>`."""
     if stream.kind == "edit":
-        from forgetless.experiments.editing import score_edits
-
         return score_edits(strategy, stream)
     primary = PRIMARY[stream.kind]
     row, extra = [], {}
@@ -108,3 +108,56 @@ def score_stream(strategy: Strategy, stream: Stream) -> tuple[list[float], dict[
     if stream.general is not None:
         extra["general_acc"] = evaluate(strategy, stream.general, stream.kind)[primary]
     return row, extra
+
+
+def score_edits(strategy: Strategy, stream: Stream) -> tuple[list[float], dict[str, float]]:
+    """R[i, :] (reliability per experience) and the other scores, as score_stream returns.
+
+    `reliability`, `generalization` and `locality` (exact match over every edit of the
+    stream that is not to be forgotten, applied or not yet) and their `*_token_acc`;
+    `<score>/exp_<j>` per experience, and `forget/exp_<j>` for the experiences whose edits
+    are forgotten. The runner reads the scores of the edits applied so far from the row and
+    the extras.
+    """
+    row, extra = [], {}
+    totals = {f"{s}{k}": [] for s in SCORES for k in ("", "_token_acc")}
+    for j, e in enumerate(stream):
+        for score in SCORES:
+            scores = evaluate(strategy, getattr(e.test, score), "generation")
+            extra[f"{score}/exp_{j}"] = scores["exact_match"]
+            if e.test.pre_edit is None:
+                totals[score].append(scores["exact_match"])
+                totals[f"{score}_token_acc"].append(scores["token_accuracy"])
+        if e.test.pre_edit is not None:
+            pre_edit = evaluate(strategy, e.test.pre_edit, "generation")
+            extra[f"forget/exp_{j}"] = pre_edit["exact_match"]
+        row.append(extra[f"reliability/exp_{j}"])
+    locality = evaluate(strategy, stream.general, "generation")
+    extra["locality"] = extra["general_acc"] = locality["exact_match"]
+    extra["locality_token_acc"] = locality["token_accuracy"]
+    extra.update({k: float(np.mean(v)) for k, v in totals.items()})
+    return row, extra
+
+
+def edit_results(strategy: Strategy, stream: Stream) -> dict[str, list]:
+    """Per edit, its raw final result as table columns (EasyEdit users ask for these beside
+    the means to check a reproduction): experience, the request, whether it is forgotten,
+    whether its prompt gives the new target, and the share of its paraphrases that do
+    (None for an edit without any)."""
+    names = ("experience", "subject", "relation", "prompt", "target", "original")
+    columns: dict[str, list] = {k: [] for k in (*names, "forgotten", "reliable", "generalization")}
+    for j, e in enumerate(stream):
+        reliable = exact_rows(strategy, e.test.reliability)
+        paraphrased = exact_rows(strategy, e.test.generalization)
+        any_paraphrase = any(r.paraphrases for r in e.train)  # else: the prompts, rescored
+        start = 0
+        for k, request in enumerate(e.train):
+            rows = paraphrased[start : start + (len(request.paraphrases) if any_paraphrase else 1)]
+            start += len(rows)
+            for name in names[1:]:
+                columns[name].append(getattr(request, name))
+            columns["experience"].append(j)
+            columns["forgotten"].append("forgotten_at" in e.info)
+            columns["reliable"].append(reliable[k])
+            columns["generalization"].append(float(np.mean(rows)) if rows else None)
+    return columns

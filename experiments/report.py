@@ -28,8 +28,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from scipy import stats
 
+from forgetless.core.schema import ConfigError
 from forgetless.experiments import compare, metrics, plots
-from forgetless.experiments.schema import ConfigError
 
 log = logging.getLogger(__name__)
 

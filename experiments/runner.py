@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from forgetless.experiments import checkpoint, metrics, tracking
+from forgetless.experiments.base_model import encode_stream, load_or_train_base
 from forgetless.experiments.config import Cell, Grid, build_params
-from forgetless.experiments.editing import applied_scores, edit_results, edit_summary
-from forgetless.experiments.evaluate import PRIMARY, score_stream
+from forgetless.experiments.editing import applied_scores, edit_summary, encode_edit_stream
+from forgetless.experiments.evaluate import PRIMARY, edit_results, score_stream
 from forgetless.models import build_model, model_factory
 from forgetless.strategies import Strategy, TrainConfig, strategy_class
 from forgetless.streams import Stream, build_stream, stream_factory
@@ -71,9 +72,6 @@ def build_cell(cell: Cell, device: str | torch.device) -> tuple[Stream, Strategy
     else:
         model = build_model(model_name, model_params, stream).to(device)
     if stream.kind in ("generation", "edit"):
-        from forgetless.experiments.base_model import encode_stream, load_or_train_base
-        from forgetless.experiments.editing import encode_edit_stream
-
         if stream.base is not None:
             load_or_train_base(model, stream.base, cfg["model"])
         # An edit stream caches the model's locality answers here, before any edit.

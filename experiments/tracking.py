@@ -33,9 +33,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Experiment, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from forgetless.core.schema import ConfigError
 from forgetless.experiments.config import Cell
 from forgetless.experiments.config import flatten as config_flatten
-from forgetless.experiments.schema import ConfigError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "forgetless."

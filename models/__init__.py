@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from forgetless.experiments.registry import Registry
-from forgetless.experiments.schema import ConfigError, param
+from forgetless.core.registry import Registry
+from forgetless.core.schema import ConfigError, param
 from forgetless.models.causal_lm import HFConfig, hf_model, llama_tiny
 from forgetless.streams import Stream
 

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.core.schema import ConfigError, param, positive
 from forgetless.streams import Example, Samples
 
 IGNORE = -100
@@ -234,3 +234,8 @@ def hf_model(path: str, config: HFConfig) -> CausalLM:
         folder, local_files_only=True, dtype=getattr(torch, config.dtype)
     )
     return CausalLM(model, tokenizer, config.context)
+
+
+def edit_batch(model: CausalLM, prompt: str, target: str, device: torch.device) -> Samples:
+    """One edit as token ids, labels on the target and its EOS, on `device`."""
+    return trim_padding(model.encode([Example(prompt, target)])).to(device)

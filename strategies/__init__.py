@@ -12,12 +12,29 @@ import dataclasses
 import functools
 import typing
 
-from forgetless.experiments.registry import Registry
-from forgetless.experiments.schema import ConfigError
-from forgetless.strategies.base import NonFiniteLoss, NoParams, Strategy, TrainConfig
+from forgetless.core.schema import ConfigError
+from forgetless.strategies import (  # noqa: F401  (the built-ins register themselves)
+    cumulative,
+    ft_l,
+    grace,
+    hft,
+    larimar,
+    lora,
+    naive,
+    rehearsal,
+    remind,
+    ssr,
+    wise,
+)
+from forgetless.strategies.base import (
+    STRATEGIES,
+    NonFiniteLoss,
+    NoParams,
+    Strategy,
+    TrainConfig,
+    register_strategy,
+)
 
-STRATEGIES: Registry = Registry("strategy", "forgetless.strategies")
-register_strategy = STRATEGIES.register
 AVALANCHE_PREFIX = "avalanche."
 
 __all__ = [
@@ -33,24 +50,11 @@ __all__ = [
 
 def strategy_class(name: str, where: str) -> type[Strategy]:
     """The class registered (or plugged in) under `name`; `a+b` combines two methods."""
-    from forgetless.strategies import (  # noqa: F401
-        compressed_replay,
-        cumulative,
-        ft_l,
-        grace,
-        hft,
-        larimar,
-        lora,
-        naive,
-        rehearsal,
-        ssr,
-        wise,
-    )
-
     if "+" in name:
         parts = name.split("+")
         return combine(tuple(strategy_class(p.strip(), where) for p in parts), where)
     if name.startswith(AVALANCHE_PREFIX):
+        # Imported on demand: avalanche-lib takes seconds to import, and few grids use it.
         from forgetless.strategies.avalanche_adapter import avalanche_strategy
 
         return avalanche_strategy(name[len(AVALANCHE_PREFIX) :], where)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from forgetless.experiments.schema import ConfigError, suggest
+from forgetless.core.schema import ConfigError, suggest
 from forgetless.strategies.base import NonFiniteLoss, Strategy, TrainConfig
 from forgetless.streams import Experience, Stream
 

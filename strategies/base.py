@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.core.registry import Registry
+from forgetless.core.schema import ConfigError, param, positive
 from forgetless.models.causal_lm import lm_loss, trim_padding
 from forgetless.streams import Experience, Samples, Stream
 
@@ -185,3 +186,7 @@ class Strategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+STRATEGIES: Registry = Registry("strategy", "forgetless.strategies")
+register_strategy = STRATEGIES.register

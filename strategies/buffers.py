@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.core.schema import ConfigError, param, positive
 from forgetless.streams import Samples
 
 

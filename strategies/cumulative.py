@@ -4,7 +4,7 @@ Its memory is every training sample seen, counted in `memory_bytes`, which is wh
 is a reference point and not a method.
 """
 
-from forgetless.strategies import Strategy, register_strategy
+from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Experience, Samples
 
 

@@ -14,42 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from forgetless.experiments.schema import ConfigError, param, positive
-from forgetless.models.causal_lm import lm_loss, trim_padding
-from forgetless.strategies import Strategy, register_strategy
-from forgetless.streams import Example, Experience, Samples
-
-
-def ffn_module(model: nn.Module, layer: int, name: str, where: str) -> nn.Linear:
-    """The feed-forward projection `name` of transformer block `layer` (Llama layout:
-    `layers.<i>.mlp.<name>`); a ConfigError names the blocks the model has."""
-    found = {}
-    for path, module in model.named_modules():
-        parts = path.split(".")
-        block = len(parts) >= 4 and parts[-4] in ("layers", "h") and parts[-2] == "mlp"
-        if block and parts[-1] == name and isinstance(module, nn.Linear):
-            found[int(parts[-3])] = module
-    if layer not in found:
-        have = f"layers 0-{max(found)}" if found else f"no mlp.{name} Linear module"
-        raise ConfigError(f"{where}: the model has no layer {layer} with mlp.{name}; it has {have}")
-    return found[layer]
-
-
-def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put `new` where `old` sits in `model` (an editor wrapping one layer)."""
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if child is old:
-                setattr(parent, name, new)
-                return
-    raise ValueError(f"{type(old).__name__} is not a module of the model")
-
-
-def edit_samples(strategy: Strategy, prompt: str, target: str) -> Samples:
-    """One edit as token ids, labels on the target and its EOS, on the model's device."""
-    return trim_padding(strategy.model.encode([Example(prompt, target)])).to(strategy.device)
+from forgetless.core.schema import ConfigError, param, positive
+from forgetless.models.causal_lm import edit_batch, lm_loss
+from forgetless.models.surgery import ffn_module
+from forgetless.strategies.base import Strategy, register_strategy
+from forgetless.streams import Experience
 
 
 @dataclass
@@ -88,7 +58,7 @@ class FTL(Strategy):
     def train(self, experience: Experience) -> None:
         self.model.eval()  # no dropout: the edit is fitted on what evaluation computes
         for request in experience.train:
-            batch = edit_samples(self, request.prompt, request.target)
+            batch = edit_batch(self.model, request.prompt, request.target, self.device)
             before = self.weight.detach().clone()
             optimizer = torch.optim.Adam([self.weight], lr=self.config.lr)
             for _ in range(self.config.steps):

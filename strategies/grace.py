@@ -26,10 +26,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from forgetless.experiments.schema import ConfigError, param, positive
-from forgetless.models.causal_lm import IGNORE, lm_loss
-from forgetless.strategies import Strategy, register_strategy
-from forgetless.strategies.ft_l import edit_samples, ffn_module, replace_module
+from forgetless.core.schema import ConfigError, param, positive
+from forgetless.models.causal_lm import IGNORE, edit_batch, lm_loss
+from forgetless.models.surgery import ffn_module, replace_module
+from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Experience
 
 
@@ -113,7 +113,7 @@ class Grace(Strategy):
 
     def edit(self, prompt: str, target: str) -> None:
         book, cfg = self.codebook, self.config
-        batch = edit_samples(self, prompt, target)
+        batch = edit_batch(self.model, prompt, target, self.device)
         predicts = (batch.y[0, 1:] != IGNORE).nonzero().flatten().tolist()  # [last prompt, ...]
         positions = predicts[:1] if cfg.keys == "last_prompt" else predicts
         with torch.no_grad():

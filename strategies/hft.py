@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from forgetless.experiments.schema import ConfigError, param
-from forgetless.strategies import Strategy, register_strategy
+from forgetless.core.schema import ConfigError, param
+from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Experience
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

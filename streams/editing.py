@@ -24,8 +24,8 @@ from typing import Literal
 
 import numpy as np
 
-from forgetless.experiments.schema import ConfigError, param, positive, suggest
-from forgetless.streams import Example, Experience, Stream, register_stream
+from forgetless.core.schema import ConfigError, param, positive, suggest
+from forgetless.streams.base import Example, Experience, Stream, register_stream
 from forgetless.streams.instructions import BaseMixture
 
 log = logging.getLogger(__name__)

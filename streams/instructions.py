@@ -21,8 +21,9 @@ from functools import cache
 
 import numpy as np
 
-from forgetless.experiments.schema import ConfigError, param, positive, suggest
-from forgetless.streams import Example, Experience, Stream, register_stream
+from forgetless.core.schema import ConfigError, param, positive, suggest
+from forgetless.streams.base import Example, Experience, Stream, register_stream
+from forgetless.streams.task_files import load_task_file
 
 
 @cache
@@ -97,8 +98,6 @@ def task_examples(task: str, train_size: int, test_size: int, seed: int):
         train = [Example(prompt(task, w), rule(w)) for w in rng.choice(train_words, train_size)]
         held = rng.choice(test_words, min(test_size, len(test_words)), replace=False)
         return train, [Example(prompt(task, w), rule(w)) for w in held]
-    from forgetless.streams.task_files import load_task_file
-
     examples = load_task_file(task)
     order = rng.permutation(len(examples))
     n_test = min(test_size, len(examples) // 5) or 1
@@ -111,8 +110,6 @@ def _check_task(task: str, where: str) -> None:
     if task in BUILTIN:
         return
     if task.endswith((".json", ".jsonl")):
-        from forgetless.streams.task_files import load_task_file
-
         load_task_file(task)  # names the file and line of any problem, before any run
         return
     raise ConfigError(

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from forgetless.experiments.schema import ConfigError
-from forgetless.streams import Example
+from forgetless.core.schema import ConfigError
+from forgetless.streams.base import Example
 
 TEMPLATE = "{instruction}\n{input}\n"
 JSONL_FIELDS = ("instruction", "input", "output")

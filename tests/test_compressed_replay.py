@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 import torch
 
+from forgetless.core.schema import ConfigError
 from forgetless.experiments import checkpoint, tracking
 from forgetless.experiments.config import grid_from_dict
 from forgetless.experiments.evaluate import score_stream
 from forgetless.experiments.runner import build_cell, run_cell
-from forgetless.experiments.schema import ConfigError
 from forgetless.models import LatentCNNConfig, ResNet18Config, latent_cnn, resnet18, split_model
 from forgetless.strategies import TrainConfig
-from forgetless.strategies.compressed_replay import Remind, RemindConfig, random_resized_crop
 from forgetless.strategies.quantize import (
     Float16Codec,
     ProductQuantizer,
     from_vectors,
     to_vectors,
 )
+from forgetless.strategies.remind import Remind, RemindConfig, random_resized_crop
 from forgetless.streams import Experience, Samples, Stream
 
 BASE_STREAM = {"name": "split_digits", "n_experiences": 4, "base_classes": 4}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from forgetless.core.schema import ConfigError
 from forgetless.experiments.config import Grid, load_grid
-from forgetless.experiments.schema import ConfigError
 
 BASE = {
     "name": "tiny",

@@ -9,15 +9,14 @@ import pytest
 import torch
 from torch import nn
 
+from forgetless.core.schema import ConfigError, parse
 from forgetless.experiments.editing import (
     applied_scores,
     cache_locality,
-    edit_results,
     edit_summary,
     encode_edit_stream,
-    score_edits,
 )
-from forgetless.experiments.schema import ConfigError, parse
+from forgetless.experiments.evaluate import edit_results, score_edits
 from forgetless.models.causal_lm import LlamaTinyConfig, llama_tiny
 from forgetless.strategies import TrainConfig
 from forgetless.streams import Example

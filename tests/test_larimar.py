@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from forgetless.core.schema import ConfigError
 from forgetless.experiments import checkpoint
-from forgetless.experiments.schema import ConfigError
 from forgetless.models.causal_lm import LlamaTinyConfig, llama_tiny
 from forgetless.strategies import TrainConfig
 from forgetless.strategies.larimar import (
@@ -292,8 +292,8 @@ def test_a_forgetting_edit_grid_runs_through_the_runner_and_logs_forget_success(
 def test_the_key_encoder_gives_a_held_out_phrasing_its_own_facts_key():
     """Raw MiniLM keys of pycountry prompts follow their template; trained keys follow the
     fact. 160 facts, each with 7 phrasings to train on and one held out (about 20 s)."""
+    from forgetless.models.sentence_encoder import sentence_encoder
     from forgetless.strategies.larimar import KeyEncoder, embed, train_key_encoder
-    from forgetless.strategies.ssr import sentence_encoder
     from forgetless.streams.editing import facts
 
     corpus = facts(["alpha3", "numeric"], 80)
@@ -317,7 +317,7 @@ def test_the_key_encoder_gives_a_held_out_phrasing_its_own_facts_key():
      ({"scope_threshold": 3.0}, "scope_threshold"), ({"answer_tokens": 1}, "answer_tokens")],
 )  # fmt: skip
 def test_bad_settings_are_refused_naming_the_field(params, field):
-    from forgetless.experiments.schema import parse
+    from forgetless.core.schema import parse
 
     with pytest.raises(ConfigError, match=f"strategy.{field}"):
         parse(LarimarConfig, params, "strategy")

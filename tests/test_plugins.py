@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from forgetless.core.schema import ConfigError
 from forgetless.experiments.runner import run_grid
-from forgetless.experiments.schema import ConfigError
 from forgetless.strategies import STRATEGIES, strategy_class
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "der_plugin"

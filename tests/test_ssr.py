@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from forgetless.core.schema import ConfigError
 from forgetless.experiments import checkpoint
 from forgetless.experiments.base_model import encode_stream
 from forgetless.experiments.config import grid_from_dict, load_grid
 from forgetless.experiments.runner import run_grid
-from forgetless.experiments.schema import ConfigError
 from forgetless.models.causal_lm import IGNORE, LlamaTinyConfig, llama_tiny, lm_loss
+from forgetless.models.sentence_encoder import sentence_encoder
 from forgetless.strategies import TrainConfig, strategy_class
 from forgetless.strategies.ssr import (
     SelfSynthesizedRehearsal,
@@ -22,7 +23,6 @@ from forgetless.strategies.ssr import (
     decode_examples,
     prompt_template,
     select_diverse,
-    sentence_encoder,
     weakest_answer_logprob,
 )
 from forgetless.streams import Example, Samples

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from forgetless.experiments.schema import param
+from forgetless.core.schema import param
 from forgetless.strategies.rehearsal import Rehearsal, RehearsalConfig
 from forgetless.streams import Experience, Samples
 

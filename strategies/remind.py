@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forgetless.experiments.schema import ConfigError, param, positive
+from forgetless.core.schema import ConfigError, param, positive
 from forgetless.models import split_model, split_points
-from forgetless.strategies import NoParams, Strategy, register_strategy
+from forgetless.strategies.base import NoParams, Strategy, register_strategy
 from forgetless.strategies.buffers import BufferConfig, ReplayBuffer, label_dtype
 from forgetless.strategies.quantize import (
     MAX_POINTS_PER_CENTROID,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Generic, TypeVar
 
-from forgetless.experiments.schema import ConfigError, suggest
+from forgetless.core.schema import ConfigError, suggest
 
 T = TypeVar("T")
 
