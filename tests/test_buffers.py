@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from forgetless.experiments.schema import ConfigError, parse
+from forgetless.core.schema import ConfigError, parse
 from forgetless.strategies.buffers import BufferConfig, ReplayBuffer, class_balanced_keep
 from forgetless.streams import Samples
 

@@ -13,11 +13,11 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
+from forgetless.core.schema import ConfigError
 from forgetless.experiments import checkpoint
 from forgetless.experiments.cluster import check_resources, connect, device_for, ray_executor
 from forgetless.experiments.config import Resources
 from forgetless.experiments.runner import checkpoint_path, local_executor, run_grid
-from forgetless.experiments.schema import ConfigError
 
 FIVE = [{"name": "split_digits", "n_experiences": 5}]
 

@@ -19,12 +19,12 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 from torch import nn
 
+from forgetless.core.schema import ConfigError, parse
 from forgetless.experiments import base_model, checkpoint
 from forgetless.experiments.base_model import base_path, encode_stream, load_or_train_base
 from forgetless.experiments.config import grid_from_dict
 from forgetless.experiments.evaluate import _generation_counts, evaluate, score_stream
 from forgetless.experiments.runner import build_cell, run_grid
-from forgetless.experiments.schema import ConfigError, parse
 from forgetless.models import build_model
 from forgetless.models.causal_lm import (
     IGNORE,

@@ -9,10 +9,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from forgetless.core.schema import ConfigError
 from forgetless.experiments import checkpoint
 from forgetless.experiments.config import grid_from_dict
 from forgetless.experiments.runner import build_cell, run_grid, trainable_fraction
-from forgetless.experiments.schema import ConfigError
 from forgetless.strategies import TrainConfig
 from forgetless.strategies.hft import HalfFineTuning, HFTConfig
 from forgetless.streams import Experience, Stream

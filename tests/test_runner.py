@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from forgetless.core.schema import ConfigError
 from forgetless.experiments import metrics
 from forgetless.experiments.compare import compare_table
 from forgetless.experiments.runner import run_grid
-from forgetless.experiments.schema import ConfigError
 
 CONTRACT_TAGS = ["cell_hash", "stream", "strategy", "seed", "grid", "role"]
 FINAL = ["avg_acc", "learning_acc", "forgetting", "bwt", "fwt", "train_time_s", "memory_bytes"]

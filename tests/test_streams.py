@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from forgetless.experiments.schema import ConfigError
+from forgetless.core.schema import ConfigError
 from forgetless.streams import STREAMS, Experience, Samples, Stream, build_stream, stream_factory
 from forgetless.streams.avalanche_benchmarks import AvalancheBenchmarkConfig
 from forgetless.streams.digits import (

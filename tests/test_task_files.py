@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from forgetless.core.schema import ConfigError
 from forgetless.experiments.config import build_params, grid_from_dict
-from forgetless.experiments.schema import ConfigError
 from forgetless.streams import Example, build_stream
 from forgetless.streams.instructions import InstructionsConfig
 from forgetless.streams.task_files import TEMPLATE, load_task_file
