@@ -6,10 +6,10 @@ import math
 
 import pytest
 
+from forgetless.core.schema import ConfigError
 from forgetless.experiments.config import grid_from_dict
 from forgetless.experiments.evaluate import evaluate
 from forgetless.experiments.runner import build_cell
-from forgetless.experiments.schema import ConfigError
 
 STRATEGIES = [
     ("Naive", {}),
