@@ -165,6 +165,22 @@ def test_seed_statistics_match_values_computed_by_hand():
     assert forgetting.at["b", "diff"] == pytest.approx(0.10)
 
 
+def test_seed_statistics_never_take_a_flagged_group_as_the_best():
+    rows = [{"stream": "s", "strategy": strategy, "variant": "-", "seed": seed, "avg_acc": acc,
+             "flag": flag if seed == 0 else ""}
+            for strategy, acc, flag in (("diverged", 0.9, "non-finite parameters"),
+                                        ("a", 0.8, ""), ("b", 0.7, ""))
+            for seed in (0, 1)]  # fmt: skip
+    stats = report.seed_statistics(pd.DataFrame(rows), "avg_acc")
+    # The highest mean is the diverged group's; one flagged seed flags the group: ranked last.
+    assert list(stats["strategy"]) == ["a", "b", "diverged"]
+    assert set(stats["best"]) == {"a"} and list(stats["flagged"]) == [False, False, True]
+    # A stream of flagged groups only has no best and no tests.
+    only = report.seed_statistics(pd.DataFrame([r for r in rows if r["strategy"] == "diverged"]),
+                                  "avg_acc")  # fmt: skip
+    assert list(only["best"]) == [""] and np.isnan(only["p_value"]).all()
+
+
 def log_editing_grid(uri: str, name: str, artifacts: Path) -> None:
     """Two editors x two seeds, 3 edit batches of 4 edits each, logged with MLflow's API."""
     client = MlflowClient(uri)
