@@ -18,9 +18,11 @@ from typing import Any
 
 from filelock import FileLock
 from safetensors.torch import load_model, save_model
+from torch import nn
 
 from forgetless.core.cache import cache_dir
 from forgetless.experiments import checkpoint
+from forgetless.experiments.editing import encode_edit_stream
 from forgetless.models.causal_lm import CausalLM
 from forgetless.strategies import NoParams, TrainConfig
 from forgetless.strategies.naive import Naive
@@ -69,6 +71,19 @@ def _train_base(model: CausalLM, base: BaseMixture) -> None:
     mixture = Experience(0, "base", samples, None, kind="generation")
     Naive(model, NoParams(), train, Stream("base", "instruction", [mixture])).train(mixture)
     checkpoint.set_rng_state(saved)
+
+
+def prepare_stream(stream: Stream, model: nn.Module, model_config: dict[str, Any]) -> Stream:
+    """Once per cell, before the first score: a language-model stream gets its base model
+    (trained once per machine and cached), becomes token ids, and an edit stream caches
+    the model's own answers to its locality prompts before any edit."""
+    if stream.kind == "classification":
+        return stream
+    if stream.base is not None:
+        load_or_train_base(model, stream.base, model_config)
+    return (
+        encode_edit_stream(stream, model) if stream.kind == "edit" else encode_stream(stream, model)
+    )
 
 
 def encode_stream(stream: Stream, model: CausalLM) -> Stream:

@@ -9,10 +9,12 @@ agree at a fraction of the cost (tests/test_language_models.py checks it against
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from forgetless.experiments.editing import SCORES
+from forgetless.experiments.editing import SCORES, applied_scores, edit_summary
 from forgetless.models.causal_lm import IGNORE, trim_padding
 from forgetless.strategies import Strategy
 from forgetless.streams import Samples, Stream
@@ -161,3 +163,34 @@ def edit_results(strategy: Strategy, stream: Stream) -> dict[str, list]:
             columns["reliable"].append(reliable[k])
             columns["generalization"].append(float(np.mean(rows)) if rows else None)
     return columns
+
+
+@dataclass
+class FinalScores:
+    """What a cell logs beside its matrix once the stream is done."""
+
+    summary: dict[str, float]
+    tables: dict[str, dict[str, list]]  # MLflow tables, by file name
+    warnings: list[str]
+
+
+def step_scores(R: np.ndarray, i: int, extra: dict[str, float], stream: Stream) -> dict:
+    """Per-step curves beside the row: an edit stream's scores over the edits held."""
+    return applied_scores(R, i, extra, stream) if stream.kind == "edit" else {}
+
+
+def final_scores(strategy: Strategy, stream: Stream, extra: dict[str, float],
+                 base_general: float | None, train_time_s: float) -> FinalScores:  # fmt: skip
+    """An edit stream's final scores and per-edit table; a language-model stream's
+    retention of the base model's general ability."""
+    final = FinalScores({}, {}, [])
+    if stream.kind == "edit":
+        final.summary.update(edit_summary(extra, stream, train_time_s))
+        final.tables["edits.json"] = edit_results(strategy, stream)
+    if base_general:
+        final.summary["general_retention"] = extra["general_acc"] / base_general
+    elif base_general is not None:
+        final.warnings.append(
+            "the base model scores 0 on its general set: general_retention undefined"
+        )
+    return final

@@ -25,10 +25,9 @@ import numpy as np
 import torch
 
 from forgetless.experiments import checkpoint, metrics, tracking
-from forgetless.experiments.base_model import encode_stream, load_or_train_base
+from forgetless.experiments.base_model import prepare_stream
 from forgetless.experiments.config import Cell, Grid, build_params
-from forgetless.experiments.editing import applied_scores, edit_summary, encode_edit_stream
-from forgetless.experiments.evaluate import PRIMARY, edit_results, score_stream
+from forgetless.experiments.evaluate import PRIMARY, final_scores, score_stream, step_scores
 from forgetless.models import build_model, model_factory
 from forgetless.strategies import Strategy, TrainConfig, strategy_class
 from forgetless.streams import Stream, build_stream, stream_factory
@@ -71,12 +70,7 @@ def build_cell(cell: Cell, device: str | torch.device) -> tuple[Stream, Strategy
             model = build_model(model_name, model_params, stream).to(device)
     else:
         model = build_model(model_name, model_params, stream).to(device)
-    if stream.kind in ("generation", "edit"):
-        if stream.base is not None:
-            load_or_train_base(model, stream.base, cfg["model"])
-        # An edit stream caches the model's locality answers here, before any edit.
-        encode = encode_edit_stream if stream.kind == "edit" else encode_stream
-        stream = encode(stream, model)
+    stream = prepare_stream(stream, model, cfg["model"])
     cls = strategy_class(cfg["strategy"]["name"], "strategy")
     params = build_params(cls.Config, cfg["strategy"], "strategy")
     train = build_params(TrainConfig, cfg["train"], "train")
@@ -151,7 +145,7 @@ def run_cell(
                 "train_time_s": tock - tick,
                 "eval_time_s": eval_time,
                 **extra,
-                **(applied_scores(R, i, extra, stream) if stream.kind == "edit" else {}),
+                **step_scores(R, i, extra, stream),
             })  # fmt: skip
             _warn_if_untrained(run, cell, experience, R[i, i])
             if strategy.resumable:
@@ -171,13 +165,11 @@ def run_cell(
             log.warning("%s: %s", cell.label(), flag)
             run.tag("flag", flag)
             notes.append(f"flagged: {flag}")
-        if stream.kind == "edit":
-            summary.update(edit_summary(extra, stream, train_time))
-            run.log_table(edit_results(strategy, stream), "edits.json")
-        if base_general:
-            summary["general_retention"] = extra["general_acc"] / base_general
-        elif base_general is not None:
-            message = "the base model scores 0 on its general set: general_retention undefined"
+        final = final_scores(strategy, stream, extra, base_general, train_time)
+        summary.update(final.summary)
+        for name, rows in final.tables.items():
+            run.log_table(rows, name)
+        for message in final.warnings:
             log.warning("%s: %s", cell.label(), message)
             run.warn(message)
         names = [e.name for e in stream]
