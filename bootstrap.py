@@ -85,7 +85,10 @@ def main() -> int:
         grid = ROOT / "grids" / "quickstart.yaml"
         return subprocess.call([str(BIN / "forgetless"), "run", str(grid), *rest], env=env)
     install_browser()
-    code = subprocess.call([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT, env=env)
+    # Everything but the reproductions (slow), which live in benchmarks/: the integration
+    # tests that the default `pytest` leaves out included.
+    code = subprocess.call([str(PYTHON), "-m", "pytest", "-m", "not slow", *rest], cwd=ROOT,
+                           env=env)  # fmt: skip
     if code == PYTEST_NO_TESTS:
         print("pytest collected no tests: that is a failure here", file=sys.stderr)
         return 1

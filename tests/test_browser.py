@@ -17,6 +17,8 @@ from mlflow import MlflowClient
 
 from forgetless.experiments.cli import main
 
+pytestmark = pytest.mark.integration  # starts a browser
+
 HOW = (
     "browser tests need Chromium and ChromeDriver: `apt-get install chromium chromium-driver` "
     "on Debian or Ubuntu (`python3 bootstrap.py test` does it where it can), and selenium "

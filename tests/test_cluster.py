@@ -19,6 +19,8 @@ from forgetless.experiments.cluster import check_resources, connect, device_for,
 from forgetless.experiments.config import Resources
 from forgetless.experiments.runner import checkpoint_path, local_executor, run_grid
 
+pytestmark = pytest.mark.integration  # starts a Ray head
+
 FIVE = [{"name": "split_digits", "n_experiences": 5}]
 
 

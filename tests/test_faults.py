@@ -143,6 +143,7 @@ def test_a_truncated_checkpoint_is_named_set_aside_and_the_cell_restarts(
 # --- 2. two drivers on one grid and one store -----------------------------------------------
 
 
+@pytest.mark.integration  # drives the CLI in subprocesses
 def test_two_drivers_started_together_leave_one_finished_run_per_cell(make_grid, tmp_path):
     """Two `forgetless run` processes on a fresh SQLite store: it is created once, every cell
     runs once, and the driver that finds cells held by the other says so."""
@@ -289,6 +290,7 @@ def start_driver(make_grid, tmp_path: Path, uri: str):
     return grid, driver
 
 
+@pytest.mark.integration  # drives the CLI in subprocesses
 def test_ctrl_c_says_one_line_exits_130_and_marks_running_cells_killed(make_grid, tmp_path):
     uri = store(tmp_path, "a.db")
     grid, driver = start_driver(make_grid, tmp_path, uri)
@@ -303,6 +305,7 @@ def test_ctrl_c_says_one_line_exits_130_and_marks_running_cells_killed(make_grid
     assert parent.info.status == "KILLED"
 
 
+@pytest.mark.integration  # drives the CLI in subprocesses
 def test_a_killed_drivers_runs_are_closed_and_its_cells_resumed(make_grid, tmp_path):
     uri = store(tmp_path, "a.db")
     grid, driver = start_driver(make_grid, tmp_path, uri)
@@ -322,6 +325,7 @@ def test_a_killed_drivers_runs_are_closed_and_its_cells_resumed(make_grid, tmp_p
 # --- 12. commands that only read ----------------------------------------------------------
 
 
+@pytest.mark.integration  # drives the CLI in subprocesses
 def test_read_only_commands_refuse_a_store_that_does_not_exist(tmp_path):
     missing = tmp_path / "typo.db"
     for command in ("compare", "report"):
@@ -332,6 +336,7 @@ def test_read_only_commands_refuse_a_store_that_does_not_exist(tmp_path):
     assert not missing.exists()
 
 
+@pytest.mark.integration  # drives the CLI in subprocesses
 def test_read_only_commands_against_a_dead_server_fail_fast(tmp_path):
     tick = time.monotonic()
     result = subprocess.run([*CLI, "compare", "g", "--tracking-uri",

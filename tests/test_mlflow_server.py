@@ -15,6 +15,8 @@ from forgetless.experiments.cli import main
 from forgetless.experiments.compare import compare_table
 from forgetless.experiments.runner import run_grid
 
+pytestmark = pytest.mark.integration  # starts an MLflow server
+
 CONTRACT_TAGS = ["cell_hash", "stream", "strategy", "seed", "grid", "role"]
 
 

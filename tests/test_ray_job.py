@@ -15,6 +15,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+pytestmark = pytest.mark.integration  # starts a Ray head
+
 BIN = Path(sys.executable).parent
 
 
