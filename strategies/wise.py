@@ -30,8 +30,7 @@ their thresholds, a query takes the one with the largest score (WISE-Retrieve, E
 `select: ratio`: the largest multiple of its own threshold). Where one subject is edited in
 two relations, both memories fire on the subject; the ratio then favours whichever learned
 the lower threshold, while the memory trained on this very prompt usually scores it highest
-(the editing benchmark at T=100: 26 of 200 queries went to the other relation's memory by
-ratio, 9 by score).
+(the editing benchmark's counts: docs/results.md, Lifelong editing).
 `subject_scope: true` adds EasyEdit's factual-editing masks (act_mask / deact_mask of its
 tokenize): a second margin term over each edit row's tokens, the subject's in scope, the
 rest of the prompt out of it, so that a memory fires where a paraphrase shares the edit.
