@@ -13,6 +13,8 @@ not change the model. `mode` says how adapters carry across tasks:
   every adapter; memory grows by one adapter per task.
 
 `memory_bytes` counts the adapter parameters held at the moment (never merged ones).
+The paper adapts one model to one task; the three modes are the usual ways of carrying
+adapters across a stream, and the adapters may train at their own `lr`.
 """
 
 from __future__ import annotations

