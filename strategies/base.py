@@ -6,15 +6,18 @@
         for epoch, batch in batches(data):
             batch = compose(batch)            # rehearsal: append replayed samples
             loss = loss(batch)                # e.g. distillation terms
-            backward, optimizer step
+            backward; every `accumulate` batches: clip, optimizer step
         after_experience(experience)          # rehearsal: update the buffer
 
-Methods whose unit is not a batch (editors, the Avalanche adapter) override
-`train` whole. A strategy never talks to MLflow or Ray.
+`train.precision` runs `loss` under torch.autocast (bf16, or fp16 with a GradScaler on
+CUDA). Methods whose unit is not a batch (editors, the Avalanche adapter) override
+`train` whole, and with it these settings. A strategy never talks to MLflow or Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -28,13 +31,22 @@ from forgetless.core.schema import ConfigError, param, positive
 from forgetless.models.causal_lm import lm_loss, trim_padding
 from forgetless.streams import Experience, Samples, Stream
 
+log = logging.getLogger(__name__)
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+RESIDENT_BYTES = 64 * 2**20
+"""A training set this small moves to the device once and is sliced there; a larger one
+stays where it is and each batch moves as it is used."""
+
 
 @dataclass
 class TrainConfig:
     """How every strategy trains; the grid's `train:` section."""
 
     epochs: int = param(1, "passes over each experience's training data")
-    batch_size: int = param(32, "samples per optimizer step (before any replayed samples)")
+    batch_size: int = param(
+        32, "samples per forward pass (before any replayed samples); a step takes `accumulate`"
+    )
     lr: float = param(0.1, "learning rate")
     optimizer: Literal["sgd", "adam", "adamw"] = param("sgd", "optimizer")
     momentum: float = param(0.0, "SGD momentum")
@@ -48,9 +60,20 @@ class TrainConfig:
         "steps (re-warmed and re-decayed every experience, as continual pre-training does)",
     )
     eval_batch_size: int = param(512, "samples per forward pass when scoring")
+    precision: Literal["fp32", "bf16", "fp16"] = param(
+        "fp32",
+        "fp32, or mixed precision under torch.autocast: bf16 (CPU and recent GPUs), fp16 "
+        "(CUDA only, with a gradient scaler)",
+    )
+    accumulate: int = param(
+        1, "batches whose gradients add up into one optimizer step (each loss scaled by 1/k)"
+    )
+    clip_norm: float | None = param(
+        None, "clip the gradients' global L2 norm to this before each step (null: no clipping)"
+    )
 
     def validate(self, where: str) -> None:
-        for name in ("epochs", "batch_size", "lr", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "lr", "eval_batch_size", "accumulate", "clip_norm"):
             positive(getattr(self, name), f"{where}.{name}")
         if self.warmup_steps < 0:
             raise ConfigError(f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
@@ -83,6 +106,13 @@ class Strategy:
         self.generation = stream.kind == "generation"
         self.criterion = lm_loss if self.generation else F.cross_entropy
         self.optimizer = self.make_optimizer()
+        self.scaler = _grad_scaler(train.precision, model, self.device)
+        at_scale = train.precision != "fp32" or train.accumulate > 1 or train.clip_norm is not None
+        if at_scale and type(self).train is not Strategy.train:
+            log.warning(
+                "%s trains with its own loop: train.precision, accumulate and clip_norm do not "
+                "apply to it", type(self).__name__,
+            )  # fmt: skip
         self.class_mask = None
         if stream.task_classes is not None:
             self.class_mask = torch.zeros(
@@ -94,24 +124,34 @@ class Strategy:
     # --- the loop -------------------------------------------------------------------
     def train(self, experience: Experience) -> None:
         self.before_experience(experience)
-        data = self.training_data(experience).to(self.device)
-        batch_size = self.train_config.batch_size
+        cfg = self.train_config
+        data = self.training_data(experience)
+        if data.nbytes <= RESIDENT_BYTES:
+            data = data.to(self.device)
         self.model.train()
-        step, steps = 0, self.train_config.epochs * -(-len(data) // batch_size)
-        for epoch in range(self.train_config.epochs):
-            order = torch.randperm(len(data), device=self.device)
+        batches = -(-len(data) // cfg.batch_size)
+        step, steps = 0, cfg.epochs * -(-batches // cfg.accumulate)
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(len(data), device=data.y.device)
             total = torch.zeros((), device=self.device)
-            for start in range(0, len(data), batch_size):
-                batch = self.compose(data.subset(order[start : start + batch_size]))
-                if self.generation:
-                    batch = trim_padding(batch)
-                loss = self.loss(batch)
+            for first in range(0, batches, cfg.accumulate):
+                group = range(first, min(first + cfg.accumulate, batches))
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                for b in group:
+                    index = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                    batch = self.compose(data.subset(index).to(self.device))
+                    if self.generation:
+                        batch = trim_padding(batch)
+                    with self.autocast():
+                        loss = self.loss(batch)
+                    # The mean over the group's batches: a step of k batches of b samples
+                    # is a step on one batch of k * b.
+                    scaled = loss / len(group) if len(group) > 1 else loss
+                    self.scaler.scale(scaled).backward()
+                    total += loss.detach()
                 self.schedule_lr(step, steps)
-                self.optimizer.step()
+                self.optimizer_step()
                 step += 1
-                total += loss.detach()
             # One device sync per epoch, not per step: a NaN survives to the sum.
             if not torch.isfinite(total):
                 raise NonFiniteLoss(
@@ -154,6 +194,26 @@ class Strategy:
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * factor
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for forward passes (training and scoring) under train.precision."""
+        precision = self.train_config.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST[precision])
+
+    def optimizer_step(self) -> None:
+        """Clip the gradients' global norm (train.clip_norm), then step; under fp16 the
+        scaler unscales first and skips a step whose gradients overflowed."""
+        if self.train_config.clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.train_config.clip_norm)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
     def logits(self, batch: Samples) -> torch.Tensor:
         """Model outputs; task-incremental streams mask them to the batch's task classes."""
         return self.mask_to_task(self.model(batch.x), batch.task)
@@ -181,11 +241,35 @@ class Strategy:
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only, so checkpoints load with weights_only=True."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.scaler.is_enabled():
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+
+
+def _grad_scaler(precision: str, model: nn.Module, device: torch.device) -> torch.amp.GradScaler:
+    """A loss scaler for fp16 (an identity everywhere else); fp16 is refused where it
+    cannot train: on a CPU (slow, and bf16 does the job there) and on fp16 weights,
+    whose gradients a scaler cannot unscale."""
+    if precision != "fp16":
+        return torch.amp.GradScaler(device.type, enabled=False)
+    if device.type != "cuda":
+        raise ConfigError(
+            f"train.precision: fp16 needs a CUDA device and this cell runs on {device.type}; "
+            "use bf16 (torch.autocast supports it on CPU) or fp32"
+        )
+    if any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad):
+        raise ConfigError(
+            "train.precision: fp16 mixed precision keeps float32 master weights, but "
+            "model.dtype is float16; use model.dtype: float32 (or bf16 with bfloat16 weights)"
+        )
+    return torch.amp.GradScaler(device.type)
 
 
 STRATEGIES: Registry = Registry("strategy", "forgetless.strategies")
