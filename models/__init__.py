@@ -11,6 +11,7 @@ from torch import nn
 from forgetless.core.registry import Registry
 from forgetless.core.schema import ConfigError, param
 from forgetless.models.causal_lm import HFConfig, hf_model, llama_tiny
+from forgetless.models.vision import holds_pixels, scale_pixels
 from forgetless.streams import Stream
 
 MODELS: Registry = Registry("model", "forgetless.models")
@@ -204,4 +205,5 @@ def model_factory(name: str, where: str):
 
 
 def build_model(name: str, config: object, stream: Stream) -> nn.Module:
-    return model_factory(name, "model.name")(config, stream)
+    model = model_factory(name, "model.name")(config, stream)
+    return scale_pixels(model) if holds_pixels(stream) else model  # uint8 image streams

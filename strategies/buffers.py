@@ -6,7 +6,8 @@ evenly over the classes seen; a class with fewer samples gives its share to the
 others, and a new class takes its share from the largest ones, as in REMIND).
 Randomness comes from torch's global generator, which the runner seeds and
 checkpoints. With `compact`, images are held as an image file holds them (uint8 pixels,
-uint8 labels) so a byte budget compares with methods that store compressed codes.
+uint8 labels) so a byte budget compares with methods that store compressed codes. Streams
+of uint8 pixels (MNIST, CIFAR) are stored and replayed as uint8, compact or not.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class ReplayBuffer:
         self.device = device
         self.samples: Samples | None = None
         self.seen = 0  # samples offered so far (reservoir's n)
+        self.pixels_in = False  # inputs offered as uint8 pixels: replayed as such
 
     def __len__(self) -> int:
         return 0 if self.samples is None else len(self.samples)
@@ -62,6 +64,7 @@ class ReplayBuffer:
         if len(new) == 0:
             return
         new = new.to(self.device)
+        self.pixels_in = new.x.dtype == torch.uint8
         if self.config.compact:
             new = compact_images(new)
         capacity = self.capacity(new)
@@ -103,17 +106,19 @@ class ReplayBuffer:
         if not self.config.compact:
             return drawn
         task = None if drawn.task is None else drawn.task.long()
-        return Samples(drawn.x.float() / 255, drawn.y.long(), task)
+        x = drawn.x if self.pixels_in else drawn.x.float() / 255
+        return Samples(x, drawn.y.long(), task)
 
     def state_dict(self) -> dict:
         s = self.samples
         stored = None if s is None else {"x": s.x, "y": s.y, "task": s.task}
-        return {"samples": stored, "seen": self.seen}
+        return {"samples": stored, "seen": self.seen, "pixels_in": self.pixels_in}
 
     def load_state_dict(self, state: dict) -> None:
         s = state["samples"]
         self.samples = None if s is None else Samples(s["x"], s["y"], s["task"]).to(self.device)
         self.seen = state["seen"]
+        self.pixels_in = state.get("pixels_in", False)
 
 
 def label_dtype(n_values: int) -> torch.dtype:
@@ -122,15 +127,17 @@ def label_dtype(n_values: int) -> torch.dtype:
 
 
 def compact_images(samples: Samples) -> Samples:
-    """Inputs in [0, 1] as uint8 pixels, labels and task labels in their smallest type."""
+    """Inputs in [0, 1] as uint8 pixels (uint8 inputs, already pixels, as they are), labels
+    and task labels in their smallest type."""
     x = samples.x
-    if not x.is_floating_point() or x.min() < 0 or x.max() > 1:
+    pixels = x.dtype == torch.uint8
+    if not pixels and (not x.is_floating_point() or x.min() < 0 or x.max() > 1):
         seen = f"[{x.min().item():.3g}, {x.max().item():.3g}] ({x.dtype})"
         raise ValueError(
             f"buffer.compact: inputs range over {seen}; uint8 storage holds float images in "
             "[0, 1]: set compact: false for other inputs"
         )
-    pixels = (x * 255).round().to(torch.uint8)
+    pixels = x if pixels else (x * 255).round().to(torch.uint8)
     task = samples.task
     task = None if task is None else task.to(label_dtype(int(task.max()) + 1))
     return Samples(pixels, samples.y.to(label_dtype(int(samples.y.max()) + 1)), task)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from forgetless.streams import digits, editing, instructions  # noqa: F401  (the built-ins)
+from forgetless.streams import digits, editing, instructions, mnist  # noqa: F401  (the built-ins)
 from forgetless.streams.base import (
     STREAMS,
     Example,

