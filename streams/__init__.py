@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from forgetless.streams import digits, editing, instructions, mnist  # noqa: F401  (the built-ins)
+from forgetless.streams import (  # noqa: F401  (the built-ins)
+    digits,
+    editing,
+    image_files,
+    instructions,
+    mnist,
+)
 from forgetless.streams.base import (
     STREAMS,
     Example,

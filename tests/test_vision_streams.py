@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from forgetless.core.schema import ConfigError, parse
-from forgetless.streams import build_stream
+from forgetless.streams import Samples, build_stream
 from forgetless.streams import mnist as M
 from forgetless.streams.mnist import (
     PermutedMNISTConfig,
@@ -341,3 +341,131 @@ def test_real_split_mnist_covers_every_image_once():
         sum(MNIST_TRAIN[c] for c in e.info["classes"]) for e in stream
     ]
     assert sum(len(e.test) for e in stream) == 10000
+
+
+# --- CIFAR, ImageFolder trees and CORe50, from files written here in their formats -----------
+
+
+def write_cifar(root: Path, n: int, per_class: int = 3) -> dict:
+    """cifar-10-batches-py/ or cifar-100-python/ as the originals: pickled dicts of a
+    (N, 3072) uint8 'data' array, channel-major, and a list of labels."""
+    from forgetless.streams.image_files import CIFAR
+
+    folder, train, test = CIFAR[n]
+    (root / folder).mkdir(parents=True)
+    made = {}
+    for split, names in (("train", train), ("test", test)):
+        labels = np.tile(np.arange(n), per_class * len(names) if split == "test" else per_class)
+        rng = np.random.default_rng(n + len(split))
+        images = rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8)
+        images[:, 0, 0, 0] = labels  # the class, readable back from the image
+        made[split] = (images, labels)
+        for name, rows in zip(names, np.array_split(np.arange(len(labels)), len(names))):
+            batch = {"batch_label": name, "data": images[rows].reshape(len(rows), -1)}
+            if n == 10:
+                batch["labels"] = labels[rows].tolist()
+            else:
+                batch["fine_labels"] = labels[rows].tolist()
+                batch["coarse_labels"] = (labels[rows] // 5).tolist()
+            with open(root / folder / name, "wb") as f:
+                pickle.dump(batch, f, protocol=2)
+    return made
+
+
+@pytest.mark.parametrize("n", [10, 100])
+def test_split_cifar_reads_the_python_pickle_batches(tmp_path, n):
+    from forgetless.streams.image_files import SplitCIFAR10Config, SplitCIFAR100Config
+
+    made = write_cifar(tmp_path, n)
+    config = (SplitCIFAR10Config if n == 10 else SplitCIFAR100Config)(data_root=str(tmp_path))
+    config.validate("s")
+    stream = build_stream(f"split_cifar{n}", config, 0)
+    assert stream.input_shape == (3, 32, 32) and stream.num_classes == n
+    assert len(stream) == (5 if n == 10 else 10)
+    assert sum(len(e.train) for e in stream) == len(made["train"][1])
+    for e in stream:
+        assert e.train.x.dtype == torch.uint8
+        assert torch.equal(e.train.x[:, 0, 0, 0].long(), e.train.y)
+        assert torch.equal(e.test.x[:, 0, 0, 0].long(), e.test.y)
+
+
+def test_split_cifar100_icarl_order_is_the_seed_1993_permutation(tmp_path):
+    from forgetless.streams.image_files import SplitCIFAR100Config
+
+    write_cifar(tmp_path, 100, per_class=1)
+    config = parse(SplitCIFAR100Config, {"data_root": str(tmp_path), "fixed_class_order": "icarl"},
+                   "s")  # fmt: skip
+    stream = build_stream("split_cifar100", config, 7)
+    first = stream.experiences[0].info["classes"]
+    assert first == [68, 56, 78, 8, 23, 84, 90, 65, 74, 76]  # iCaRL's first task
+    assert [c for e in stream for c in e.info["classes"]] == np.random.RandomState(
+        1993
+    ).permutation(100).tolist()
+
+
+def test_split_cifar_without_files_says_where_and_how(tmp_path):
+    from forgetless.streams.image_files import SplitCIFAR10Config
+
+    with pytest.raises(ConfigError, match=r"streams\[0\]\.data_root: CIFAR-10 not found.*"
+                       r"cifar-10-batches-py.*download=True"):  # fmt: skip
+        parse(SplitCIFAR10Config, {"data_root": str(tmp_path)}, "streams[0]")
+
+
+def write_png(path: Path, color: tuple[int, int, int], size: int = 10) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), color).save(path)
+
+
+def test_split_image_folder_reads_imagenet_and_tiny_imagenet_layouts(tmp_path):
+    from forgetless.streams.image_files import ImageFolderConfig
+
+    wnids = ["n01", "n02", "n03", "n04"]
+    for c, wnid in enumerate(wnids):
+        for i in range(3):  # Tiny-ImageNet's train/<wnid>/images/<wnid>_<i>.JPEG
+            write_png(tmp_path / "tiny" / "train" / wnid / "images" / f"{wnid}_{i}.png",
+                      (c * 50, i, 0))  # fmt: skip
+            write_png(tmp_path / "imagenet" / "val" / wnid / f"v{i}.png", (c * 50, i, 0))
+        write_png(tmp_path / "imagenet" / "train" / wnid / "a.png", (c * 50, 0, 0), size=20)
+    lines = []
+    for c, wnid in enumerate(wnids):
+        for i in range(2):
+            write_png(tmp_path / "tiny" / "val" / "images" / f"val_{c}_{i}.png", (c * 50, 9, 0))
+            lines.append(f"val_{c}_{i}.png\t{wnid}\t0\t0\t9\t9")
+    (tmp_path / "tiny" / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    for tree, n_test in (("tiny", 8), ("imagenet", 12)):
+        config = parse(ImageFolderConfig, {"data_root": str(tmp_path / tree), "n_experiences": 2,
+                                           "image_size": 8}, "s")  # fmt: skip
+        stream = build_stream("split_image_folder", config, 0)
+        assert stream.num_classes == 4 and stream.input_shape == (3, 8, 8)
+        assert sum(len(e.test) for e in stream) == n_test
+        for e in stream:  # red channel = 50 * class index (sorted wnids)
+            for s in (e.train, e.test):
+                assert torch.equal((s.x[:, 0, 4, 4].long() + 25) // 50, s.y)
+    with pytest.raises(ConfigError, match="n_experiences: 3 does not divide the 4 classes"):
+        parse(ImageFolderConfig, {"data_root": str(tmp_path / "tiny"), "n_experiences": 3}, "s")
+
+
+def test_split_core50_uses_the_standard_session_split(tmp_path):
+    from forgetless.streams.image_files import CORe50Config
+
+    root = tmp_path / "core50_128x128"
+    for s in range(1, 12):
+        for obj in range(1, 51):
+            write_png(root / f"s{s}" / f"o{obj}" / f"C_{s:02d}_{obj:02d}_000.png",
+                      (obj * 5, s * 20, 0), size=4)  # fmt: skip
+    config = parse(CORe50Config, {"data_root": str(tmp_path), "image_size": 4}, "s")
+    stream = build_stream("split_core50", config, 0)
+    assert stream.num_classes == 50 and len(stream) == 5
+    train = Samples.concat([e.train for e in stream])
+    test = Samples.concat([e.test for e in stream])
+    assert len(train) == 8 * 50 and len(test) == 3 * 50
+    assert sorted(set((test.x[:, 1, 0, 0] // 20).tolist())) == [3, 7, 10]
+    assert torch.equal(train.x[:, 0, 0, 0].long() // 5 - 1, train.y)
+    config = parse(CORe50Config, {"data_root": str(tmp_path), "labels": "category",
+                                  "image_size": 4, "n_experiences": 2}, "s")  # fmt: skip
+    stream = build_stream("split_core50", config, 0)
+    assert stream.num_classes == 10
+    assert torch.equal((stream.experiences[0].train.x[:, 0, 0, 0].long() // 5 - 1) // 5,
+                       stream.experiences[0].train.y)  # fmt: skip
