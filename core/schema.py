@@ -38,17 +38,24 @@ def suggest(name: str, choices: typing.Iterable[str]) -> str:
     return f' (did you mean "{close[0]}"?)' if close else ""
 
 
+def defaults(cls: type) -> dict[str, Any]:
+    """The declared default of every field of dataclass `cls` that has one."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def describe(cls: type) -> list[tuple[str, str, Any, str]]:
     """(name, type, default, help) of every field, for `forgetless strategies`."""
     hints = typing.get_type_hints(cls)
+    declared = defaults(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = "(required)"
+        default = declared.get(f.name, "(required)")
         rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
     return rows
 

@@ -321,7 +321,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(f"MLflow UI on {uri}: {url}  (Ctrl-C to stop)", flush=True)
     if charts:
         print(f"the cells' charts: {charts}\n  then Group by > forgetless.strategy for mean "
-              "and band over seeds (README: Reports and the MLflow UI)", flush=True)  # fmt: skip
+              "and band over seeds (docs/reports.md)", flush=True)  # fmt: skip
     if served:
         return 0
     # `mlflow server` is `mlflow ui` with --workers in every version; one worker and no

@@ -72,7 +72,7 @@ def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
     unknown = cells[metric_columns].isna().groupby([cells[k] for k in GROUP_KEYS], sort=False)
     unknown = unknown.any()
     mean = grouped[metric_columns].mean().mask(unknown).add_suffix("_mean")
-    std = grouped[metric_columns].std(ddof=0).mask(unknown).add_suffix("_std")
+    std = grouped[metric_columns].std(ddof=1).mask(unknown).add_suffix("_std")
     table = pd.concat([mean, std], axis=1)
     table["seeds"] = grouped.size()
     flagged = cells[cells["flag"] != ""].sort_values("seed")
@@ -226,12 +226,19 @@ def log_seed_groups(grid_run: tracking.GridRun, grid_name: str) -> None:
     if cells.empty:
         return
     table = aggregate(cells)
-    groups = {}
+    groups, configs = {}, {}
     for _, row in table.iterrows():
         key = tuple(row[k] for k in GROUP_KEYS)
         groups[key] = {c: row[c] for c in table.columns if c.endswith(("_mean", "_std"))}
         groups[key]["seeds"] = int(row["seeds"])
-    tracking.log_groups(grid_run, groups)
+    for key, rows in cells.groupby(GROUP_KEYS, sort=False):
+        first = rows.iloc[0]
+        configs[key] = {
+            c[len("param:") :]: first[c]
+            for c in rows.columns
+            if c.startswith("param:") and c != "param:seed" and first[c] == first[c]
+        }
+    tracking.log_groups(grid_run, groups, configs)
     flagged = table[table["flagged"] > 0]
     if len(flagged):
         reasons = {tuple(r[k] for k in GROUP_KEYS): r["flag"] for _, r in flagged.iterrows()}

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from forgetless.core.schema import ConfigError, param, parse, positive, suggest
+from forgetless.core.schema import ConfigError, defaults, param, parse, positive, suggest
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 NAME_RULE = "1 to 100 letters, digits, - _ . not starting with . or -"
@@ -207,17 +207,9 @@ def _without_defaults(config: dict[str, Any], defaults: dict[str, Any]) -> dict[
 
 
 def _defaults(cls: type) -> dict[str, Any]:
-    """The declared default of every field of dataclass `cls` that has one."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            value = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-        else:
-            continue
-        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-    return out
+    """The declared defaults of `cls`, as plain data like a resolved section."""
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+            for k, v in defaults(cls).items()}  # fmt: skip
 
 
 def _component(spec: Any, where: str) -> dict[str, Any]:
@@ -309,7 +301,7 @@ def _resolve(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Parse every section against its declaration: plain data with defaults filled, and
     the defaults themselves (per section, for the cell hash)."""
-    from forgetless.models import DEFAULT_MODEL
+    from forgetless.models import DEFAULT_MODEL, check_model
     from forgetless.strategies import TrainConfig, strategy_class
     from forgetless.streams import stream_factory
 
@@ -349,6 +341,12 @@ def _resolve(
             f"model.tokenizer: bpe learns its vocabulary from the stream's base corpus and "
             f"{where_stream} ({stream_name}) pre-trains no base; use tokenizer: bytes"
         )
+    # The matrices a method reaches into (an editor's down_proj, LoRA's targets) must exist
+    # in the model's family (models/families.py), and the model must be there to be had.
+    needs = getattr(strategy, "model_roles", lambda config: ())
+    roles = tuple(needs(build_params(strategy.Config, resolved["strategy"], where_strategy)))
+    positions = getattr(strategy, "reads_positions", False)
+    check_model(model_name, roles, f"{where_strategy} ({strategy_name})", positions)
     return resolved, defaults
 
 

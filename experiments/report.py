@@ -293,11 +293,11 @@ def final_table(table: pd.DataFrame) -> Section:
         varies = values.groupby(table["stream"]).transform("nunique") > 1
         bold[metric] = (ranked == best) & varies
     text = (
-        "Each cell's final metrics, mean ± std over seeds (std with ddof=0, as the group runs "
-        "in MLflow carry it). Bold: the best value of its column within its stream (lowest "
-        "forgetting, training time, memory and edit latency; highest otherwise) among the "
-        "unflagged groups; n/a: not known for that strategy. Definitions in the README's "
-        "Metrics section; bwt and fwt are backward and forward transfer."
+        "Each cell's final metrics, mean ± sample std over seeds (ddof=1, n in the seeds "
+        "column, as the group runs in MLflow carry it). Bold: the best value of its column "
+        "within its stream (lowest forgetting, training time, memory and edit latency; "
+        "highest otherwise) among the unflagged groups; n/a: not known for that strategy. "
+        "Definitions in the README's Metrics section; bwt and fwt: backward and forward transfer."
     )
     return Section("table", "Final metrics over seeds", text, shown, bold)
 
@@ -427,7 +427,7 @@ def average_accuracy_figure(
                 [[metrics.average_accuracy_after(R, i) for i in range(len(R))] for R in Rs]
             )
             x = np.arange(1, steps.shape[1] + 1)
-            curves[label] = (x, steps.mean(axis=0), steps.std(axis=0))
+            curves[label] = (x, steps.mean(axis=0), _sample_std(steps))
     return plots.curve_panels(
         {"average accuracy A_i": curves},
         colors,
@@ -477,7 +477,7 @@ def editing_figure(
                 T = min(len(h) for h in histories)
                 values = np.array([h[:T] for h in histories])
                 x = edits[:T] if len(edits) >= T else np.arange(1, T + 1)
-                curves[label] = (x, values.mean(axis=0), values.std(axis=0))
+                curves[label] = (x, values.mean(axis=0), _sample_std(values))
         if curves:
             panels[metric] = curves
     return plots.curve_panels(panels, colors, "edits applied", f"{stream}: editing")
@@ -568,3 +568,8 @@ def write(report: Report, out: Path, fmt: str, csv: Path | None = None) -> None:
         out.write_text(to_markdown(report, folder, folder.name), encoding="utf-8")
     if csv:
         report.table.to_csv(csv, index=False)
+
+
+def _sample_std(values: np.ndarray) -> np.ndarray:
+    """The sample std over seeds (axis 0), as in the tables; zero band for one seed."""
+    return values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -177,11 +178,33 @@ class GridRun:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    commit: str = ""  # of the forgetless source that runs the grid, when a git checkout
+
+
+def source_commit() -> str:
+    """The git commit of the forgetless checkout that runs, or "" (an installed wheel)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def _describe_experiment(store: Store, experiment_id: str, grid_name: str) -> None:
+    """Open the experiment in MLflow's model-training view, with a line on its layout."""
+    store.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    store.set_experiment_tag(experiment_id, "mlflow.note.content", (
+        f"forgetless grid `{grid_name}`: a parent run per submission (role grid), a run per "
+        "cell (stream x strategy x seed, role cell) nested under it, and a group run per "
+        "configuration with mean and std over seeds (role group). Terminal: "
+        f"`forgetless compare {grid_name}`, `forgetless report {grid_name}`."))  # fmt: skip
 
 
 def open_grid(uri: str, grid_name: str, n_cells: int, grid_source: dict[str, Any]) -> GridRun:
     """Create the store, the experiment and the parent run before any worker logs, and
     close the parent runs of drivers that stopped without closing theirs."""
+    commit = source_commit()
     with store_lock(uri):
         store = Store(uri)
         experiment = store.get_experiment_by_name(grid_name)
@@ -201,16 +224,21 @@ def open_grid(uri: str, grid_name: str, n_cells: int, grid_source: dict[str, Any
                 if not _alive(parent):
                     store.set_tag(parent.info.run_id, f"{TAG}interrupted", "true")
                     store.set_terminated(parent.info.run_id, "KILLED")
+        _describe_experiment(store, experiment_id, grid_name)
         run = store.create_run(
             experiment_id,
             run_name=f"{grid_name} ({time.strftime('%Y-%m-%d %H:%M:%S')})",
             tags={f"{TAG}role": "grid", f"{TAG}grid": grid_name, f"{TAG}cells": str(n_cells),
                   f"{TAG}heartbeat": str(time.time()), f"{TAG}host": socket.gethostname(),
-                  f"{TAG}pid": str(os.getpid())},
+                  f"{TAG}pid": str(os.getpid()), **_commit_tag(commit)},
         )  # fmt: skip
         _ACTIVE_GRIDS.add(run.info.run_id)  # until its Heartbeat ends
     store.log_text(run.info.run_id, yaml.safe_dump(grid_source, sort_keys=False), "grid.yaml")
-    return GridRun(uri, experiment_id, run.info.run_id)
+    return GridRun(uri, experiment_id, run.info.run_id, commit)
+
+
+def _commit_tag(commit: str) -> dict[str, str]:
+    return {"mlflow.source.git.commit": commit} if commit else {}
 
 
 def close_grid(grid_run: GridRun, status: str, failed: int = 0) -> None:
@@ -370,7 +398,8 @@ def _take(store: Store, grid_run: GridRun, cell: Cell, runs: list) -> str:
         store.log_batch(run_id, tags=[RunTag(k, v) for k, v in lease.items()])
     else:
         run_id = store.create_run(grid_run.experiment_id, run_name=cell.label(),
-                                  tags={**cell_tags(cell), **lease}).info.run_id  # fmt: skip
+                                  tags={**cell_tags(cell), **lease,
+                                        **_commit_tag(grid_run.commit)}).info.run_id  # fmt: skip
     store.update_run(run_id, status="SCHEDULED")
     return run_id
 
@@ -484,7 +513,11 @@ class CellRun:
     @classmethod
     def start(cls, grid_run: GridRun, cell: Cell, manifest: list[dict]) -> CellRun:
         """A new run for a cell that no driver claimed (a cell run on its own)."""
-        tags = {**cell_tags(cell), "mlflow.parentRunId": grid_run.parent_run_id}
+        tags = {
+            **cell_tags(cell),
+            "mlflow.parentRunId": grid_run.parent_run_id,
+            **_commit_tag(grid_run.commit),
+        }
         run = Store(grid_run.tracking_uri).create_run(
             grid_run.experiment_id, run_name=cell.label(), tags=tags
         )
@@ -507,7 +540,8 @@ class CellRun:
         lease = {k: v for k, v in old.data.tags.items()
                  if k in (f"{TAG}driver", f"{TAG}claimed_at", "mlflow.parentRunId")}  # fmt: skip
         run = store.create_run(grid_run.experiment_id, run_name=cell.label(),
-                               tags={**cell_tags(cell), **lease})  # fmt: skip
+                               tags={**cell_tags(cell), **lease,
+                                     **_commit_tag(grid_run.commit)})  # fmt: skip
         return cls(grid_run, run.info.run_id, cell, manifest)
 
     def log_step(self, step: int, row: list[float], values: dict[str, float]) -> None:
@@ -575,11 +609,17 @@ class CellRun:
         (folder / "stream_manifest.json").write_text(json.dumps({"experiences": self.manifest}))
 
 
-def log_groups(grid_run: GridRun, groups: dict[tuple[str, str, str], dict[str, float]]) -> None:
-    """One run per (stream, strategy, grid point) carrying `final/<metric>_mean` and `_std`."""
+def log_groups(
+    grid_run: GridRun,
+    groups: dict[tuple[str, str, str], dict[str, float]],
+    configs: dict[tuple[str, str, str], dict[str, str]] | None = None,
+) -> None:
+    """One run per (stream, strategy, grid point) carrying `final/<metric>_mean` and `_std`,
+    and its configuration as params (the cells' params but the seed), to filter by."""
     client = Store(grid_run.tracking_uri)
     now = int(time.time() * 1000)
-    for (stream, strategy, variant), values in groups.items():
+    for key, values in groups.items():
+        stream, strategy, variant = key
         values = dict(values)
         seeds = values.pop("seeds")
         name = f"{stream}/{strategy}" + (f" [{variant}]" if variant != "-" else "") + " (seeds)"
@@ -593,10 +633,15 @@ def log_groups(grid_run: GridRun, groups: dict[tuple[str, str, str], dict[str, f
                 f"{TAG}strategy": strategy,
                 f"{TAG}variant": variant,
                 f"{TAG}seeds": str(seeds),
+                **_commit_tag(grid_run.commit),
             },
         )
         metrics = [Metric(f"final/{k}", float(v), now, 0) for k, v in values.items() if v == v]
         client.log_batch(run.info.run_id, metrics=metrics)
+        config = (configs or {}).get(key, {})
+        params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in config.items()]
+        for start in range(0, len(params), 100):  # MLflow takes 100 params a call
+            client.log_batch(run.info.run_id, params=params[start : start + 100])
         client.set_terminated(run.info.run_id, "FINISHED")
 
 

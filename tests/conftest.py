@@ -87,6 +87,7 @@ def finished_grid(make_grid, tmp_path_factory) -> tuple[str, str]:
         name="finished",
         seeds=[0, 1],
         strategies=["naive", {"name": "rehearsal", "buffer": {"size": 50}}],
+        train={"epochs": 3, "batch_size": 32, "lr": 0.05},  # enough to learn: none flagged
     )
     assert {o.status for o in run_grid(grid, uri)} == {"FINISHED"}
     return uri, grid.name
