@@ -109,9 +109,15 @@ class SplitCIFAR10Config(SplitConfig, CIFARSource):
 class SplitCIFAR100Config(SplitConfig, CIFARSource):
     num_classes: ClassVar[int] = 100
     named_orders: ClassVar[dict[str, list[int]]] = {"icarl": icarl_order()}
-    n_experiences: int = param(10, "number of experiences; must divide the 100 classes")
+    n_experiences: int = param(10, "number of experiences; must divide the classes")
+    labels: Literal["fine", "coarse"] = param(
+        "fine", "fine: the 100 classes; coarse: the 20 superclasses"
+    )
 
     def validate(self, where: str) -> None:
+        self.num_classes = 100 if self.labels == "fine" else 20
+        if self.labels == "coarse" and self.fixed_class_order == "icarl":
+            raise ConfigError(f"{where}.fixed_class_order: icarl orders the 100 fine classes")
         super().validate(where)
         _check(lambda: cifar_folder(100, self.data_root), where)
 
@@ -132,7 +138,10 @@ def split_cifar10(config: SplitCIFAR10Config, seed: int) -> Stream:
 @register_stream("split_cifar100")
 def split_cifar100(config: SplitCIFAR100Config, seed: int) -> Stream:
     """CIFAR-100 split by class; `fixed_class_order: icarl` is iCaRL's order (seed 1993)."""
-    return split_stream("split_cifar100", load_cifar(100, config.data_root), config, seed)
+    coarse = config.labels == "coarse"
+    config.num_classes = 20 if coarse else 100
+    data = load_cifar(100, config.data_root, coarse)
+    return split_stream("split_cifar100", data, config, seed)
 
 
 # --- ImageFolder trees -----------------------------------------------------------------------

@@ -389,6 +389,18 @@ def test_split_cifar_reads_the_python_pickle_batches(tmp_path, n):
         assert torch.equal(e.test.x[:, 0, 0, 0].long(), e.test.y)
 
 
+def test_split_cifar100_coarse_labels_are_the_20_superclasses(tmp_path):
+    from forgetless.streams.image_files import SplitCIFAR100Config
+
+    write_cifar(tmp_path, 100, per_class=1)
+    config = parse(SplitCIFAR100Config, {"data_root": str(tmp_path), "labels": "coarse",
+                                         "n_experiences": 4}, "s")  # fmt: skip
+    stream = build_stream("split_cifar100", config, 0)
+    assert stream.num_classes == 20 and len(stream) == 4
+    for e in stream:  # write_cifar's superclass is fine // 5
+        assert torch.equal(e.train.x[:, 0, 0, 0].long() // 5, e.train.y)
+
+
 def test_split_cifar100_icarl_order_is_the_seed_1993_permutation(tmp_path):
     from forgetless.streams.image_files import SplitCIFAR100Config
 
