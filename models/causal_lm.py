@@ -286,7 +286,20 @@ def hf_model(path: str, config: HFConfig) -> CausalLM:
     model = AutoModelForCausalLM.from_pretrained(
         source, local_files_only=local, dtype=getattr(torch, config.dtype)
     )
-    return CausalLM(model, tokenizer, config.context)
+    return CausalLM(at_scale(model, config.gradient_checkpointing), tokenizer, config.context)
+
+
+def at_scale(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
+    """`model` with activation checkpointing on when asked: non-reentrant, so that blocks
+    whose inputs need no gradient (frozen embeddings: HFT, LoRA) still pass one back."""
+    if not gradient_checkpointing:
+        return model
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5 on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
 
 
 # --- GGUF checkpoints ----------------------------------------------------------------------
