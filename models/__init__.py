@@ -11,7 +11,15 @@ from torch import nn
 from forgetless.core.registry import Registry
 from forgetless.core.schema import ConfigError, param
 from forgetless.models.causal_lm import HFConfig, hf_model, llama_tiny
-from forgetless.models.vision import holds_pixels, scale_pixels
+from forgetless.models.vision import (
+    holds_pixels,
+    mlp_multihead,
+    mlp_trunk,
+    reduced_resnet18,
+    resnet32,
+    scale_pixels,
+    simple_cnn,
+)
 from forgetless.streams import Stream
 
 MODELS: Registry = Registry("model", "forgetless.models")
@@ -21,20 +29,20 @@ register_model = MODELS.register
 @dataclass
 class MLPConfig:
     hidden: list[int] = param([128], "widths of the hidden layers")
+    dropout: float = param(0.0, "dropout after each hidden layer")
 
     def validate(self, where: str) -> None:
         if any(h <= 0 for h in self.hidden):
             raise ConfigError(f"{where}.hidden: every width must be > 0, got {self.hidden}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
 
 
 @register_model("mlp")
 def mlp(config: MLPConfig, stream: Stream) -> nn.Module:
-    widths = [math.prod(stream.input_shape), *config.hidden]
-    layers: list[nn.Module] = [nn.Flatten()]
-    for a, b in zip(widths, widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    layers.append(nn.Linear(widths[-1], stream.num_classes))
-    return nn.Sequential(*layers)
+    layers = mlp_trunk(math.prod(stream.input_shape), config.hidden, config.dropout)
+    width = config.hidden[-1] if config.hidden else math.prod(stream.input_shape)
+    return nn.Sequential(*layers, nn.Linear(width, stream.num_classes))
 
 
 @dataclass
@@ -187,6 +195,10 @@ def split_model(model: nn.Module, at: str, where: str) -> tuple[nn.Sequential, n
 
 
 register_model("llama_tiny")(llama_tiny)
+register_model("mlp_multihead")(mlp_multihead)
+register_model("simple_cnn")(simple_cnn)
+register_model("reduced_resnet18")(reduced_resnet18)
+register_model("resnet32")(resnet32)
 
 DEFAULT_MODEL = {"classification": "mlp", "generation": "llama_tiny", "edit": "llama_tiny"}
 HF_PREFIX = "hf:"
