@@ -5,16 +5,22 @@ teacher-forced forward pass: an answer is generated exactly by greedy decoding i
 every answer token (and the EOS) is the argmax given the true prefix, so the two
 agree at a fraction of the cost (tests/test_language_models.py checks it against
 `generate`). Token accuracy and loss come from the same pass.
+
+Tasks whose benchmark scores generated text (SuperNI's ROUGE-L, TRACE's accuracy: their
+experience's `info["metrics"]`) are also decoded greedily, and those scores are extras
+beside the matrix (experiments.instruction_metrics).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from forgetless.experiments.editing import SCORES, applied_scores, edit_summary
+from forgetless.experiments.instruction_metrics import score_answers
 from forgetless.models.causal_lm import IGNORE, trim_padding
 from forgetless.strategies import Strategy
 from forgetless.streams import Samples, Stream
@@ -54,7 +60,9 @@ def exact_rows(strategy: Strategy, data: Samples) -> list[bool]:
 
 
 def _batch_logits(strategy: Strategy, data: Samples, kind: str):
-    """(batch, logits) over `data` in evaluation batches, the model in eval mode."""
+    """(batch, logits) over `data` in evaluation batches, the model in eval mode and under
+    the training's precision; each batch moves to the device as it is used (its padding
+    columns dropped first)."""
     model = strategy.model
     was_training = model.training
     model.eval()
@@ -63,12 +71,61 @@ def _batch_logits(strategy: Strategy, data: Samples, kind: str):
         for start in range(0, len(data), batch_size):
             index = slice(start, start + batch_size)
             task = None if data.task is None else data.task[index]
-            batch = Samples(data.x[index], data.y[index], task).to(strategy.device)
+            batch = Samples(data.x[index], data.y[index], task)
             if kind == "generation":
                 batch = trim_padding(batch)
-            yield batch, strategy.logits(batch)
+            batch = batch.to(strategy.device)
+            with _autocast(strategy):
+                logits = strategy.logits(batch)
+            yield batch, logits
     finally:
         model.train(was_training)
+
+
+def _autocast(strategy: Strategy) -> contextlib.AbstractContextManager:
+    autocast = getattr(strategy, "autocast", None)  # what evaluate reads of a strategy is small
+    return autocast() if autocast is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def generated_answers(strategy: Strategy, data: Samples) -> list[str]:
+    """Greedy answers to the prompts of a generation set, as text.
+
+    A row's prompt is its tokens before the first labelled one, left-padded into batches;
+    decoding stops at the EOS or after as many tokens as the batch's longest answer and
+    its EOS (a longer answer cannot score better). Special tokens are dropped and spaces
+    left as decoded, as TRACE's inference does."""
+    model = strategy.model
+    was_training = model.training
+    model.eval()
+    tokenizer, pad = model.tokenizer, model.pad_id
+    batch_size = strategy.train_config.eval_batch_size
+    answers = []
+    try:
+        for start in range(0, len(data), batch_size):
+            x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
+            labelled = y != IGNORE
+            lengths = labelled.int().argmax(dim=1).tolist()  # the prompts' token counts
+            width = max(lengths)
+            ids = torch.full((len(x), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(x), width), dtype=torch.long)
+            for i, n in enumerate(lengths):
+                ids[i, width - n :], mask[i, width - n :] = x[i, :n], 1
+            with _autocast(strategy):
+                out = model.model.generate(
+                    input_ids=ids.to(strategy.device),
+                    attention_mask=mask.to(strategy.device),
+                    max_new_tokens=int(labelled.sum(dim=1).max()),
+                    do_sample=False,
+                    pad_token_id=pad,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            answers += tokenizer.batch_decode(
+                out[:, width:], skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+    finally:
+        model.train(was_training)
+    return answers
 
 
 def _answer_tokens(logits: torch.Tensor, labels: torch.Tensor):
@@ -106,6 +163,10 @@ def score_stream(strategy: Strategy, stream: Stream) -> tuple[list[float], dict[
     for j, experience in enumerate(stream):
         scores = evaluate(strategy, experience.test, experience.kind)
         row.append(scores.pop(primary))
+        if experience.info.get("metrics"):
+            answers = generated_answers(strategy, experience.test)
+            references = experience.info["references"]
+            scores.update(score_answers(experience.info["metrics"], answers, references))
         extra.update({f"{key}/exp_{j}": value for key, value in scores.items()})
     if stream.general is not None:
         extra["general_acc"] = evaluate(strategy, stream.general, stream.kind)[primary]

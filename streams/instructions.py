@@ -4,7 +4,10 @@ Built-in tasks have real content that ships offline. Fact tasks memorise pycount
 records (country -> alpha-3 code, alpha-3 -> numeric code, ...) and are scored on the
 facts they trained on; string tasks (uppercase, reverse, shift letters, ...) are scored
 on held-out words drawn from pycountry's country and language names. A task may also
-be a file in JSONL, TRACE or Super-NaturalInstructions format (streams.task_files).
+be a file in JSONL, TRACE or Super-NaturalInstructions format (streams.task_files), or a
+pair of files (`{train: ..., test: ...}`) where the benchmark ships its own test set, as
+TRACE does; such tasks also carry the scores their benchmark reports on generated answers
+(`info["metrics"]`, with every acceptable answer in `info["references"]`).
 
 HFT and LoRA assume a base model whose knowledge is worth keeping, so a stream names a
 `base`: a general mixture of other tasks that the model is pre-trained on once (cached
@@ -14,16 +17,25 @@ ability survives (`general_retention`).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from forgetless.core.schema import ConfigError, param, positive, suggest
+from forgetless.core.schema import ConfigError, param, parse, positive, suggest
 from forgetless.streams.base import Example, Experience, Stream, register_stream
-from forgetless.streams.task_files import load_task_file
+from forgetless.streams.task_files import (
+    METRICS,
+    TaskFile,
+    load_task_file,
+    read_task_file,
+    trace_task_name,
+)
 
 
 @cache
@@ -81,6 +93,11 @@ def prompt(task: str, text: str) -> str:
 
 def task_examples(task: str, train_size: int, test_size: int, seed: int):
     """(train, test) examples of a built-in task or a task file."""
+    split = task_split(task, train_size, test_size, seed)
+    return split.train, split.test
+
+
+def _builtin_examples(task: str, train_size: int, test_size: int, seed: int):
     rng = np.random.default_rng(seed)
     if task in FACTS:
         facts = FACTS[task]()
@@ -92,21 +109,102 @@ def task_examples(task: str, train_size: int, test_size: int, seed: int):
                             for _ in range(-(-train_size // len(known)) - 1)]  # fmt: skip
         train = [e for p in passes for e in p][:train_size]
         return train, known[:test_size]  # memorisation: scored on its own facts
-    if task in STRINGS:
-        train_words, test_words = words()
-        rule = STRINGS[task]
-        train = [Example(prompt(task, w), rule(w)) for w in rng.choice(train_words, train_size)]
-        held = rng.choice(test_words, min(test_size, len(test_words)), replace=False)
-        return train, [Example(prompt(task, w), rule(w)) for w in held]
-    examples = load_task_file(task)
-    order = rng.permutation(len(examples))
-    n_test = min(test_size, len(examples) // 5) or 1
-    test = [examples[i] for i in order[:n_test]]
-    train = [examples[i] for i in order[n_test:][:train_size]]
-    return train, test
+    train_words, test_words = words()
+    rule = STRINGS[task]
+    train = [Example(prompt(task, w), rule(w)) for w in rng.choice(train_words, train_size)]
+    held = rng.choice(test_words, min(test_size, len(test_words)), replace=False)
+    return train, [Example(prompt(task, w), rule(w)) for w in held]
 
 
-def _check_task(task: str, where: str) -> None:
+@dataclass
+class TaskFiles:
+    """A task whose benchmark ships its test set as a file of its own (TRACE's test.json)."""
+
+    train: str = param(help="the training examples: a .json / .jsonl task file")
+    test: str = param(help="the test examples: a task file of the same format")
+    name: str | None = param(
+        None, "the experience's name (default: TRACE's task folder, else the file's name)"
+    )
+    metrics: list[str] | None = param(
+        None,
+        f"scores on generated answers, of {', '.join(METRICS)} (default: the format's own: "
+        "SuperNI rougeL and exact_match_norm, TRACE by task; [] for none)",
+    )
+
+    def validate(self, where: str) -> None:
+        for i, metric in enumerate(self.metrics or []):
+            if metric not in METRICS:
+                raise ConfigError(
+                    f"{where}.metrics[{i}]: unknown score {metric!r}{suggest(metric, METRICS)}; "
+                    f"one of {', '.join(METRICS)}"
+                )
+        train, test = read_task_file(self.train), read_task_file(self.test)
+        if train.format != test.format:
+            raise ConfigError(
+                f"{where}.test: {self.test} is a {test.format} file but {where}.train is "
+                f"{train.format}; give the test set of the same benchmark"
+            )
+
+
+@dataclass
+class TaskSplit:
+    """One task's experience: its name, examples, and what generated answers are scored by."""
+
+    name: str
+    train: list[Example]
+    test: list[Example]
+    references: list[list[str]] = field(default_factory=list)  # per test example
+    metrics: tuple[str, ...] = ()
+
+
+def task_split(task: str | dict, train_size: int, test_size: int, seed: int) -> TaskSplit:
+    """The train and test examples of a task: built-in, a task file (a fifth of it held out,
+    at most test_size), or a pair of files (the first test_size records of its test file,
+    in the file's order, for every seed)."""
+    if isinstance(task, dict):
+        files = parse(TaskFiles, task, "task")
+        train, test = read_task_file(files.train), read_task_file(files.test)
+        order = np.random.default_rng(seed).permutation(len(train.examples))[:train_size]
+        metrics = test.metrics if files.metrics is None else tuple(files.metrics)
+        return TaskSplit(
+            files.name or _file_task_name(files.train, train),
+            [train.examples[i] for i in order],
+            test.examples[:test_size],
+            test.references[:test_size],
+            metrics,
+        )  # fmt: skip
+    if task in FACTS or task in STRINGS:
+        train, test = _builtin_examples(task, train_size, test_size, seed)
+        return TaskSplit(task, train, test, [[e.answer] for e in test])
+    loaded = read_task_file(task)
+    order = np.random.default_rng(seed).permutation(len(loaded.examples))
+    n_test = min(test_size, len(loaded.examples) // 5) or 1
+    held = order[:n_test]
+    name = task.rsplit("/", 1)[-1].removesuffix(".jsonl").removesuffix(".json")
+    return TaskSplit(
+        name,
+        [loaded.examples[i] for i in order[n_test:][:train_size]],
+        [loaded.examples[i] for i in held],
+        [loaded.references[i] for i in held],
+        loaded.metrics,
+    )
+
+
+def _file_task_name(path: str, task: TaskFile) -> str:
+    if task.format == "trace":
+        return trace_task_name(path)
+    return Path(path).name.removesuffix(".jsonl").removesuffix(".json")
+
+
+def _check_task(task: Any, where: str) -> None:
+    if isinstance(task, dict):
+        parse(TaskFiles, task, where)  # reads both files: names any problem, before any run
+        return
+    if not isinstance(task, str):
+        raise ConfigError(
+            f"{where}: expected a task name, a task file or {{train: file, test: file}}, "
+            f"got {task!r}"
+        )
     if task in BUILTIN:
         return
     if task.endswith((".json", ".jsonl")):
@@ -140,7 +238,11 @@ class BaseConfig:
 
 @dataclass
 class InstructionsConfig:
-    tasks: list[str] = param(DEFAULT_TASKS, "task names or task files, in stream order")
+    tasks: list[Any] = param(
+        DEFAULT_TASKS,
+        "in stream order: built-in task names, task files (.jsonl, TRACE or SuperNI .json), "
+        "or {train: file, test: file, name: ..., metrics: [...]} for a benchmark's own test set",
+    )
     train_size: int = param(
         200, "training examples per task (a fact task repeats its facts to fill it)"
     )
@@ -154,12 +256,13 @@ class InstructionsConfig:
             raise ConfigError(f"{where}.tasks: list at least one task")
         for i, task in enumerate(self.tasks):
             _check_task(task, f"{where}.tasks[{i}]")
-        if len(set(self.tasks)) != len(self.tasks):
+        keys = [json.dumps(t, sort_keys=True) for t in self.tasks]
+        if len(set(keys)) != len(keys):
             raise ConfigError(f"{where}.tasks: {self.tasks} repeats a task")
         if self.base is not None:
             for i, task in enumerate(self.base.tasks):
                 _check_task(task, f"{where}.base.tasks[{i}]")
-            shared = sorted(set(self.base.tasks) & set(self.tasks))
+            shared = sorted(set(self.base.tasks) & {t for t in self.tasks if isinstance(t, str)})
             if shared:
                 raise ConfigError(
                     f"{where}.base.tasks: {shared} are also in the stream; the base mixture "
@@ -180,9 +283,13 @@ def instructions(config: InstructionsConfig, seed: int) -> Stream:
     """Instruction tuning, task after task, from a pre-trained base."""
     experiences = []
     for i, task in enumerate(config.tasks):
-        train, test = task_examples(task, config.train_size, config.test_size, seed)
-        name = task.rsplit("/", 1)[-1].removesuffix(".jsonl").removesuffix(".json")
-        experiences.append(Experience(i, name, train, test, kind="generation", info={"task": name}))
+        split = task_split(task, config.train_size, config.test_size, seed)
+        info: dict[str, Any] = {"task": split.name}
+        if split.metrics:
+            info.update(metrics=list(split.metrics), references=split.references)
+        experiences.append(
+            Experience(i, split.name, split.train, split.test, kind="generation", info=info)
+        )
     base = general = None
     if config.base is not None:
         # The base (and its held-out set) does not depend on the cell seed: one base per config.
