@@ -63,7 +63,8 @@ class ReplayBuffer:
     def add(self, new: Samples) -> None:
         if len(new) == 0:
             return
-        new = new.to(self.device)
+        # As stored by the stream: a training set that augments as it is drawn is kept raw.
+        new = Samples(new.x, new.y, new.task).to(self.device)
         self.pixels_in = new.x.dtype == torch.uint8
         if self.config.compact:
             new = compact_images(new)

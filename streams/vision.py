@@ -16,8 +16,8 @@ Scenarios, one way to say each (`scenario:`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -62,6 +62,12 @@ def check_image_set(data: ImageSet, source: str) -> ImageSet:
 
 @dataclass
 class SizeConfig:
+    augment: list[dict[str, Any]] = param(
+        [],
+        "torchvision.transforms.v2 transforms applied to each training image as it is drawn, "
+        "by class name and arguments: [{name: RandomCrop, size: 32, padding: 4}, "
+        "{name: RandomHorizontalFlip}]",
+    )
     max_train: int | None = param(
         None,
         "train on at most this many samples per experience (a seeded draw; GEM and A-GEM use "
@@ -74,6 +80,80 @@ class SizeConfig:
     def validate(self, where: str) -> None:
         positive(self.max_train, f"{where}.max_train")
         positive(self.max_test, f"{where}.max_test")
+        if self.augment:
+            build_augment(self.augment, f"{where}.augment")
+
+    def training_set(self, samples: Samples) -> Samples:
+        """The experience's training samples, augmented as they are drawn when asked."""
+        if not self.augment:
+            return samples
+        transform = build_augment(self.augment, "augment")
+        return AugmentedSamples(samples.x, samples.y, samples.task, transform=transform)
+
+
+def build_augment(specs: list[dict[str, Any]], where: str):
+    """A torchvision.transforms.v2 Compose of `specs` ({name: Class, **arguments})."""
+    import torchvision.transforms.v2 as v2
+
+    from forgetless.core.schema import suggest
+
+    known = [n for n in dir(v2) if n[:1].isupper() and isinstance(getattr(v2, n), type)]
+    steps = []
+    for i, spec in enumerate(specs):
+        here = f"{where}[{i}]"
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if not isinstance(name, str):
+            raise ConfigError(f"{here}: expected {{name: <transform>, ...its arguments}}, got "
+                              f"{spec!r}")  # fmt: skip
+        if name not in known:
+            raise ConfigError(f"{here}.name: torchvision.transforms.v2 has no {name!r}"
+                              f"{suggest(name, known)}")  # fmt: skip
+        arguments = {k: v for k, v in spec.items() if k != "name"}
+        try:
+            steps.append(getattr(v2, name)(**arguments))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{here}: {name}({arguments}) fails: {e}") from None
+    return v2.Compose(steps)
+
+
+@dataclass
+class AugmentedSamples(Samples):
+    """Training samples whose images are transformed each time they are drawn (`subset`,
+    or one at a time as a torch Dataset); `x` keeps the stored, untransformed images, which
+    the manifest hashes and replay buffers keep.
+
+    As a Dataset it serves a DataLoader (`loader`): worker processes transform the
+    images, pinned memory speeds their copy to the GPU.
+    """
+
+    transform: Any = field(default=None, kw_only=True)
+
+    def subset(self, index: torch.Tensor) -> Samples:
+        picked = super().subset(index.to(self.x.device))
+        images = torch.stack([self.transform(image) for image in picked.x])
+        return Samples(images, picked.y, picked.task)
+
+    def to(self, device: torch.device | str) -> AugmentedSamples:
+        moved = super().to(device)
+        return AugmentedSamples(moved.x, moved.y, moved.task, transform=self.transform)
+
+    def __getitem__(self, i: int) -> tuple:
+        task = -1 if self.task is None else self.task[i]
+        return self.transform(self.x[i]), self.y[i], task
+
+    def loader(self, batch_size: int, shuffle: bool = True, num_workers: int = 0,
+               pin_memory: bool = False, generator: torch.Generator | None = None):  # fmt: skip
+        """A DataLoader over the samples; yields Samples (task None where none)."""
+
+        def collate(rows: list[tuple]) -> Samples:
+            x, y, task = (torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in range(3))
+            return Samples(x, y, None if self.task is None else task)
+
+        return torch.utils.data.DataLoader(
+            self, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+            pin_memory=pin_memory, collate_fn=collate, generator=generator,
+            persistent_workers=num_workers > 0,
+        )  # fmt: skip
 
 
 def limit(samples: Samples, n: int | None, seed: int) -> Samples:
@@ -177,7 +257,7 @@ def split_stream(name: str, data: ImageSet, config: SplitConfig, seed: int) -> S
                 relabel = torch.zeros(data.num_classes, dtype=torch.long)
                 relabel[classes] = torch.arange(len(classes))
                 part = Samples(part.x, relabel[part.y])
-            parts.append(part)
+            parts.append(config.training_set(part) if k == 0 else part)
         info: dict = {"classes": classes}
         if config.scenario == "task":
             info["task"] = i
@@ -225,7 +305,8 @@ def transformed_stream(
             part = limit(samples, config.max_train if j == 0 else config.max_test, seed * 1009 + i)
             y = part.y if scenario == "domain" else part.y + k * i
             task = torch.full_like(y, i) if scenario == "task" else None
-            parts.append(Samples(transform(part.x), y, task))
+            moved = Samples(transform(part.x), y, task)
+            parts.append(config.training_set(moved) if j == 0 else moved)
         info = dict(info)
         if scenario != "domain":
             info["classes"] = list(range(k * i, k * (i + 1)))

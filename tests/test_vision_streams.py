@@ -481,3 +481,69 @@ def test_split_core50_uses_the_standard_session_split(tmp_path):
     assert stream.num_classes == 10
     assert torch.equal((stream.experiences[0].train.x[:, 0, 0, 0].long() // 5 - 1) // 5,
                        stream.experiences[0].train.y)  # fmt: skip
+
+
+# --- augmentation declared in the stream, and the DataLoader path ---------------------------
+
+CROP_FLIP = [{"name": "RandomCrop", "size": 32, "padding": 4}, {"name": "RandomHorizontalFlip"}]
+
+
+def cifar_stream(tmp_path, **params):
+    from forgetless.streams.image_files import SplitCIFAR10Config
+
+    write_cifar(tmp_path, 10, per_class=4)
+    config = parse(SplitCIFAR10Config, {"data_root": str(tmp_path), **params}, "s")
+    return build_stream("split_cifar10", config, 0)
+
+
+def test_augment_crops_and_flips_training_images_as_they_are_drawn(tmp_path):
+    from forgetless.streams.vision import AugmentedSamples
+
+    stream = cifar_stream(tmp_path, augment=CROP_FLIP)
+    train, test = stream.experiences[0].train, stream.experiences[0].test
+    assert isinstance(train, AugmentedSamples) and not isinstance(test, AugmentedSamples)
+    torch.manual_seed(0)
+    index = torch.arange(len(train))
+    first, second = train.subset(index), train.subset(index)
+    assert first.x.shape == train.x.shape and first.x.dtype == torch.uint8
+    assert torch.equal(first.y, train.y)
+    assert not torch.equal(first.x, second.x) and not torch.equal(first.x, train.x)
+    from forgetless.strategies.buffers import BufferConfig, ReplayBuffer
+
+    buffer = ReplayBuffer(BufferConfig(size=len(train)))
+    buffer.add(train)  # a buffer keeps the stored images, not one random augmentation
+    assert torch.equal(buffer.samples.x, train.x)
+    # the manifest hashes what is stored, so the same seed gives the same manifest
+    assert stream.manifest() == cifar_stream(tmp_path / "again", augment=CROP_FLIP).manifest()
+
+
+def test_augment_names_a_transform_that_does_not_exist(tmp_path):
+    with pytest.raises(ConfigError, match=r'augment\[0\]\.name: .*no .RandomCorp.*"RandomCrop"'):
+        cifar_stream(tmp_path, augment=[{"name": "RandomCorp", "size": 32}])
+
+
+def test_augmented_training_set_serves_a_dataloader_with_workers(tmp_path):
+    train = cifar_stream(tmp_path, augment=CROP_FLIP).experiences[0].train
+    loader = train.loader(batch_size=3, num_workers=2, pin_memory=False)
+    batches = list(loader)
+    assert sum(len(b) for b in batches) == len(train)
+    assert all(b.x.dtype == torch.uint8 and b.x.shape[1:] == (3, 32, 32) for b in batches)
+    assert sorted(torch.cat([b.y for b in batches]).tolist()) == sorted(train.y.tolist())
+
+
+def test_a_grid_trains_on_augmented_cifar_with_a_buffer_of_raw_images(
+    tmp_path, write_grid, tracking_uri, one_thread
+):
+    from forgetless.experiments.runner import run_grid
+
+    write_cifar(tmp_path, 10, per_class=4)
+    stream = {"name": "split_cifar10", "data_root": str(tmp_path), "n_experiences": 2,
+              "augment": CROP_FLIP}  # fmt: skip
+    grid = write_grid(
+        streams=[stream],
+        model={"name": "reduced_resnet18", "nf": 4},
+        strategies=[{"name": "rehearsal", "buffer": {"size": 10}}],
+        train={"epochs": 1, "batch_size": 8, "lr": 0.01},
+    )
+    (outcome,) = run_grid(grid, tracking_uri)
+    assert outcome.status == "FINISHED", outcome.error
