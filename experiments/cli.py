@@ -173,11 +173,19 @@ def _watch_server(uri: str, say: typing.Callable[[str], None], every: float = 10
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from forgetless.experiments.config import load_grid
+    from forgetless.experiments.footprint import cell_footprint, check_gpu_share, gpu_memory_gb
 
     grid = load_grid(args.grid)
+    memory_gb, source = gpu_memory_gb(grid.resources.gpu_memory_gb)
+    footprints = {cell.hash: cell_footprint(cell.config) for cell in grid.cells}
+    for cell in grid.cells:
+        check_gpu_share(footprints[cell.hash], grid.resources.gpu, memory_gb, source, cell.label())
     print(f"{args.grid}: valid, {len(grid.cells)} cells")
     for cell in grid.cells:
-        print(f"  {cell.hash}  {cell.label()}")
+        print(f"  {cell.hash}  {cell.label()}\n      {footprints[cell.hash].describe()}")
+    if grid.resources.gpu > 0:
+        print(f"each cell's GPU share: {grid.resources.gpu} of {memory_gb:g} GB ({source}); "
+              "activations not counted, every parameter trained")  # fmt: skip
     return 0
 
 

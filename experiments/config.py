@@ -35,9 +35,15 @@ HASH_VERSION = 2
 class Resources:
     cpu: float = param(1.0, "CPUs per cell")
     gpu: float = param(0.0, "GPUs per cell; a fraction packs several cells on one GPU")
+    gpu_memory_gb: float | None = param(
+        None,
+        "memory of one GPU, to check that a cell's share holds it (default: "
+        "$FORGETLESS_GPU_MEMORY_GB, else 80)",
+    )
 
     def validate(self, where: str) -> None:
         positive(self.cpu, f"{where}.cpu")
+        positive(self.gpu_memory_gb, f"{where}.gpu_memory_gb")
         if self.gpu < 0:
             raise ConfigError(f"{where}.gpu: must be >= 0, got {self.gpu}")
 

@@ -175,8 +175,16 @@ def test_task_pair_metrics_and_name_can_be_set(tmp_path):
 def instruction_grid(tasks: list, **stream) -> dict:
     return {
         "name": "metrics",
-        "streams": [{"name": "instructions", "tasks": tasks, "base": None, "train_size": 8,
-                     "test_size": 3, **stream}],  # fmt: skip
+        "streams": [
+            {
+                "name": "instructions",
+                "tasks": tasks,
+                "base": None,
+                "train_size": 8,
+                "test_size": 3,
+                **stream,
+            }
+        ],  # fmt: skip
         "model": {"name": "llama_tiny", "layers": 1, "hidden": 32, "heads": 2, "context": 640},
         "strategies": ["naive"],
     }
@@ -216,8 +224,9 @@ def test_generated_answers_are_the_models_greedy_decoding_of_each_prompt():
     examples = [Example("copy: ab\n", "ab"), Example("copy: longer words\n", "longer words")]
     samples = model.encode(examples)
     experience = Experience(0, "copy", samples, samples, kind="generation")
-    strategy = Naive(model, None, TrainConfig(eval_batch_size=2), Stream("s", "instruction",
-                                                                         [experience]))
+    strategy = Naive(
+        model, None, TrainConfig(eval_batch_size=2), Stream("s", "instruction", [experience])
+    )
     answers = generated_answers(strategy, samples)
     # CausalLM.generate tokenises the text prompts; the same tokens, so the same answers,
     # each cut at the batch's longest answer and its EOS (13 tokens).
@@ -242,7 +251,9 @@ def test_trace_and_superni_cells_log_their_scores_per_experience():
     # the extras are the scores of the greedy answers against the references
     answers = generated_answers(strategy, stream.experiences[1].test)
     refs = stream.experiences[1].info["references"]
-    assert extra["rougeL/exp_1"] == pytest.approx(score_answers(["rougeL"], answers, refs)["rougeL"])
+    assert extra["rougeL/exp_1"] == pytest.approx(
+        score_answers(["rougeL"], answers, refs)["rougeL"]
+    )
 
 
 def test_instructions_stream_of_builtin_tasks_generates_nothing_extra():
