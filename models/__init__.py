@@ -218,4 +218,4 @@ def model_factory(name: str, where: str):
 
 def build_model(name: str, config: object, stream: Stream) -> nn.Module:
     model = model_factory(name, "model.name")(config, stream)
-    return scale_pixels(model) if holds_pixels(stream) else model  # uint8 image streams
+    return scale_pixels(model, stream) if holds_pixels(stream) else model  # uint8 images

@@ -26,21 +26,35 @@ def holds_pixels(stream: Stream) -> bool:
     return dtype == torch.uint8
 
 
-def _to_unit_range(module: nn.Module, args: tuple) -> tuple | None:
-    x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
-        return (x.float().div_(255), *args[1:])
-    return None
+class PixelScaling:
+    """A forward pre-hook: uint8 pixels to floats in [0, 1], then (x - mean) / std when
+    the stream asks for it; anything else passes through."""
+
+    def __init__(self, mean: list[float] | None = None, std: list[float] | None = None):
+        self.mean = None if mean is None else torch.tensor(mean).view(-1, 1, 1)
+        self.std = None if std is None else torch.tensor(std).view(-1, 1, 1)
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
+        x = args[0] if args else None
+        if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8):
+            return None
+        x = x.float().div_(255)
+        if self.mean is not None:
+            x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return (x, *args[1:])
 
 
-def scale_pixels(model: nn.Module) -> nn.Module:
-    """Make `model` take uint8 pixels: a forward pre-hook scales them to [0, 1] floats.
+def scale_pixels(model: nn.Module, stream: Stream | None = None) -> nn.Module:
+    """Make `model` take uint8 pixels: a forward pre-hook scales them to [0, 1] floats
+    (and normalises them by the stream's `pixel_mean` and `pixel_std`, if it gives them).
 
     On a Sequential it sits on the first block, so a model split for latent replay keeps it
     in its lower part. The state dict is unchanged; float inputs pass through as they are.
     """
+    info = stream.experiences[0].info if stream is not None and stream.experiences else {}
+    hook = PixelScaling(info.get("pixel_mean"), info.get("pixel_std"))
     first = model[0] if isinstance(model, nn.Sequential) and len(model) else model
-    first.register_forward_pre_hook(_to_unit_range)
+    first.register_forward_pre_hook(hook)
     return model
 
 

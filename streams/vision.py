@@ -76,12 +76,30 @@ class SizeConfig:
     max_test: int | None = param(
         None, "score on at most this many test samples per experience (a fixed draw)"
     )
+    pixel_mean: list[float] | None = param(
+        None,
+        "with pixel_std: models normalise inputs to (x - mean) / std after scaling pixels "
+        "to [0, 1], one value or one per channel (MNIST as avalanche-lib: 0.1307, 0.3081)",
+    )
+    pixel_std: list[float] | None = param(None, "see pixel_mean")
 
     def validate(self, where: str) -> None:
         positive(self.max_train, f"{where}.max_train")
         positive(self.max_test, f"{where}.max_test")
+        if (self.pixel_mean is None) != (self.pixel_std is None):
+            raise ConfigError(f"{where}: give both pixel_mean and pixel_std, or neither")
+        if self.pixel_std is not None and (
+            len(self.pixel_mean) != len(self.pixel_std) or min(self.pixel_std) <= 0
+        ):
+            raise ConfigError(f"{where}.pixel_std: one positive value per pixel_mean value")
         if self.augment:
             build_augment(self.augment, f"{where}.augment")
+
+    def normalisation(self) -> dict[str, list[float]]:
+        """What experiences carry in `info` for the model to normalise by (none: {})."""
+        if self.pixel_mean is None:
+            return {}
+        return {"pixel_mean": list(self.pixel_mean), "pixel_std": list(self.pixel_std)}
 
     def training_set(self, samples: Samples) -> Samples:
         """The experience's training samples, augmented as they are drawn when asked."""
@@ -263,6 +281,7 @@ def split_stream(name: str, data: ImageSet, config: SplitConfig, seed: int) -> S
             info["task"] = i
         elif config.scenario == "domain":
             info = {"classes": list(range(len(classes))), "original_classes": classes}
+        info.update(config.normalisation())
         experiences.append(Experience(i, f"classes_{'_'.join(map(str, classes))}", *parts,
                                       info=info))  # fmt: skip
     domain = config.scenario == "domain"
@@ -312,6 +331,7 @@ def transformed_stream(
             info["classes"] = list(range(k * i, k * (i + 1)))
         if scenario == "task":
             info["task"] = i
+        info.update(config.normalisation())
         experiences.append(Experience(i, label, *parts, info=info))
     offset = scenario != "domain"
     return Stream(

@@ -547,3 +547,17 @@ def test_a_grid_trains_on_augmented_cifar_with_a_buffer_of_raw_images(
     )
     (outcome,) = run_grid(grid, tracking_uri)
     assert outcome.status == "FINISHED", outcome.error
+
+
+def test_pixel_mean_and_std_reach_the_model_which_normalises_by_them(mnist_root):
+    from forgetless.models import MLPConfig, build_model
+
+    root, _ = mnist_root
+    stream = split(root, pixel_mean=[0.1307], pixel_std=[0.3081])
+    assert stream.experiences[0].info["pixel_mean"] == [0.1307]
+    torch.manual_seed(0)
+    model = build_model("mlp", MLPConfig(hidden=[8]), stream)
+    x = stream.experiences[0].test.x
+    assert torch.allclose(model(x), model((x.float() / 255 - 0.1307) / 0.3081), atol=1e-5)
+    with pytest.raises(ConfigError, match="give both pixel_mean and pixel_std"):
+        parse(SplitMNISTConfig, {"data_root": root, "pixel_mean": [0.5]}, "s")
