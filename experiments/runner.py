@@ -151,7 +151,8 @@ def run_cell(
             if strategy.resumable:
                 checkpoint.save(path, {
                     "strategy": strategy.state_dict(), "rng": checkpoint.rng_state(),
-                    "R": torch.from_numpy(R), "baseline": torch.tensor(baseline),
+                    "R": torch.from_numpy(R),
+                    "baseline": torch.tensor(baseline, dtype=torch.float64),  # as R: exact
                     "next": i + 1, "train_time_s": train_time, "run_id": run.run_id,
                     "tracking_uri": grid_run.tracking_uri,
                     "base_general": base_general, "general": extra.get("general_acc"),
