@@ -3,7 +3,11 @@
 - reliability: the edit prompt gives the new target;
 - generalization: the edit's paraphrases give the new target;
 - locality: prompts about facts no edit touches give the model's own answers, greedy
-  answers cached once before the first edit (`cache_locality`).
+  answers cached once before the first edit (`cache_locality`); a prompt that comes with
+  its dataset answer (`LocalityPair`: ZsRE's loc/loc_ans, CounterFact's neighborhood
+  prompts) is scored as EasyEdit scores it, the answer teacher-forced and each of its
+  tokens compared with the model's pre-edit prediction there (token accuracy is then
+  EasyEdit's locality, exact match asks every token to keep its prediction).
 
 Exact match is the primary score (the whole answer and its EOS are the greedy output,
 measured with one teacher-forced pass as in experiments.evaluate). Token accuracy,
@@ -27,6 +31,7 @@ import torch
 
 from forgetless.models.causal_lm import IGNORE, CausalLM
 from forgetless.streams import Example, Samples, Stream
+from forgetless.streams.editing import LocalityPair
 
 SCORES = ("reliability", "generalization")
 
@@ -57,6 +62,12 @@ def cache_locality(model: CausalLM, prompts: list[Example], max_new_tokens: int 
     eos, rows, labels = model.tokenizer.eos_token_id, [], []
     for e in prompts:
         ids = model.tokenizer(e.prompt, add_special_tokens=False).input_ids
+        if isinstance(e, LocalityPair):  # EasyEdit's: the pre-edit argmax at each answer token
+            row = ids + model.tokenizer(e.answer, add_special_tokens=False).input_ids
+            logits = model(torch.tensor([row], device=device))[0, len(ids) - 1 : len(row) - 1]
+            rows.append(row)
+            labels.append([IGNORE] * len(ids) + logits.argmax(dim=-1).tolist())
+            continue
         out = model.model.generate(
             input_ids=torch.tensor([ids], device=device),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),

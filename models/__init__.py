@@ -10,7 +10,17 @@ from torch import nn
 
 from forgetless.core.registry import Registry
 from forgetless.core.schema import ConfigError, param
-from forgetless.models.causal_lm import HFConfig, hf_model, llama_tiny
+from forgetless.models.causal_lm import (
+    HFConfig,
+    gguf_file,
+    gguf_model,
+    gguf_model_type,
+    hf_model,
+    hf_model_type,
+    hf_source,
+    llama_tiny,
+)
+from forgetless.models.families import check_roles
 from forgetless.models.vision import (
     holds_pixels,
     mlp_multihead,
@@ -202,18 +212,39 @@ register_model("resnet32")(resnet32)
 
 DEFAULT_MODEL = {"classification": "mlp", "generation": "llama_tiny", "edit": "llama_tiny"}
 HF_PREFIX = "hf:"
+GGUF_PREFIX = "gguf:"
 
 
 def model_factory(name: str, where: str):
-    """The factory registered under `name`; `hf:<path>` loads a local Hugging Face model."""
-    if name.startswith(HF_PREFIX):
-        path = name[len(HF_PREFIX) :]
+    """The factory registered under `name`; `hf:<folder or hub id>` loads a Hugging Face
+    model, `gguf:<package or path>[:<file>]` a GGUF checkpoint de-quantized once."""
+    for prefix, load in ((HF_PREFIX, hf_model), (GGUF_PREFIX, gguf_model)):
+        if name.startswith(prefix):
+            spec = name[len(prefix) :]
 
-        def factory(config: HFConfig, stream: Stream) -> nn.Module:
-            return hf_model(path, config)
+            def factory(config: HFConfig, stream: Stream, spec=spec, load=load) -> nn.Module:
+                return load(spec, config)
 
-        return factory
+            return factory
     return MODELS.get(name, where)
+
+
+def check_model(name: str, roles: tuple[str, ...], who: str, positions: bool = False) -> None:
+    """Before any cell: the model can be had (a saved folder, the hub when online, an
+    installed GGUF), and its family has the matrices `roles` a method needs (and sees
+    positions at them, for a method that reads them: `check_roles`)."""
+    if name.startswith(HF_PREFIX):
+        spec = name[len(HF_PREFIX) :]
+        hf_source(spec)
+        if roles:
+            check_roles(hf_model_type(spec), name, roles, who, positions)
+    elif name.startswith(GGUF_PREFIX):
+        spec = name[len(GGUF_PREFIX) :]
+        gguf_file(spec)
+        if roles:
+            check_roles(gguf_model_type(spec), name, roles, who, positions)
+    elif name == "llama_tiny":
+        check_roles("llama", name, roles, who, positions)
 
 
 def build_model(name: str, config: object, stream: Stream) -> nn.Module:

@@ -1,7 +1,8 @@
 """FT-L: fine-tune one feed-forward layer on each edit, within a norm constraint.
 
 Zhu et al., "Modifying Memories in Transformer Models", 2020, as EasyEdit runs it
-(easyeditor/models/ft): for every edit request, Adam on one FFN down-projection for a
+(easyeditor/models/ft): for every edit request, Adam on one FFN output matrix (the
+family's down_proj: mlp.c_proj on GPT-2, fc_out on GPT-J, models/families.py) for a
 few steps on the new target, then each weight is clamped to within `norm_constraint`
 of its value before the edit. The loss is the teacher-forced cross-entropy of every
 target token (EasyEdit's `objective_optimization: target_new`); its `prompt_last`
@@ -17,14 +18,17 @@ import torch
 
 from forgetless.core.schema import ConfigError, param, positive
 from forgetless.models.causal_lm import edit_batch, lm_loss
-from forgetless.models.surgery import ffn_module
+from forgetless.models.families import block_matrix, check_role_name
 from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Experience
 
 
 @dataclass
 class FTLConfig:
-    layer: int = param(2, "transformer block whose mlp.down_proj is fine-tuned")
+    layer: int = param(2, "transformer block whose matrix is fine-tuned")
+    module: str = param(
+        "down_proj", "the matrix, by its Llama role (the FFN output; models/families.py)"
+    )
     lr: float = param(5e-4, "Adam learning rate (EasyEdit: 5e-4)")
     steps: int = param(25, "steps per edit at most (EasyEdit: 25)")
     norm_constraint: float = param(
@@ -37,20 +41,24 @@ class FTLConfig:
         positive(self.steps, f"{where}.steps")
         if self.norm_constraint < 0 or self.layer < 0:
             raise ConfigError(f"{where}: layer and norm_constraint must be >= 0")
+        check_role_name(self.module, f"{where}.module")
 
 
 @register_strategy("ft_l")
 class FTL(Strategy):
-    """FT-L (EasyEdit): fine-tune one FFN down_proj on each edit, under a norm constraint."""
+    """FT-L (EasyEdit): fine-tune one FFN output matrix on each edit, under a norm constraint."""
 
     Config = FTLConfig
     supports = ("edit",)
 
+    @staticmethod
+    def model_roles(config: FTLConfig) -> tuple[str, ...]:
+        return (config.module,)
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.weight = ffn_module(
-            self.model, self.config.layer, "down_proj", "strategy.layer"
-        ).weight
+        cfg = self.config
+        self.weight = block_matrix(self.model, cfg.layer, cfg.module, "strategy.layer").weight
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.weight.requires_grad_(True)

@@ -28,7 +28,8 @@ from torch import nn
 
 from forgetless.core.schema import ConfigError, param, positive
 from forgetless.models.causal_lm import IGNORE, edit_batch, lm_loss
-from forgetless.models.surgery import ffn_module, replace_module
+from forgetless.models.families import block_matrix, check_role_name, in_out
+from forgetless.models.surgery import replace_module
 from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Experience
 
@@ -36,12 +37,13 @@ from forgetless.streams import Experience
 class Codebook(nn.Module):
     """A layer and its codebook: the output at an input within a key's radius is the value."""
 
-    def __init__(self, layer: nn.Linear) -> None:
+    def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        self.layer = layer
-        self.register_buffer("keys", torch.zeros(0, layer.in_features))
+        self.layer = layer  # an nn.Linear, or GPT-2's Conv1D
+        width_in, width_out = in_out(layer)
+        self.register_buffer("keys", torch.zeros(0, width_in))
         self.register_buffer("radii", torch.zeros(0))
-        self.values = nn.Parameter(torch.zeros(0, layer.out_features))
+        self.values = nn.Parameter(torch.zeros(0, width_out))
         self.labels: list[str] = []
         self.last_input: torch.Tensor | None = None
 
@@ -69,7 +71,12 @@ class Codebook(nn.Module):
 
 @dataclass
 class GraceConfig:
-    layer: int = param(2, "transformer block whose mlp.down_proj gets the codebook")
+    layer: int = param(2, "transformer block whose matrix gets the codebook")
+    module: str = param(
+        "down_proj",
+        "the matrix, by its Llama role (the FFN output; models/families.py); EasyEdit's GPT-2 "
+        "hparams wrap up_proj (c_fc)",
+    )
     eps: float = param(1.0, "initial deferral radius of a key (EasyEdit: 1.0)")
     lr: float = param(1.0, "Adam learning rate of a value (EasyEdit: 1.0)")
     steps: int = param(100, "value training steps per edit (authors: 100; EasyEdit: 50-200)")
@@ -88,6 +95,7 @@ class GraceConfig:
             positive(getattr(self, name), f"{where}.{name}")
         if self.layer < 0:
             raise ConfigError(f"{where}.layer: must be >= 0, got {self.layer}")
+        check_role_name(self.module, f"{where}.module")
 
 
 @register_strategy("grace")
@@ -98,9 +106,17 @@ class Grace(Strategy):
     supports = ("edit",)
     resumable = False  # the codebook's labels are strings: a retried cell restarts
 
+    reads_positions = True  # its wrapper reads the matrix's input per sequence and position
+
+    @staticmethod
+    def model_roles(config: GraceConfig) -> tuple[str, ...]:
+        return (config.module,)
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        layer = ffn_module(self.model, self.config.layer, "down_proj", "strategy.layer")
+        layer = block_matrix(
+            self.model, self.config.layer, self.config.module, "strategy.layer", positions=True
+        )
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.codebook = Codebook(layer)

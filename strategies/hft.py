@@ -6,7 +6,10 @@ matrices is frozen; the other half learns the new task.
 Hui et al., "HFT: Half Fine-Tuning for Large Language Models", ACL 2025 (arXiv 2404.18466),
 Figure 2: the half is chosen at the category level inside each block: 2 of the 4 attention
 projections (q, k, v, o), and 2 then 1 of the 3 feed-forward matrices (gate, up, down) in
-alternate blocks, so about half of the block matrices keep what the model knew. Frozen
+alternate blocks, so about half of the block matrices keep what the model knew. A family
+with fused or fewer matrices (models/families.py: GPT-2's c_attn, c_proj and c_fc, c_proj)
+freezes half of each group the same way: n / 2, or (n + 1) / 2 then (n - 1) / 2 in
+alternate blocks when n is odd. Frozen
 matrices get no gradient and no optimizer state (the optimizer is rebuilt over the trainable
 half), which is where HFT's speed-up comes from. The paper selects within the blocks'
 attention and FFN only; keeping the token embeddings, the LM head and the norms trainable is
@@ -20,12 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from forgetless.core.schema import ConfigError, param
+from forgetless.core.schema import param
+from forgetless.models.families import ATTENTION_ROLES, FFN_ROLES, blocks
 from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Experience
-
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-FEED_FORWARD = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -37,37 +38,24 @@ class HFTConfig:
     )
 
 
-def transformer_blocks(model: nn.Module) -> list[list[nn.Module]]:
-    """Per block, its q, k, v, o, gate, up and down modules (Llama, Mistral, Qwen layout)."""
-    blocks = []
-    for module in model.modules():
-        attention, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
-        if all(hasattr(attention, n) for n in ATTENTION) and all(
-            hasattr(mlp, n) for n in FEED_FORWARD
-        ):
-            blocks.append(
-                [getattr(attention, n) for n in ATTENTION] + [getattr(mlp, n) for n in FEED_FORWARD]
-            )
-    if not blocks:
-        has = sorted({f"{name.rsplit('.', 1)[-1]} ({type(m).__name__})"
-                      for name, m in model.named_modules()
-                      if name and next(m.parameters(recurse=False), None) is not None})  # fmt: skip
-        raise ConfigError(
-            f"strategy hft: the model has no transformer block with self_attn.{{q,k,v,o}}_proj "
-            f"and mlp.{{gate,up,down}}_proj (Llama, Mistral or Qwen layout); its modules with "
-            f"parameters are: {', '.join(has) or '(none)'}; use a Llama-style model"
-        )
-    return blocks
+def transformer_blocks(model: nn.Module) -> tuple[list[list[nn.Module]], int]:
+    """Per block, its attention matrices then its feed-forward ones (models/families.py),
+    and how many of each block's matrices are attention ones."""
+    family, found = blocks(model, "strategy hft")
+    matrices = [[b.get_submodule(p) for p in family.attention + family.ffn] for b in found]
+    return matrices, len(family.attention)
 
 
-def draw_frozen_half(n_blocks: int) -> torch.Tensor:
-    """[block, q k v o gate up down] -> frozen: 2 of 4 attention matrices in every block,
-    2 of 3 feed-forward matrices in even blocks and 1 of 3 in odd ones; torch's global RNG."""
-    frozen = torch.zeros(n_blocks, len(ATTENTION) + len(FEED_FORWARD), dtype=torch.bool)
-    attention, feed_forward = frozen[:, : len(ATTENTION)], frozen[:, len(ATTENTION) :]
+def draw_frozen_half(n_blocks: int, attention: int = 4, feed_forward: int = 3) -> torch.Tensor:
+    """[block, attention matrices then FFN ones] -> frozen, torch's global RNG: half of each
+    group, the odd one out frozen in even blocks and trained in odd ones (Llama: 2 of 4
+    attention matrices in every block, 2 of 3 FFN matrices in even blocks and 1 in odd)."""
+    frozen = torch.zeros(n_blocks, attention + feed_forward, dtype=torch.bool)
+    groups = frozen[:, :attention], frozen[:, attention:]
     for b in range(n_blocks):
-        attention[b, torch.randperm(len(ATTENTION))[:2]] = True
-        feed_forward[b, torch.randperm(len(FEED_FORWARD))[: 2 if b % 2 == 0 else 1]] = True
+        for group in groups:
+            n = group.shape[1]
+            group[b, torch.randperm(n)[: (n + 1) // 2 if b % 2 == 0 else n // 2]] = True
     return frozen
 
 
@@ -76,15 +64,21 @@ class HalfFineTuning(Strategy):
     Config = HFTConfig
     supports = ("generation",)
 
+    @staticmethod
+    def model_roles(config: HFTConfig) -> tuple[str, ...]:
+        """HFT splits every block: the model's family must have a row (each row has these)."""
+        return ATTENTION_ROLES + FFN_ROLES[1:]
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.blocks = transformer_blocks(self.model)
+        self.blocks, self.attention = transformer_blocks(self.model)
         self.frozen = torch.zeros(len(self.blocks), len(self.blocks[0]), dtype=torch.bool)
         self._freeze()
 
     def before_experience(self, experience: Experience) -> None:
         super().before_experience(experience)
-        self.frozen = draw_frozen_half(len(self.blocks))
+        n = len(self.blocks[0])
+        self.frozen = draw_frozen_half(len(self.blocks), self.attention, n - self.attention)
         self._freeze()
 
     def _freeze(self) -> None:

@@ -57,6 +57,7 @@ from forgetless.models.causal_lm import IGNORE, CausalLM, lm_loss
 from forgetless.models.sentence_encoder import SentenceEncoder, sentence_encoder
 from forgetless.strategies.base import Strategy, TrainConfig, register_strategy
 from forgetless.streams import Example, Experience, Samples, Stream
+from forgetless.streams.editing import load_counterfact, load_zsre
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,12 @@ class LarimarConfig:
         300,
         "steps of the key encoder (a linear map over MiniLM, trained with InfoNCE so that the "
         "base corpus's phrasings of one fact share a key); 0: raw MiniLM keys",
+    )
+    corpus: str = param(
+        "",
+        "a ZsRE or CounterFact JSON file whose records train the key encoder and the decoder "
+        "(each record's prompt and paraphrases, with its true answer), for a stream with no "
+        "base corpus (zsre, counterfact); the records the stream edits are left out",
     )
 
     def validate(self, where: str) -> None:
@@ -290,7 +297,7 @@ class MemoryDecoder(nn.Module):
         super().__init__()
         self.decoder = copy.deepcopy(model.model).requires_grad_(True)
         self.answer_tokens = answer_tokens
-        self.hidden = model.model.config.hidden_size
+        self.hidden = model.model.get_input_embeddings().embedding_dim  # OPT's may be narrower
         # W_M (LAR `GPT2Model.linear`): without it the sum of a position's own embedding
         # and the value's is symmetric, and the decoder cannot tell which token to write.
         self.w_m = nn.Linear(self.hidden, self.hidden, bias=False)
@@ -497,6 +504,64 @@ def load_or_train(path: Path, build, train) -> nn.Module:
     return module.requires_grad_(False).eval()
 
 
+def fact_corpus(stream: Stream, corpus: str, model: CausalLM, answer_tokens: int) -> list[Example]:
+    """What the read path trains on: the stream's base corpus, or the records of `corpus`
+    that the stream does not edit, each phrasing of a record with its true answer (one
+    that fits a memory value of `answer_tokens`)."""
+    if not corpus:
+        facts = list(getattr(stream.base, "train", None) or [])
+        if not facts:
+            raise ConfigError(
+                f"stream {stream.name!r}: larimar trains its key encoder and memory decoder on "
+                "facts phrased several ways, and this stream has no base fact corpus "
+                "(pycountry_edits has one): give strategy.corpus, a ZsRE or CounterFact JSON "
+                "file (its records that the stream does not edit are used)"
+            )
+        return facts
+    path = Path(corpus).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"strategy.corpus: no file {corpus!r}")
+    try:
+        requests, _ = load_zsre(path)
+    except ConfigError:  # not ZsRE: CounterFact, or an error that names the record
+        requests, _ = load_counterfact(path)
+    edited = {p for e in stream for r in e.train for p in (r.prompt, *r.paraphrases)}
+    # phrasings() groups a fact's phrasings by their answer: an answer two records share
+    # would join two facts, so such records are left out.
+    answers = [" " + r.original.strip() for r in requests]
+
+    def fits(answer: str) -> bool:
+        return len(model.tokenizer(answer, add_special_tokens=False).input_ids) < answer_tokens
+
+    facts = [
+        Example(p, answer)
+        for r, answer in zip(requests, answers)
+        if answers.count(answer) == 1 and fits(answer) and not {r.prompt, *r.paraphrases} & edited
+        for p in (r.prompt, *r.paraphrases)
+    ]
+    if len(phrasings(facts)) < 2:
+        raise ConfigError(
+            f"strategy.corpus: {corpus} leaves fewer than 2 facts once the edited records, "
+            "records sharing an answer and answers longer than answer_tokens are left out; "
+            "give a larger file"
+        )
+    return facts
+
+
+def check_answers_fit(model: CausalLM, stream: Stream, answer_tokens: int) -> None:
+    """Every target of the stream must fit a memory value (refused before the first edit)."""
+    longest = max(
+        (len(model.tokenizer(r.target, add_special_tokens=False).input_ids) + 1
+         for e in stream for r in e.train),
+        default=0,
+    )  # fmt: skip
+    if longest > answer_tokens:
+        raise ConfigError(
+            f"strategy.answer_tokens: the stream's longest target needs {longest} tokens with "
+            f"its EOS and a memory value holds {answer_tokens}; raise answer_tokens to {longest}"
+        )
+
+
 # --- the strategy ---------------------------------------------------------------------------
 @register_strategy("larimar")
 class Larimar(Strategy):
@@ -509,13 +574,8 @@ class Larimar(Strategy):
         super().__init__(model, config, train, stream)
         if not isinstance(model, CausalLM):
             raise ConfigError(f"strategy: larimar conditions a CausalLM's decoder, not {model}")
-        facts = list(getattr(stream.base, "train", None) or [])
-        if not facts:
-            raise ConfigError(
-                f"stream {stream.name!r}: larimar trains its memory decoder on the stream's base "
-                "fact corpus (stream.base.train) and this stream has none; use an editing stream "
-                "with a base model"
-            )
+        facts = fact_corpus(stream, config.corpus, model, config.answer_tokens)
+        check_answers_fit(model, stream, config.answer_tokens)
         self.encoder = sentence_encoder(config.encoder)
         self.model.requires_grad_(False)
         key = self.encoder.model.config.hidden_size

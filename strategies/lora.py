@@ -6,6 +6,10 @@ not change the model. `mode` says how adapters carry across tasks:
 
 - shared: one adapter learns every task in turn (sequential LoRA fine-tuning, the usual
   baseline; q_proj and v_proj by default, as in SSR, Huang et al., ACL 2024).
+
+Llama's matrix names (q_proj ... down_proj) name the same matrices in every family of
+models/families.py: on GPT-2 q_proj and v_proj are its fused attn.c_attn (peft's own
+default there), on GPT-NeoX attention.query_key_value. Other names are module names.
 - per_task_merge: a fresh adapter per task, merged into the base weights after the task, so
   the model is a plain model again; the adapter of the next task is attached at once.
 - per_task: a fresh adapter per task, kept: earlier adapters are frozen and stay active, so
@@ -26,6 +30,7 @@ from typing import Literal
 from torch import nn
 
 from forgetless.core.schema import ConfigError, param, positive, suggest
+from forgetless.models.families import ROLES, family_of, missing_role
 from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Experience
 
@@ -36,7 +41,9 @@ class LoRAConfig:
     alpha: float = param(16, "scale numerator: the update is (alpha / r) B A")
     dropout: float = param(0.0, "dropout on the adapter's input while training")
     target_modules: list[str] = param(
-        ["q_proj", "v_proj"], "names of the modules to adapt (a name matches its last parts)"
+        ["q_proj", "v_proj"],
+        "modules to adapt: Llama's matrix names (the family's own, models/families.py), or "
+        "module names (a name matches its last parts)",
     )
     mode: Literal["shared", "per_task_merge", "per_task"] = param(
         "shared",
@@ -59,6 +66,20 @@ class LoRAConfig:
             raise ConfigError(f"{where}.target_modules: list at least one module, e.g. [q_proj]")
 
 
+def target_modules(model: nn.Module, targets: list[str], where: str) -> list[str]:
+    """peft's target names: Llama's matrix names translated into the model's family (fused
+    matrices once), other names as written."""
+    family, _ = family_of(model)
+    if family is None:
+        return list(targets)
+    out = []
+    for target in targets:
+        if target in ROLES and target not in family.roles:
+            raise ConfigError(f"{where}: {missing_role(family, target)}")
+        out.append(family.roles.get(target, target))
+    return list(dict.fromkeys(out))
+
+
 def check_target_modules(model: nn.Module, targets: list[str], where: str) -> None:
     """Refuse a target that names no module of `model` (peft matches a name's last parts)."""
     names = [name for name, _ in model.named_modules()]
@@ -77,11 +98,15 @@ class LoRA(Strategy):
     Config = LoRAConfig
     supports = ("generation",)
 
+    @staticmethod
+    def model_roles(config: LoRAConfig) -> tuple[str, ...]:
+        return tuple(config.target_modules)
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        check_target_modules(
-            self.model.model, self.config.target_modules, "strategy.target_modules"
-        )
+        where = "strategy.target_modules"
+        self.targets = target_modules(self.model.model, self.config.target_modules, where)
+        check_target_modules(self.model.model, self.targets, where)
         if self.config.lr is not None:  # warm-up reads train_config.lr too
             self.train_config = dataclasses.replace(self.train_config, lr=self.config.lr)
         self.adapters: list[str] = []
@@ -112,7 +137,7 @@ class LoRA(Strategy):
             r=self.config.r,
             lora_alpha=self.config.alpha,
             lora_dropout=self.config.dropout,
-            target_modules=list(self.config.target_modules),
+            target_modules=list(self.targets),
             task_type="CAUSAL_LM",
         )
         inner = self.model.model

@@ -2,10 +2,11 @@
 
 Wang et al., "WISE: Rethinking the Knowledge Memory for Lifelong Model Editing of Large
 Language Models", NeurIPS 2024 (arXiv 2405.14768), as EasyEdit's easyeditor/models/wise
-runs it. The side memory W' starts as a copy of the main memory W (one mlp.down_proj)
-and only W' learns (sec. 2.3.1). A query uses a side memory iff its activation score
-Delta(x) = ||A(x) (W' - W)||, averaged over the tokens (`score: max`: the largest token's,
-as EasyEdit past 100 tokens), reaches the threshold learned from the edits (Eq. 3, 6: the
+runs it. The side memory W' starts as a copy of the main memory W (one FFN output
+matrix: the family's down_proj, models/families.py) and only W' learns (sec. 2.3.1).
+A query uses a side memory iff its activation score Delta(x) = ||A(x) (W' - W)||,
+averaged over the tokens (`score: max`: the largest token's, as EasyEdit past 100
+tokens), reaches the threshold learned from the edits (Eq. 3, 6: the
 smallest in-scope score seen, times `act_ratio`; an edit's score is the mean over its rows,
 the prompt and its prefixed copies, as EasyEdit's save_editing_activation). Each edit
 trains W' on the target tokens' loss plus the margin loss of Eq. 5 against irrelevant
@@ -43,12 +44,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from forgetless.core.schema import ConfigError, param, positive
 from forgetless.models.causal_lm import IGNORE, lm_loss, trim_padding
-from forgetless.models.surgery import ffn_module, replace_module
+from forgetless.models.families import block_matrix, check_role_name, in_out, project
+from forgetless.models.surgery import replace_module
 from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Example, Experience, Samples
 
@@ -80,9 +81,12 @@ def ties_merge(
 
 
 class SideMemory(nn.Module):
-    """One down_proj with WISE's memories: the main W, the live side copy and saved ones."""
+    """One FFN matrix with WISE's memories: the main W, the live side copy and saved ones.
 
-    def __init__(self, layer: nn.Linear, statistic: str = "mean", select: str = "score") -> None:
+    Weights keep the layer's own layout (`project`: (out, in) for a Linear, (in, out) for
+    GPT-2's Conv1D)."""
+
+    def __init__(self, layer: nn.Module, statistic: str = "mean", select: str = "score") -> None:
         super().__init__()
         self.layer = layer
         self.statistic = statistic
@@ -96,13 +100,13 @@ class SideMemory(nn.Module):
         self.scores: torch.Tensor | None = None  # while editing: Delta at every position
         self.token_scores: torch.Tensor | None = None  # while editing: each token's own norm
         self.train_positions: torch.Tensor | None = None  # while editing: where W' answers
-        self.register_buffer("center", torch.zeros(layer.in_features))
+        self.register_buffer("center", torch.zeros(in_out(layer)[0]))
 
     def token_score(self, change: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """||(x - c)(W' - W)|| at each token from change = x (W' - W), the memory's change of
         the output, with c the `center` (zero unless `center: true`): centring subtracts
         c (W' - W), one vector, so a memory costs one matmul, not two."""
-        return (change - F.linear(self.center.to(change.dtype), delta)).norm(dim=-1)
+        return (change - project(self.layer, self.center.to(change.dtype), delta)).norm(dim=-1)
 
     def score(self, token_scores: torch.Tensor) -> torch.Tensor:
         """Delta at each position: the mean (or the largest) of the token scores so far."""
@@ -116,9 +120,9 @@ class SideMemory(nn.Module):
         if self.editing:  # training: the side memory answers where routing must send the
             # answer to it (the positions that predict it), and its scores are kept
             delta = self.side - self.layer.weight
-            self.token_scores = self.token_score(F.linear(x, delta), delta)
+            self.token_scores = self.token_score(project(self.layer, x, delta), delta)
             self.scores = self.score(self.token_scores)
-            new = F.linear(x, self.side, self.layer.bias)
+            new = project(self.layer, x, self.side, self.layer.bias)
             return torch.where(self.train_positions.unsqueeze(-1), new, main)
         candidates = [(self.side, self.side_threshold), *zip(self.memories, self.thresholds)]
         out, best = main, torch.full(main.shape[:-1], -1.0, device=main.device)
@@ -126,7 +130,7 @@ class SideMemory(nn.Module):
             if threshold == float("inf"):
                 continue
             delta = weight.to(x.dtype) - self.layer.weight
-            change = F.linear(x, delta)
+            change = project(self.layer, x, delta)
             score = self.score(self.token_score(change, delta))
             key = score / threshold if self.select == "ratio" else score
             use = (score >= threshold) & (key > best)
@@ -137,7 +141,12 @@ class SideMemory(nn.Module):
 
 @dataclass
 class WiseConfig:
-    layer: int = param(2, "transformer block whose mlp.down_proj gets the side memory")
+    layer: int = param(2, "transformer block whose matrix gets the side memory")
+    module: str = param(
+        "down_proj",
+        "the matrix, by its Llama role (the FFN output, the paper's W_v; models/families.py); "
+        "EasyEdit's GPT-2 hparams wrap up_proj (c_fc)",
+    )
     lr: float = param(1.0, "learning rate of the side memory (EasyEdit: SGD at 1.0)")
     optimizer: Literal["sgd", "adam"] = param(
         "sgd", "sgd (EasyEdit) or adam, whose steps do not scale with the layer's inputs"
@@ -203,6 +212,7 @@ class WiseConfig:
                 raise ConfigError(f"{where}.{name}: must be in (0, 1]")
         if self.merge_freq % self.save_freq:
             raise ConfigError(f"{where}.merge_freq: must be a multiple of save_freq")
+        check_role_name(self.module, f"{where}.module")
 
 
 @register_strategy("wise")
@@ -213,9 +223,17 @@ class Wise(Strategy):
     supports = ("edit",)
     resumable = False  # memories are a list of tensors beside the model: a retry restarts
 
+    reads_positions = True  # its wrapper reads the matrix's input per sequence and position
+
+    @staticmethod
+    def model_roles(config: WiseConfig) -> tuple[str, ...]:
+        return (config.module,)
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        layer = ffn_module(self.model, self.config.layer, "down_proj", "strategy.layer")
+        layer = block_matrix(
+            self.model, self.config.layer, self.config.module, "strategy.layer", positions=True
+        )
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.memory = SideMemory(layer, self.config.score, self.config.select)

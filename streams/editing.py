@@ -10,7 +10,9 @@ relation. Locality prompts are facts of countries that no edit touches; the runn
 caches the base model's own answers to them before the first edit.
 
 `load_zsre` and `load_counterfact` read the JSON files EasyEdit publishes (ZsRE's
-MEND split; CounterFact in EasyEdit's flat form and ROME's nested form).
+MEND split; CounterFact in EasyEdit's flat form and ROME's nested form); the `zsre` and
+`counterfact` streams apply T of their records and score them as EasyEdit does (see
+`_file_stream` and `LocalityPair`).
 """
 
 from __future__ import annotations
@@ -347,30 +349,31 @@ def _field(record: dict, name: str, where: str):
     return value
 
 
-def load_zsre(path: str | Path) -> tuple[list[EditRequest], list[Example]]:
-    """ZsRE as EasyEdit and WISE load it (`zsre_mend_*.json`): requests, and the NQ
-    locality pairs (`loc`, `loc_ans`) of the same records."""
-    requests, locality = [], []
+def _zsre_records(path: str | Path) -> list[tuple[EditRequest, list[Example]]]:
+    """Each ZsRE record as a request and its locality pair (`loc`, `loc_ans`)."""
+    records = []
     for i, r in enumerate(_records(path)):
         where = f"{path}: record {i}"
         answers = r.get("answers") if isinstance(r, dict) else None
         original = answers[0] if answers else _field(r, "pred", where)
-        requests.append(
-            EditRequest(
-                _field(r, "subject", where), "zsre", _field(r, "src", where),
-                _field(r, "alt", where), original, (_field(r, "rephrase", where),),
-            )
+        request = EditRequest(
+            _field(r, "subject", where), "zsre", _field(r, "src", where),
+            _field(r, "alt", where), original, (_field(r, "rephrase", where),),
         )  # fmt: skip
-        locality.append(Example(_field(r, "loc", where), _field(r, "loc_ans", where)))
-    return requests, locality
+        records.append((request, [Example(_field(r, "loc", where), _field(r, "loc_ans", where))]))
+    return records
 
 
-def load_counterfact(path: str | Path) -> tuple[list[EditRequest], list[Example]]:
-    """CounterFact in EasyEdit's flat form (`prompt, target_new, ground_truth, subject,
-    rephrase_prompt, locality_prompt, locality_ground_truth`) or ROME's nested form
-    (`requested_rewrite{prompt with {}, subject, target_new{str}, target_true{str}},
-    paraphrase_prompts[], neighborhood_prompts[]`)."""
-    requests, locality = [], []
+def load_zsre(path: str | Path) -> tuple[list[EditRequest], list[Example]]:
+    """ZsRE as EasyEdit and WISE load it (`zsre_mend_*.json`): requests, and the NQ
+    locality pairs (`loc`, `loc_ans`) of the same records."""
+    return _flat(_zsre_records(path))
+
+
+def _counterfact_records(path: str | Path) -> list[tuple[EditRequest, list[Example]]]:
+    """Each CounterFact record as a request and its locality prompts with their true
+    answers (the flat form's one `locality_prompt`, the nested form's neighborhood prompts)."""
+    records = []
     for i, r in enumerate(_records(path)):
         where = f"{path}: record {i}"
         if isinstance(r, dict) and "requested_rewrite" in r:
@@ -380,27 +383,51 @@ def load_counterfact(path: str | Path) -> tuple[list[EditRequest], list[Example]
             true = _field(_field(rw, "target_true", where), "str", f"{where}.target_true")
             prompt = _field(rw, "prompt", f"{where}.requested_rewrite").format(subject)
             paraphrases = tuple(_field(r, "paraphrase_prompts", where))
-            requests.append(EditRequest(subject, rw.get("relation_id", ""), prompt, target,
-                                        true, paraphrases))  # fmt: skip
-            locality += [Example(p, true) for p in r.get("neighborhood_prompts", [])]
+            request = EditRequest(subject, rw.get("relation_id", ""), prompt, target, true,
+                                  paraphrases)  # fmt: skip
+            records.append((request, [Example(p, true) for p in r.get("neighborhood_prompts", [])]))
             continue
-        requests.append(
-            EditRequest(
-                _field(r, "subject", where), "counterfact", _field(r, "prompt", where),
-                _field(r, "target_new", where), _field(r, "ground_truth", where),
-                (_field(r, "rephrase_prompt", where),),
-            )
+        request = EditRequest(
+            _field(r, "subject", where), "counterfact", _field(r, "prompt", where),
+            _field(r, "target_new", where), _field(r, "ground_truth", where),
+            (_field(r, "rephrase_prompt", where),),
         )  # fmt: skip
         loc_answer = _field(r, "locality_ground_truth", where)
-        locality.append(Example(_field(r, "locality_prompt", where), loc_answer))
-    return requests, locality
+        records.append((request, [Example(_field(r, "locality_prompt", where), loc_answer)]))
+    return records
+
+
+def load_counterfact(path: str | Path) -> tuple[list[EditRequest], list[Example]]:
+    """CounterFact in EasyEdit's flat form (`prompt, target_new, ground_truth, subject,
+    rephrase_prompt, locality_prompt, locality_ground_truth`) or ROME's nested form
+    (`requested_rewrite{prompt with {}, subject, target_new{str}, target_true{str}},
+    paraphrase_prompts[], neighborhood_prompts[]`)."""
+    return _flat(_counterfact_records(path))
+
+
+def _flat(records: list[tuple[EditRequest, list[Example]]]):
+    return [r for r, _ in records], [e for _, loc in records for e in loc]
+
+
+@dataclass(frozen=True)
+class LocalityPair(Example):
+    """A locality prompt with its dataset answer (ZsRE's `loc`/`loc_ans`, CounterFact's
+    neighborhood prompts and true answer), scored as EasyEdit scores locality: the answer is
+    teacher-forced and each of its tokens must keep the model's pre-edit prediction
+    (experiments.editing caches those predictions before the first edit)."""
 
 
 @dataclass
 class EditFileConfig:
     path: str = param("", "the JSON file, as EasyEdit publishes it")
-    edits: int = param(10, "T: the first T records are applied in sequence")
+    edits: int = param(10, "T: the records applied in sequence, from `start` on")
+    start: int = param(0, "index of the first record applied (a T=1 run per record: a grid axis)")
     edits_per_experience: int = param(1, "edits in one experience")
+    loc_prompts: int = param(
+        1,
+        "unrelated training prompts given with each edit (WISE's x_i): other records' "
+        "locality prompt and answer, never a scored one, drawn by the seed; 0: none",
+    )
     forget_after: int = param(
         0,
         "k > 0: the edits of every other experience (t = 0, 2, ...) are forgotten at experience "
@@ -410,37 +437,58 @@ class EditFileConfig:
     def validate(self, where: str) -> None:
         positive(self.edits, f"{where}.edits")
         positive(self.edits_per_experience, f"{where}.edits_per_experience")
+        for name in ("start", "loc_prompts"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         if not Path(self.path).is_file():
             raise ConfigError(f"{where}.path: no file {self.path!r}")
         if self.edits % self.edits_per_experience:
             raise ConfigError(f"{where}.edits: not a multiple of edits_per_experience")
-        spare = self.reserve * len(self.relations) * len(RELATIONS["alpha3"][1])
-        if self.loc_prompts > spare:
-            raise ConfigError(
-                f"{where}.loc_prompts: {self.loc_prompts} > the {spare} prompts of the reserve "
-                "facts (reserve x relations x templates); lower it or raise reserve"
-            )
         check_forget_after(self.forget_after, self.edits // self.edits_per_experience, where)
 
 
-def _file_stream(name: str, loader, config: EditFileConfig) -> Stream:
-    requests, locality = loader(config.path)
-    if len(requests) < config.edits:
-        raise ConfigError(f"stream.edits: {config.path} holds only {len(requests)} records")
-    requests = requests[: config.edits]
+def _file_stream(name: str, records, config: EditFileConfig, seed: int) -> Stream:
+    """Records start .. start + T - 1 as edits, scored as EasyEdit scores them: the target
+    after the prompt and a space (EasyEdit tokenizes prompt + ' ' + target), generalization
+    on the records' paraphrases, locality on their own locality pairs. Each edit gets
+    `loc_prompts` unrelated training prompts from the other records' locality pairs."""
+    stop = config.start + config.edits
+    if len(records) < stop:
+        raise ConfigError(
+            f"stream.edits: {config.path} holds {len(records)} records, fewer than start + edits "
+            f"= {stop}"
+        )
+    applied = records[config.start : stop]
+    locality = [LocalityPair(e.prompt, " " + e.answer.strip()) for _, loc in applied for e in loc]
+    scored = {e.prompt for e in locality}
+    spare = [f"{e.prompt} {e.answer.strip()}" for _, loc in records[: config.start] + records[stop:]
+             for e in loc if e.prompt not in scored]  # fmt: skip
+    if config.loc_prompts > len(spare):
+        raise ConfigError(
+            f"stream.loc_prompts: {config.loc_prompts} unrelated prompts per edit, but "
+            f"{config.path} has {len(spare)} locality pairs outside the edited records; lower it"
+        )
+    rng = np.random.default_rng(seed)
+    requests = [
+        replace(
+            r, target=" " + r.target.strip(),
+            loc_prompts=tuple(spare[k] for k in rng.choice(len(spare), config.loc_prompts,
+                                                           replace=False)),
+        )
+        for r, _ in applied
+    ]  # fmt: skip
     return edit_stream(
-        name, requests, config.edits_per_experience, locality[: config.edits],
-        forget_after=config.forget_after,
-    )  # fmt: skip
+        name, requests, config.edits_per_experience, locality, forget_after=config.forget_after
+    )
 
 
 @register_stream("zsre", kind="edit")
 def zsre(config: EditFileConfig, seed: int) -> Stream:
-    """ZsRE edits from an EasyEdit JSON file (no base corpus: use an `hf:` model)."""
-    return _file_stream("zsre", load_zsre, config)
+    """ZsRE edits from an EasyEdit JSON file (no base corpus: use a pretrained model)."""
+    return _file_stream("zsre", _zsre_records(config.path), config, seed)
 
 
 @register_stream("counterfact", kind="edit")
 def counterfact(config: EditFileConfig, seed: int) -> Stream:
-    """CounterFact edits from an EasyEdit or ROME JSON file (use an `hf:` model)."""
-    return _file_stream("counterfact", load_counterfact, config)
+    """CounterFact edits from an EasyEdit or ROME JSON file (use a pretrained model)."""
+    return _file_stream("counterfact", _counterfact_records(config.path), config, seed)
