@@ -122,6 +122,9 @@ def _multitask_base() -> type:
         def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
             return self.forward(x, task_label)
 
+        def adaptation(self, experience) -> None:
+            """Nothing to grow: the heads are fixed by the stream's task classes."""
+
     return MultiHead
 
 
