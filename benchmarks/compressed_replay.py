@@ -9,7 +9,8 @@ REMIND's budget counts its codes, its labels and its float16 codebook; latent re
 its float16 latents and labels. All strategies share the model, the training settings
 (epochs, lr, batch and replay batch sizes) and the class-balanced eviction. Afterwards
 each REMIND and latent-replay cell's checkpoint is loaded to read how many samples its
-budget holds and, for REMIND, the codec's reconstruction error on G's test latents.
+budget holds and, for REMIND, the codec's reconstruction error on G's test latents (the
+cells keep their final checkpoints for this: benchmarks/kept_checkpoints.py).
 
 Targets (issue #7): one PQ config, the same at every budget, holds >= 8x the samples of
 raw rehearsal at every budget, and beats raw rehearsal's final average accuracy at every
@@ -20,10 +21,13 @@ G leaves), and `acc_pq_score_decoded`, REMIND scoring test inputs through the co
 the paper does (the grid scores G's latents as they are: `score_decoded: false`).
 
 Run: `.venv/bin/python benchmarks/compressed_replay.py`. The last line is one JSON object.
+`--smoke` runs the same code on the grid at its smallest (see `smoke_grid`), in seconds,
+for tests: its figures measure nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -37,10 +41,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from kept_checkpoints import final_state, keeping_final_checkpoints
 
-from forgetless.experiments import checkpoint
 from forgetless.experiments.config import Cell, Grid, grid_from_dict, load_grid
-from forgetless.experiments.runner import build_cell, checkpoint_path, run_grid
+from forgetless.experiments.runner import build_cell, local_executor, run_grid
 
 GRID = Path(__file__).resolve().parent.parent / "grids" / "remind.yaml"
 RAW_SAMPLE_BYTES = 64 + 1  # an 8x8 digit as uint8 pixels and its label byte
@@ -58,7 +62,7 @@ def inspect(cell: Cell, storage: str) -> dict[str, float]:
     """From a finished cell's checkpoint: samples its budget holds, bytes one costs, and for
     latent replay the codec's error on G's latents of every test image."""
     stream, strategy = build_cell(cell, "cpu")
-    strategy.load_state_dict(checkpoint.load(checkpoint_path(storage, cell))["strategy"])
+    strategy.load_state_dict(final_state(storage, cell)["strategy"])
     if cell.strategy == "rehearsal":
         buffer = strategy.buffer
         per_sample = buffer.nbytes // len(buffer)
@@ -93,10 +97,25 @@ def variant(grid: Grid, suffix: str, name: str, **changes) -> Grid:
     return grid_from_dict(source)
 
 
+def smoke_grid(grid: Grid) -> Grid:
+    """The grid at its smallest: its first seed and first budget, a base experience and one
+    more, one epoch, one base epoch."""
+    source = copy.deepcopy(grid.source)
+    source["seeds"] = source["seeds"][:1]
+    source["streams"][0]["n_experiences"] = 2
+    source["train"]["epochs"] = 1
+    for strategy in source["strategies"]:
+        if isinstance(strategy, dict) and "base_epochs" in strategy:
+            strategy["base_epochs"] = 1
+    source["grid"] = {key: values[:1] for key, values in source["grid"].items()}
+    return grid_from_dict(source)
+
+
 def run(grid: Grid, folder: str) -> list[dict]:
     """Every cell through the runner; a row per cell, with its checkpoint inspected."""
     grid = dataclasses.replace(grid, storage=f"{folder}/runs")
-    outcomes = {o.cell_hash: o for o in run_grid(grid, f"sqlite:///{folder}/mlflow.db")}
+    executor = keeping_final_checkpoints(local_executor)
+    outcomes = {o.cell_hash: o for o in run_grid(grid, f"sqlite:///{folder}/mlflow.db", executor)}
     failed = [o for o in outcomes.values() if o.status != "FINISHED"]
     if failed:
         raise RuntimeError(f"{failed[0].label}: {failed[0].error}")
@@ -112,11 +131,16 @@ def run(grid: Grid, folder: str) -> list[dict]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for tests")
+    args = parser.parse_args()
     torch.set_num_threads(1)  # one thread per cell, as a Ray cell gets (faiss: see quantize)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     grid = load_grid(GRID)
+    if args.smoke:
+        grid = smoke_grid(grid)
     with tempfile.TemporaryDirectory(prefix="forgetless-remind-") as folder:
         rows = run(grid, folder)
         ceiling_grid = variant(grid, "ceiling", "latent_replay", bytes=10**6)
@@ -178,6 +202,7 @@ def main() -> None:
         "latent_upper_bound": mean(ceiling),
         **met,
         "targets": {"samples_ratio_min": TARGET_SAMPLES_RATIO, "acc_pq_above_acc_raw": True},
+        "smoke": args.smoke,
         "config": {
             "grid": str(GRID.relative_to(GRID.parent.parent)),
             "stream": grid.cells[0].config["stream"],

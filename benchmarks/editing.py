@@ -9,6 +9,9 @@ locality facts (`base_locality_acc`), exact match. T = 1 averages single edits o
 JSON object; scores are exact match (token accuracy beside them with `_token_acc`).
 
     python -u benchmarks/editing.py > editing.log 2>&1
+
+`--smoke` runs the same code at the smallest sizes (see `use_smoke_sizes`), in seconds,
+for tests: its figures measure nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +29,10 @@ import numpy as np
 import torch
 import yaml
 
+from forgetless.core.schema import parse
 from forgetless.experiments.config import grid_from_dict
 from forgetless.experiments.evaluate import evaluate
 from forgetless.experiments.runner import build_cell, run_grid
-from forgetless.experiments.schema import parse
 from forgetless.streams.editing import PycountryEditsConfig, pycountry_edits
 
 GRID = yaml.safe_load((Path(__file__).resolve().parents[1] / "grids/wise_editing.yaml").read_text())
@@ -38,17 +42,27 @@ STRATEGIES = {entry["name"]: entry for entry in GRID["strategies"]}
 SCORES = ("reliability", "generalization", "locality")
 
 
-def grid(name: str, edits: int, seeds: list[int], strategies: list[dict]):
+def use_smoke_sizes() -> None:
+    """--smoke: a one-layer model on a base corpus of 12 subjects learned for one epoch, and
+    editors that edit its one layer in 2 steps. The base is cached as the full run's is,
+    under its own key."""
+    MODEL.update(layers=1, hidden=32, heads=2, intermediate=64, vocab=300)
+    STREAM.update(subjects=12, locality=4, reserve=2, base={**STREAM["base"], "epochs": 1})
+    for strategy in STRATEGIES.values():
+        strategy.update(steps=2, **({"layer": 0} if "layer" in strategy else {}))
+
+
+def grid(name: str, edits: int, seeds: list[int], strategies: list[dict], folder: str):
     stream = {**STREAM, "edits": edits}
     return grid_from_dict({
         "name": name, "seeds": seeds, "streams": [stream], "model": MODEL,
-        "strategies": strategies, "storage": tempfile.mkdtemp(prefix="edit-runs-"),
+        "strategies": strategies, "storage": tempfile.mkdtemp(prefix="runs-", dir=folder),
     })  # fmt: skip
 
 
-def base_scores() -> dict[str, float]:
+def base_scores(folder: str) -> dict[str, float]:
     """The cached base's exact match on held-out paraphrases and on the locality facts."""
-    g = grid("edit-base", 1, [0], [STRATEGIES["ft_l"]])
+    g = grid("edit-base", 1, [0], [STRATEGIES["ft_l"]], folder)
     _, strategy = build_cell(g.cells[0], "cpu")  # trains and caches the base if needed
     params = {k: v for k, v in {**STREAM, "edits": 1}.items() if k != "name"}
     raw = pycountry_edits(parse(PycountryEditsConfig, params, "stream"), 0)
@@ -66,8 +80,10 @@ def base_scores() -> dict[str, float]:
     }
 
 
-def run(edits: int, seeds: list[int], methods: list[str], uri: str) -> dict:
-    g = grid(f"edit-T{edits}", edits, seeds, [copy.deepcopy(STRATEGIES[m]) for m in methods])
+def run(edits: int, seeds: list[int], methods: list[str], folder: str) -> dict:
+    strategies = [copy.deepcopy(STRATEGIES[m]) for m in methods]
+    g = grid(f"edit-T{edits}", edits, seeds, strategies, folder)
+    uri = f"sqlite:///{os.path.join(folder, 'mlflow.db')}"
     start = time.perf_counter()
     outcomes = run_grid(g, uri)
     results: dict[str, dict] = {}
@@ -89,15 +105,22 @@ def main() -> None:
     parser.add_argument("--edits", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--methods", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--single-seeds", type=int, default=3)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, T = 1 and 2 on one seed: seconds"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        use_smoke_sizes()
+        args.edits, args.single_seeds = [1, 2], 1
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    uri = f"sqlite:///{tempfile.mkdtemp(prefix='edit-mlflow-')}/mlflow.db"
-    result: dict = base_scores()
-    logging.warning("base: %s", result)
-    for edits in args.edits:
-        seeds = list(range(args.single_seeds)) if edits == 1 else [0]
-        result[f"T{edits}"] = run(edits, seeds, args.methods, uri)
+    with tempfile.TemporaryDirectory(prefix="forgetless-editing-") as folder:
+        result: dict = base_scores(folder)
+        logging.warning("base: %s", result)
+        for edits in args.edits:
+            seeds = list(range(args.single_seeds)) if edits == 1 else [0]
+            result[f"T{edits}"] = run(edits, seeds, args.methods, folder)
+    result["smoke"] = args.smoke
     print(json.dumps(result))
 
 

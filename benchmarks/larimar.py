@@ -4,7 +4,7 @@ The stream is `pycountry_edits` (issue #8: counterfactual edits of pycountry ISO
 paraphrases held out of the base corpus, locality prompts about subjects no edit touches),
 its base model the cached tiny Llama the runner trains once. Every editor starts from the
 base weights and takes the edits one experience (one edit) at a time; after the last edit
-the shared evaluator (experiments.editing.score_edits) gives exact-match reliability,
+the shared evaluator (experiments.evaluate.score_edits) gives exact-match reliability,
 generalization and locality over all edits. Seconds per edit is the wall time of the
 editor's `train` calls over the number of edits; Larimar's one-off read-path training
 (cached per base model) is reported apart, as the base model's own pre-training is.
@@ -17,25 +17,10 @@ for reliability at the end of that pass (experiments.editing). The last line is 
 object.
 
     python benchmarks/larimar.py [--grid grids/larimar.yaml] [--edits 100] [--forget-after 10]
-        [--editors larimar,ft_l,wise] [--larimar '{"scope_threshold": 0.2}']
+        [--editors larimar,ft_l,wise] [--larimar '{"scope_threshold": 0.2}'] [--smoke]
 
-Measured on 2 CPU cores, one thread (seed 0, 100 edits, grids/larimar.yaml at ccfd2a1,
-scope threshold 0.3 over trained keys; the base knew 0.997 of its facts and 0.931 of the
-held-out paraphrases; a clean-clone test run shared the machine):
-
-| editor | s / edit | reliability | generalization | locality |
-|---|---|---|---|---|
-| Larimar | 0.019 | 1.00 | 0.21 | 1.00 |
-| FT-L | 0.317 | 0.00 | 0.01 | 0.825 |
-| WISE | 2.981 | 0.01 | 0.02 | 0.55 |
-
-Speed-ups 16.3x over FT-L and 154x over WISE. Forget success 1.00 (45 of 45 forgotten edits
-answer as before their edit), reliability of the 55 kept edits 1.00. The one-off training
-of the memory decoder (1,500 steps) took 652 s and that of the key encoder about 15 s; both
-are cached per base model. Earlier shapes of the read path, on the same edits: raw MiniLM
-keys (threshold 0.14, 9e90c3a) 16.8x, reliability 1.00, generalization 0.01, forget
-success 0.956; trained keys with a decoder trained on exact values only (52b0791) 15.8x,
-0.99, 0.05, forget success 1.00.
+`--smoke` runs the same code at the smallest sizes (see `smoke_grid`), in seconds, for
+tests: its figures measure nothing.
 """
 
 from __future__ import annotations
@@ -58,9 +43,9 @@ GRID = Path(__file__).resolve().parents[1] / "grids" / "larimar.yaml"
 def base_and_stream(grid: dict, edits: int, seed: int, forget_after: int = 0):
     """The grid's edit stream (with `edits` edits, forgetting `forget_after` later), encoded
     for scoring, and the base weights (trained once and cached under the grid cells' key)."""
+    from forgetless.core.schema import parse
     from forgetless.experiments.base_model import load_or_train_base
     from forgetless.experiments.editing import encode_edit_stream
-    from forgetless.experiments.schema import parse
     from forgetless.models.causal_lm import LlamaTinyConfig, llama_tiny
     from forgetless.streams.editing import PycountryEditsConfig, pycountry_edits
 
@@ -94,9 +79,23 @@ def build(name: str, stream, model_config, weights, params: dict):
     return cls(model, config, TrainConfig(), stream)
 
 
+def smoke_grid(grid: dict) -> dict:
+    """The grid at its smallest: a one-layer model on a base corpus of 12 subjects learned for
+    one epoch, editors on that layer in 2 steps, Larimar's read path trained for 2 steps."""
+    grid["model"].update(layers=1, hidden=32, heads=2, intermediate=64)
+    stream = grid["streams"][0]
+    stream.update(subjects=12, locality=4, reserve=2, base={**stream["base"], "epochs": 1})
+    for entry in grid["strategies"]:
+        if isinstance(entry, dict):
+            entry.update(steps=2, **({"layer": 0} if "layer" in entry else {}))
+            if entry["name"] == "larimar":
+                entry.update(slots=8, key_steps=2, batch_size=8)
+    return grid
+
+
 def run_edits(editor, stream) -> dict[str, float]:
     """All edits in sequence, then the shared scores; seconds per edit over `train` alone."""
-    from forgetless.experiments.editing import score_edits
+    from forgetless.experiments.evaluate import score_edits
 
     spent = 0.0
     for experience in stream:
@@ -116,7 +115,8 @@ def run_edits(editor, stream) -> dict[str, float]:
 def run_forgetting(editor, stream) -> dict[str, float]:
     """The stream that forgets (edit t, forget it at t + k for even t): forget success over
     the forgotten edits, reliability over the kept ones (experiments.editing)."""
-    from forgetless.experiments.editing import edit_summary, score_edits
+    from forgetless.experiments.editing import edit_summary
+    from forgetless.experiments.evaluate import score_edits
 
     tick = time.perf_counter()
     for experience in stream:
@@ -145,11 +145,17 @@ def main() -> None:
         help="a log of an earlier run (same grid and edits): take the editors this run skips "
         "from its last line instead of running them again",
     )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, 2 edits, forget after 1: seconds"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
 
     grid = yaml.safe_load(Path(args.grid).read_text())
+    if args.smoke:
+        grid = smoke_grid(grid)
+        args.edits, args.forget_after = 2, 1
     params = {}
     for entry in grid["strategies"]:
         entry = {"name": entry} if isinstance(entry, str) else dict(entry)
@@ -197,6 +203,7 @@ def main() -> None:
         "per_editor": results,
         "baselines_from": baselines_from,
         "larimar_params": params["larimar"],
+        "smoke": args.smoke,
     }
     print(json.dumps(summary))
 

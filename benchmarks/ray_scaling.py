@@ -5,10 +5,10 @@ of 200; an MLP with hidden [256, 256]; SGD lr 0.05 momentum 0.9, batch size 32, 
 per experience; seeds 0..7), built with `grid_from_dict`, at two cell lengths, each
 measured in a fresh process with a fresh Ray:
 
-  E = 240  a cell trains for about 15 s on a free core: a small real grid. `speedup`.
-  E = 60   about 4 s: every worker's one-time start-up (its process, importing torch
-           and MLflow, torch._dynamo on the first optimizer: several seconds) is then a
-           large share of the work. `speedup_short_cells`.
+  E = 240  long cells: a small real grid. `speedup`.
+  E = 60   a quarter of that: every worker's one-time start-up (its process, importing
+           torch and MLflow, torch._dynamo on the first optimizer) is then a large share
+           of the work. `speedup_short_cells`.
 
 For each length, this times:
 
@@ -43,7 +43,8 @@ driver's, the Ray workers' and Ray's daemons' for the Ray run. `speedup_cpu_boun
 sequential CPU / (Ray CPU / 2) is the speedup the Ray run would reach on 2 free cores.
 
 Run: `.venv/bin/python benchmarks/ray_scaling.py` (`--epochs E`: one length only). The last
-line is one JSON object.
+line is one JSON object. `--smoke` takes the same path at sizes that run in seconds (2 cells
+of 2 experiences, a narrow MLP, 1 and 2 epochs), for tests: its figures measure nothing.
 """
 
 from __future__ import annotations
@@ -58,14 +59,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
-import torch
 
-from forgetless.experiments.config import Grid, grid_from_dict
-from forgetless.experiments.runner import CellOutcome, local_executor, run_grid
+if TYPE_CHECKING:  # torch and forgetless are imported where used: `main` runs without them
+    from forgetless.experiments.config import Grid
+    from forgetless.experiments.runner import CellOutcome
 
 CELLS = 8
+EXPERIENCES = 5
 LONG_EPOCHS, SHORT_EPOCHS = 240, 60
 HIDDEN = [256, 256]
 TARGET_SPEEDUP = 1.7  # 85% parallel efficiency on 2 cores
@@ -73,7 +76,7 @@ TARGET_SPEEDUP = 1.7  # 85% parallel efficiency on 2 cores
 GRID = {
     "name": "ray_scaling",
     "seeds": list(range(CELLS)),
-    "streams": [{"name": "split_digits", "n_experiences": 5}],
+    "streams": [{"name": "split_digits", "n_experiences": EXPERIENCES}],
     "model": {"name": "mlp", "hidden": HIDDEN},
     "train": {"batch_size": 32, "lr": 0.05, "optimizer": "sgd", "momentum": 0.9},
     "strategies": [{"name": "rehearsal", "buffer": {"size": 200, "policy": "reservoir"}}],
@@ -81,7 +84,17 @@ GRID = {
 }
 
 
+def use_smoke_sizes() -> None:
+    """--smoke: the fewest cells that keep 2 cores busy, 2 experiences, a narrow MLP."""
+    global CELLS, EXPERIENCES, LONG_EPOCHS, SHORT_EPOCHS, HIDDEN
+    CELLS, EXPERIENCES, LONG_EPOCHS, SHORT_EPOCHS, HIDDEN = 2, 2, 2, 1, [32]
+    GRID.update(seeds=list(range(CELLS)), model={"name": "mlp", "hidden": HIDDEN})
+    GRID["streams"][0]["n_experiences"] = EXPERIENCES
+
+
 def build_grid(storage: Path, epochs: int) -> Grid:
+    from forgetless.experiments.config import grid_from_dict
+
     train = {**GRID["train"], "epochs": epochs}
     grid = grid_from_dict({**GRID, "train": train, "storage": str(storage)})
     if len(grid.cells) != CELLS:
@@ -91,6 +104,8 @@ def build_grid(storage: Path, epochs: int) -> Grid:
 
 def timed_grid(grid: Grid, folder: Path, executor) -> tuple[float, float, list[CellOutcome]]:
     """(epoch start, wall seconds, outcomes) of `run_grid` into a fresh store in `folder`."""
+    from forgetless.experiments.runner import run_grid
+
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     start_epoch, tick = time.time(), time.perf_counter()
     outcomes = run_grid(grid, uri, executor)
@@ -150,15 +165,21 @@ def task_timings(start_epoch: float) -> dict:
 
 
 def refuse_running_cluster() -> None:
-    """Stop if ray.init() without an address would join a cluster: $RAY_ADDRESS or `ray start`."""
-    from ray._private.utils import read_ray_address  # what ray.init() itself reads
+    """Stop if connect(None) would join a cluster ($RAY_ADDRESS) instead of starting the
+    embedded instance this benchmark measures. A Ray started on this machine by `ray start`
+    is not joined (connect passes address="local"), but it shares the cores: say so."""
+    from ray._private.utils import read_ray_address
 
-    existing = os.environ.get("RAY_ADDRESS") or read_ray_address()
-    if existing:
+    if os.environ.get("RAY_ADDRESS"):
         raise SystemExit(
-            f"a Ray cluster is already running at {existing}: connect(None) would join it "
-            "instead of starting the embedded instance this benchmark measures; stop it "
-            "(`ray stop`) or unset RAY_ADDRESS"
+            f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}: connect(None) would join that cluster "
+            "instead of starting the embedded instance this benchmark measures; unset it"
+        )
+    if read_ray_address():
+        print(
+            f"note: another Ray runs on this machine ({read_ray_address()}); it is not "
+            "joined, but whatever it runs shares the cores",
+            file=sys.stderr,
         )
 
 
@@ -190,6 +211,10 @@ def median_train(outcomes: list[CellOutcome]) -> float:
 
 def measure(epochs: int) -> dict:
     """Sequential against Ray for cells of `epochs` epochs per experience (see the top)."""
+    import torch
+
+    from forgetless.experiments.runner import local_executor
+
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     refuse_running_cluster()
@@ -255,7 +280,7 @@ def measure(epochs: int) -> dict:
     load_after = os.getloadavg()[0]
 
     print(
-        f"\n{CELLS} cells: split_digits x5, rehearsal (reservoir 200), mlp {HIDDEN}, "
+        f"\n{CELLS} cells: split_digits x{EXPERIENCES}, rehearsal (reservoir 200), mlp {HIDDEN}, "
         f"{epochs} epochs, 1 torch thread per cell; load average {load_before:.2f} -> "
         f"{load_after:.2f}",
         file=out,
@@ -340,7 +365,7 @@ def measure(epochs: int) -> dict:
         "ray_tasks": tasks,
         "config": {
             "stream": "split_digits",
-            "n_experiences": 5,
+            "n_experiences": EXPERIENCES,
             "strategy": "rehearsal",
             "buffer": 200,
             "hidden": HIDDEN,
@@ -359,14 +384,18 @@ def measure(epochs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, help="measure one cell length only")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for tests")
     args = parser.parse_args()
+    if args.smoke:
+        use_smoke_sizes()
     if args.epochs:
         print(json.dumps(measure(args.epochs)))
         return
     runs = {}
     for epochs in (LONG_EPOCHS, SHORT_EPOCHS):  # each in a fresh process: nothing warm
         out = subprocess.run(
-            [sys.executable, __file__, "--epochs", str(epochs)],
+            [sys.executable, __file__, "--epochs", str(epochs),
+             *(["--smoke"] if args.smoke else [])],
             stdout=subprocess.PIPE, text=True, check=True,
         )  # fmt: skip
         runs[epochs] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -384,6 +413,7 @@ def main() -> None:
         "target_speedup": TARGET_SPEEDUP,
         "target_met": long["target_met"],
         "runs": {f"epochs_{e}": r for e, r in runs.items()},
+        "smoke": args.smoke,
     }
     print(json.dumps(summary))
 

@@ -9,14 +9,11 @@ per method (means over seeds), the share of rehearsal's gain over naive that SSR
 on each, and the real training instances found in SSR's buffers (read back from the cells'
 checkpoints). The last line is one JSON object.
 
-    python benchmarks/ssr.py [--grid grids/ssr.yaml] [--seeds 0,1,2]
+    python benchmarks/ssr.py [--grid grids/ssr.yaml] [--seeds 0,1,2] [--smoke]
 
-Measured (seeds 0-2, grids/ssr.yaml with every refined instance selected): final average
-exact match naive 0.001, rehearsal 0.438 (20 real instances per task), SSR 0.414 (20
-synthetic, no real one in its buffers): gain_recovered 0.945 (per seed 0.97, 0.85, 1.01);
-general retention (200 held-out examples per base task) 0, 0.041 and 0.037:
-retention_recovered 0.918. It took 31 minutes on 2 cores, the grid 30.7 of them. With the
-confidence filter (confident_share 0.5) two runs gave 1.02 / 0.85 and 0.81 / 1.02.
+`--smoke` runs the same code on the grid at its smallest (see `smoke_grid`), in seconds, for
+tests: its figures measure nothing. The cells keep their final checkpoints for the buffer
+check (benchmarks/kept_checkpoints.py).
 """
 
 from __future__ import annotations
@@ -34,9 +31,29 @@ import yaml
 GRID = Path(__file__).resolve().parents[1] / "grids" / "ssr.yaml"
 
 
+def smoke_grid(g: dict) -> dict:
+    """The grid at its smallest: one seed, a one-layer model, two tasks of 16 examples from
+    a base mixture of 16 examples a task learned for one epoch, 2 instances kept per task
+    (SSR: chosen among 4 candidates)."""
+    g["seeds"] = g["seeds"][:1]
+    g["model"].update(layers=1, hidden=32, heads=2, intermediate=64)
+    stream = g["streams"][0]
+    base = {**stream["base"], "train_size": 16, "epochs": 1, "warmup_steps": 0, "general_size": 8}
+    stream.update(tasks=stream["tasks"][:2], train_size=16, test_size=8, base=base)
+    g["train"].update(batch_size=8, warmup_steps=0)
+    for entry in g["strategies"]:
+        if isinstance(entry, dict) and entry["name"] == "rehearsal":
+            entry.update(buffer={**entry["buffer"], "size": 4}, per_task=2)
+        elif isinstance(entry, dict) and entry["name"] == "ssr":
+            entry.update(instances_per_task=2, candidates_per_task=4)
+    return g
+
+
 def grid(args: argparse.Namespace, storage: str) -> dict:
     """grids/ssr.yaml (or --grid) as written, but for the seeds and the storage."""
     g = yaml.safe_load(Path(args.grid).read_text())
+    if args.smoke:
+        g = smoke_grid(g)
     g.update(name="ssr-benchmark", storage=storage)
     if args.seeds:
         g["seeds"] = [int(s) for s in args.seeds.split(",")]
@@ -53,8 +70,9 @@ def recovered(ssr: float, naive: float, rehearsal: float) -> float | None:
 
 def real_instances_kept(cells, storage: str) -> int:
     """Rows of SSR's final buffers that equal a real training row of any task."""
-    from forgetless.experiments import checkpoint
-    from forgetless.experiments.runner import build_cell, checkpoint_path
+    from kept_checkpoints import final_state
+
+    from forgetless.experiments.runner import build_cell
 
     found = 0
     for cell in cells:
@@ -62,7 +80,7 @@ def real_instances_kept(cells, storage: str) -> int:
             continue
         stream, _ = build_cell(cell, "cpu")
         real = {tuple(r) for e in stream for r in e.train.x.tolist()}
-        buffer = checkpoint.load(checkpoint_path(storage, cell))["strategy"]["buffer"]["samples"]
+        buffer = final_state(storage, cell)["strategy"]["buffer"]["samples"]
         rows = [] if buffer is None else buffer["x"].tolist()
         found += sum(tuple(r) in real for r in rows)
     return found
@@ -72,11 +90,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--grid", default=str(GRID), help="naive, rehearsal and ssr cells")
     parser.add_argument("--seeds", help="comma-separated; default: the grid's")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one seed: seconds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     import numpy as np
     import torch
+    from kept_checkpoints import keeping_final_checkpoints
 
     from forgetless.experiments.cluster import connect, ray_executor
     from forgetless.experiments.config import grid_from_dict
@@ -90,7 +110,7 @@ def main() -> None:
         base_s = time.perf_counter() - start
         start = time.perf_counter()
         connect(None)  # the embedded Ray of `forgetless run`: a cell per core at a time
-        executor = ray_executor(g.resources, len(g.cells))
+        executor = keeping_final_checkpoints(ray_executor(g.resources, len(g.cells)))
         outcomes = run_grid(g, f"sqlite:///{folder}/mlflow.db", executor)
         grid_s = time.perf_counter() - start
         failed = [o for o in outcomes if o.status != "FINISHED"]
@@ -129,6 +149,7 @@ def main() -> None:
         "no_real_instance_kept": kept == 0,
         "under_30_minutes": base_s + grid_s < 1800,
     }
+    s["smoke"] = args.smoke
     print(json.dumps(s))
 
 
