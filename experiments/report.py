@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 EDIT_METRICS = ["reliability", "generalization", "locality"]
 TESTED = ["avg_acc", "forgetting"]  # the metrics the statistics section tests
+# The two references every method sits between: training on each experience in turn with
+# nothing to prevent forgetting, and joint training on everything seen (an oracle).
+REFERENCES = {"naive": "lower bound", "cumulative": "upper bound, joint training"}
+ORACLES = {"cumulative"}
+SIGNIFICANT = 0.05
 CONFIDENCE = 0.95
 
 
@@ -84,7 +89,7 @@ def build(
     client = MlflowClient(uri)
     matrices = accuracy_matrices(client, list(cells["run_id"]))
 
-    sections = [at_a_glance(table)]
+    sections = [at_a_glance(table, seed_statistics(cells, "avg_acc"))]
     if (cells["flag"] != "").any():
         sections.append(flagged_section(cells))
     sections += [final_table(table), statistics_section(cells)]
@@ -201,26 +206,39 @@ FIGURES = [
 ]
 
 
-def at_a_glance(table: pd.DataFrame) -> Section:
-    """Per stream, the strategies from least to most forgetting, each beside what it costs.
+def at_a_glance(table: pd.DataFrame, versus: pd.DataFrame | None = None) -> Section:
+    """Per stream, the methods from least to most forgetting, each beside what it costs,
+    between the references: naive (the lower bound) and cumulative (joint training, the
+    upper bound), which are marked and never named best.
 
     Only unflagged groups are named best: a cell that diverged to chance accuracy forgets
-    nothing because it learned nothing, and must not headline the report.
+    nothing because it learned nothing, and must not headline the report. `versus` (the
+    seed statistics of avg_acc) says which methods are no better than naive.
     """
     lines = []
     for stream, rows in table.groupby("stream", sort=False):
-        ranked = rows[rows["flagged"] == 0]
+        ranked = rows[(rows["flagged"] == 0) & ~rows["strategy"].isin(REFERENCES)]
         stable = _best(ranked, "forgetting_mean", lowest=True)
         accurate = _best(ranked, "avg_acc_mean", lowest=False)
         if stable is None or accurate is None:
-            line = f"{stream}: no unflagged strategy to rank"
+            line = f"{stream}: no unflagged method besides the references to rank"
         else:
             line = (
-                f"{stream}: {stable.label} forgets least ({stable.forgetting_mean:.3f}), at "
-                f"{_bytes(stable.memory_bytes_mean)} of memory and "
-                f"{_number(stable.train_time_s_mean, '.1f')} s of training per cell; "
-                f"{accurate.label} ends most accurate ({accurate.avg_acc_mean:.3f})"
+                f"{stream}: of the methods, {stable.label} forgets least "
+                f"({stable.forgetting_mean:.3f}), at {_bytes(stable.memory_bytes_mean)} of "
+                f"memory and {_number(stable.train_time_s_mean, '.1f')} s of training per "
+                f"cell; {accurate.label} ends most accurate ({accurate.avg_acc_mean:.3f})"
             )
+        references = rows[rows["strategy"].isin(REFERENCES) & (rows["flagged"] == 0)]
+        bounds = [f"{r.label} ({REFERENCES[r.strategy]}) {r.avg_acc_mean:.3f}"
+                  for r in references.itertuples()]  # fmt: skip
+        if bounds:
+            line += f". Final accuracy of the references: {'; '.join(bounds)}"
+        if versus is not None:
+            weak = _no_better_than_naive(versus[versus["stream"] == stream])
+            if weak:
+                line += (f". No better than naive in final accuracy (paired t-test, p ≥ "
+                         f"{SIGNIFICANT}, or lower): {', '.join(weak)}")  # fmt: skip
         flagged = rows.loc[rows["flagged"] > 0, "label"]
         if len(flagged):
             line += f". Flagged, so not ranked (see Flagged cells): {', '.join(flagged)}"
@@ -239,6 +257,17 @@ def at_a_glance(table: pd.DataFrame) -> Section:
         "(mean ± std over seeds; n/a: not known for that strategy):"
     )
     return Section("glance", "At a glance", text, shown.loc[order, columns])
+
+
+def _no_better_than_naive(stats_rows: pd.DataFrame) -> list[str]:
+    """The methods whose final accuracy is not significantly above naive's."""
+    out = []
+    for r in stats_rows.itertuples():
+        if r.strategy in REFERENCES or r.flagged or np.isnan(r.naive_diff):
+            continue
+        if r.naive_diff <= 0 or not r.naive_p < SIGNIFICANT:
+            out.append(compare.group_label(r.strategy, r.variant))
+    return out
 
 
 def _best(rows: pd.DataFrame, column: str, lowest: bool) -> pd.Series | None:
@@ -297,7 +326,9 @@ def final_table(table: pd.DataFrame) -> Section:
         "column, as the group runs in MLflow carry it). Bold: the best value of its column "
         "within its stream (lowest forgetting, training time, memory and edit latency; "
         "highest otherwise) among the unflagged groups; n/a: not known for that strategy. "
-        "Definitions in the README's Metrics section; bwt and fwt: backward and forward transfer."
+        "Definitions in the README's Metrics section; bwt and fwt: backward and forward transfer. "
+        "In a class-incremental stream fwt depends only on the untrained model (no strategy "
+        "predicts a class before it has seen it), so it says nothing of the strategy there."
     )
     return Section("table", "Final metrics over seeds", text, shown, bold)
 
@@ -305,8 +336,9 @@ def final_table(table: pd.DataFrame) -> Section:
 def seed_statistics(
     cells: pd.DataFrame, metric: str, confidence: float = CONFIDENCE
 ) -> pd.DataFrame:
-    """Per group: a t-based confidence interval of the mean over seeds, and a paired t-test
-    against the best group of its stream over the seeds both ran.
+    """Per group: a t-based confidence interval of the mean over seeds, and paired t-tests
+    against naive and against the best non-oracle group of its stream (cumulative, joint
+    training, is an upper bound, not a competitor) over the seeds both ran.
 
     Seeds pair because a seed fixes the class order and the initialisation for every
     strategy, so the paired test removes that shared variation. The interval uses the
@@ -340,20 +372,31 @@ def seed_statistics(
         ["stream", "flagged", "mean"], ascending=[True, True, lower], ignore_index=True
     )
     frame["best"], frame["pairs"], frame["diff"], frame["p_value"] = "", 0, np.nan, np.nan
+    frame["naive_diff"], frame["naive_p"] = np.nan, np.nan
+
+    def paired(i: int, key: tuple) -> tuple[int, float, float]:
+        pairs = by_seed[[tuple(frame.loc[i, compare.GROUP_KEYS]), key]].dropna()
+        this, other = pairs.iloc[:, 0].to_numpy(), pairs.iloc[:, 1].to_numpy()
+        diff = (this - other).mean() if len(pairs) else np.nan
+        tested = len(pairs) >= 2 and np.ptp(this - other) > 1e-12
+        return len(pairs), diff, stats.ttest_rel(this, other).pvalue if tested else np.nan
+
     for _, group in frame.groupby("stream", sort=False):
-        best = group.index[0]
-        if frame.loc[best, "flagged"]:
+        naive = group.index[group["strategy"] == "naive"]
+        if len(naive):
+            naive_key = tuple(frame.loc[naive[0], compare.GROUP_KEYS])
+            for i in group.index.drop(naive[0]):
+                _, frame.loc[i, "naive_diff"], frame.loc[i, "naive_p"] = paired(i, naive_key)
+        candidates = group.index[~group["flagged"] & ~group["strategy"].isin(ORACLES)]
+        if not len(candidates):
             continue
+        best = candidates[0]
         best_key = tuple(frame.loc[best, compare.GROUP_KEYS])
         frame.loc[group.index, "best"] = compare.group_label(*best_key[1:])
-        for i in group.index[1:]:
-            pairs = by_seed[[tuple(frame.loc[i, compare.GROUP_KEYS]), best_key]].dropna()
-            this, other = pairs.iloc[:, 0].to_numpy(), pairs.iloc[:, 1].to_numpy()
-            frame.loc[i, "pairs"] = len(pairs)
-            if len(pairs):
-                frame.loc[i, "diff"] = (this - other).mean()
-            if len(pairs) >= 2 and np.ptp(this - other) > 1e-12:
-                frame.loc[i, "p_value"] = stats.ttest_rel(this, other).pvalue
+        for i in group.index.drop(best):
+            frame.loc[i, "pairs"], frame.loc[i, "diff"], frame.loc[i, "p_value"] = paired(
+                i, best_key
+            )
     return frame
 
 
@@ -363,11 +406,12 @@ def statistics_section(cells: pd.DataFrame) -> Section:
         for r in seed_statistics(cells, metric).itertuples():
             label = compare.group_label(r.strategy, r.variant)
             is_best = r.best == label
+            shown = f"{label} ({REFERENCES[r.strategy]})" if r.strategy in REFERENCES else label
             rows.append(
                 {
                     "metric": f"final/{metric}",
                     "stream": r.stream,
-                    "strategy": f"{label} (FLAGGED)" if r.flagged else label,
+                    "strategy": f"{shown} (FLAGGED)" if r.flagged else shown,
                     "seeds": r.seeds,
                     "mean": f"{r.mean:.3f}",
                     f"{CONFIDENCE:.0%} CI": "–"
@@ -376,16 +420,20 @@ def statistics_section(cells: pd.DataFrame) -> Section:
                     "vs": "(best)" if is_best else r.best,
                     "paired Δ": "" if is_best or np.isnan(r.diff) else f"{r.diff:+.3f}",
                     "p (paired t)": "" if is_best else _p(r.p_value),
+                    "Δ vs naive": "" if np.isnan(r.naive_diff) else f"{r.naive_diff:+.3f}",
+                    "p vs naive": "" if np.isnan(r.naive_diff) else _p(r.naive_p),
                 }
             )
     text = (
         f"Final average accuracy and forgetting: the mean over seeds with a {CONFIDENCE:.0%} "
         "confidence interval (Student's t, sample std), and each strategy against the best "
         "of its stream in a paired t-test over the seeds both ran (a seed gives every "
-        "strategy the same class order and initialisation). Δ is the mean paired difference "
-        "(this minus best), p two-sided and uncorrected for multiple comparisons; – means "
-        "too few seeds (an interval needs 2, a test 2 shared seeds with differences that vary). "
-        "A flagged group is never the best; a stream with only flagged groups has no tests."
+        "strategy the same class order and initialisation), and against naive, the lower "
+        "bound. The best is the best method that is not an oracle: cumulative (joint "
+        "training) is the upper bound every method aims at, not a competitor. Δ is the mean "
+        "paired difference (this minus the other), p two-sided and uncorrected for multiple "
+        "comparisons; – means too few seeds (an interval needs 2, a test 2 shared seeds with "
+        "differences that vary). A flagged group is never the best."
     )
     return Section("statistics", "Statistics over seeds", text, pd.DataFrame(rows))
 

@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from scipy import stats as scipy_stats
 
-from forgetless.experiments import report
+from forgetless.experiments import compare, report
 from forgetless.experiments.cli import main
 from forgetless.experiments.compare import HEADLINE, cell_frame, compare_table
 
@@ -51,8 +52,9 @@ class Page(HTMLParser):
 def markdown_table(text: str, heading: str) -> pd.DataFrame:
     """The first pipe table after `## heading`, as text cells."""
     lines = text.split(f"## {heading}", 1)[1].splitlines()
-    rows = [line for line in lines if line.startswith("|")]
-    rows = rows[: next((i for i, r in enumerate(rows) if not r.startswith("|")), len(rows))]
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = lines[start:end]
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
     return pd.DataFrame(cells[2:], columns=cells[0])
 
@@ -179,6 +181,34 @@ def test_seed_statistics_never_take_a_flagged_group_as_the_best():
     only = report.seed_statistics(pd.DataFrame([r for r in rows if r["strategy"] == "diverged"]),
                                   "avg_acc")  # fmt: skip
     assert list(only["best"]) == [""] and np.isnan(only["p_value"]).all()
+
+
+def test_references_bound_the_ranking_and_methods_are_tested_against_naive():
+    """cumulative (joint training) is never the best; each method is tested against naive
+    and against the best method; a method no better than naive is said to be so."""
+    values = {"naive": [0.20, 0.22, 0.19], "cumulative": [0.95, 0.96, 0.94],
+              "ewc": [0.21, 0.20, 0.22], "rehearsal": [0.60, 0.66, 0.61]}  # fmt: skip
+    cells = pd.DataFrame([
+        {"stream": "s", "strategy": k, "variant": "-", "seed": seed, "avg_acc": v, "flag": "",
+         "forgetting": 0.1, "memory_bytes": 0.0, "train_time_s": 1.0}
+        for k, scores in values.items() for seed, v in enumerate(scores)
+    ])  # fmt: skip
+    stats = report.seed_statistics(cells, "avg_acc").set_index("strategy")
+    assert set(stats["best"]) == {"rehearsal"}  # not cumulative, the higher
+    ewc_vs_naive = np.array(values["ewc"]) - np.array(values["naive"])
+    assert stats.at["ewc", "naive_diff"] == pytest.approx(ewc_vs_naive.mean())
+    assert stats.at["ewc", "naive_p"] == pytest.approx(
+        scipy_stats.ttest_rel(values["ewc"], values["naive"]).pvalue
+    )
+    assert np.isnan(stats.at["naive", "naive_diff"])
+
+    table = compare.aggregate(cells)
+    table.insert(0, "label", table["strategy"])
+    glance = report.at_a_glance(table, report.seed_statistics(cells, "avg_acc")).text
+    assert "cumulative (upper bound, joint training) 0.950" in glance
+    assert "naive (lower bound) 0.203" in glance
+    assert "rehearsal ends most accurate" in glance
+    assert "No better than naive in final accuracy" in glance and ": ewc" in glance
 
 
 def log_editing_grid(uri: str, name: str, artifacts: Path) -> None:
@@ -354,7 +384,9 @@ def test_report_never_names_a_flagged_group_best_and_lists_its_cells(diverged_gr
 
     headline = sections["glance"].text.split("\n\n")[0]
     ranked, not_ranked = headline.split("Flagged, so not ranked")
-    assert label not in ranked and "forgets least" in ranked and "most accurate" in ranked
+    # Both groups are naive, the lower bound: the healthy one is shown as the reference, the
+    # flagged one only among the flagged.
+    assert label not in ranked and "naive [train.lr=0.05] (lower bound)" in ranked
     assert label in not_ranked
     glance = sections["glance"].table
     assert glance["flag"].iloc[-1] == "FLAGGED (2 of 2 seeds)"
@@ -422,7 +454,8 @@ def test_unknown_memory_shows_as_na_never_as_zero(tracking_uri, tmp_path, capsys
     built = report.build(tracking_uri, "unknown-memory")
     sections = {s.key: s for s in built.sections}
     headline = sections["glance"].text.split("\n\n")[0]
-    assert headline.startswith("digits: avalanche.MER forgets least (0.100), at an unknown "
+    assert headline.startswith("digits: of the methods, avalanche.MER forgets least (0.100), "
+                               "at an unknown "
                                "amount (n/a) of memory")  # fmt: skip
     memory = sections["table"].table.set_index("strategy")["memory_bytes"]
     assert (memory["avalanche.MER"], memory["half-known"], memory["naive"]) == (
