@@ -445,6 +445,12 @@ class EditFileConfig:
         if self.edits % self.edits_per_experience:
             raise ConfigError(f"{where}.edits: not a multiple of edits_per_experience")
         check_forget_after(self.forget_after, self.edits // self.edits_per_experience, where)
+        held = len(_records(self.path))
+        if self.start + self.edits > held:
+            raise ConfigError(
+                f"{where}.edits: records {self.start} to {self.start + self.edits - 1} are asked "
+                f"for (start + edits) and {self.path} holds {held}; lower start or edits"
+            )
 
 
 def _file_stream(name: str, records, config: EditFileConfig, seed: int) -> Stream:
@@ -452,12 +458,7 @@ def _file_stream(name: str, records, config: EditFileConfig, seed: int) -> Strea
     after the prompt and a space (EasyEdit tokenizes prompt + ' ' + target), generalization
     on the records' paraphrases, locality on their own locality pairs. Each edit gets
     `loc_prompts` unrelated training prompts from the other records' locality pairs."""
-    stop = config.start + config.edits
-    if len(records) < stop:
-        raise ConfigError(
-            f"stream.edits: {config.path} holds {len(records)} records, fewer than start + edits "
-            f"= {stop}"
-        )
+    stop = config.start + config.edits  # within the file: EditFileConfig.validate
     applied = records[config.start : stop]
     locality = [LocalityPair(e.prompt, " " + e.answer.strip()) for _, loc in applied for e in loc]
     scored = {e.prompt for e in locality}
