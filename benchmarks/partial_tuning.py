@@ -123,18 +123,19 @@ def interleaved_step_times(
 
     torch.set_num_threads(1)
     strategies, experience = {}, None
-    for method in METHODS:
-        raw = grid(method, args.seeds[0], args, tempfile.mkdtemp())
-        if width:  # a wider model, untrained: its weights do not change a step's time
-            raw["model"].update(hidden=width, intermediate=2 * width)
-            raw["streams"][0]["base"] = None
-        g = grid_from_dict(raw)
-        stream, strategies[method] = build_cell(g.cells[0], "cpu")
-        batch = g.cells[0].config["train"]["batch_size"]
-        first = stream.experiences[0]
-        experience = dataclasses.replace(
-            first, train=first.train.subset(torch.arange(steps * batch))
-        )
+    with tempfile.TemporaryDirectory() as storage:  # a grid names one; training writes none
+        for method in METHODS:
+            raw = grid(method, args.seeds[0], args, storage)
+            if width:  # a wider model, untrained: its weights do not change a step's time
+                raw["model"].update(hidden=width, intermediate=2 * width)
+                raw["streams"][0]["base"] = None
+            g = grid_from_dict(raw)
+            stream, strategies[method] = build_cell(g.cells[0], "cpu")
+            batch = g.cells[0].config["train"]["batch_size"]
+            first = stream.experiences[0]
+            experience = dataclasses.replace(
+                first, train=first.train.subset(torch.arange(steps * batch))
+            )
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     for _ in range(rounds):
         for method, strategy in strategies.items():

@@ -121,7 +121,10 @@ def test_every_benchmark_script_has_a_smoke_test():
     }
     tested = {n[5:-6] for n in globals() if n.startswith("test_") and n.endswith("_smoke")}
     assert scripts, "no benchmark scripts found"
-    assert scripts <= tested, f"benchmarks without a smoke test: {sorted(scripts - tested)}"
+    assert scripts <= tested, (
+        f"benchmarks without a smoke test: {sorted(scripts - tested)}; give each a --smoke "
+        "flag, a test_<name>_smoke below and its place in ORDER"
+    )
     assert set(ORDER) == tested, "ORDER lists every smoke test's script once"
 
 
