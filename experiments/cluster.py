@@ -207,18 +207,22 @@ def ray_executor(resources: Resources, cells: int, on_running: Callable[[int], N
         task = _run_cell_task.options(num_cpus=resources.cpu, num_gpus=resources.gpu)
         pending = {task.remote(fn, cell, resources): cell for cell in cells}
         slots = _slots(resources)
-        while pending:
-            if on_running:
-                on_running(min(len(pending), slots))
-            (ready,), _ = ray.wait(list(pending), num_returns=1)
-            cell = pending.pop(ready)
-            try:
-                yield ray.get(ready)
-            except ray.exceptions.RayError as e:  # the worker died MAX_RETRIES + 1 times
-                reason = f"{type(e).__name__}: worker lost after {MAX_RETRIES} retries: {e}"
-                yield CellOutcome(
-                    cell.hash, cell.label(), "FAILED", error=reason[:2000], recorded=False
-                )
+        try:
+            while pending:
+                if on_running:
+                    on_running(min(len(pending), slots))
+                (ready,), _ = ray.wait(list(pending), num_returns=1)
+                cell = pending.pop(ready)
+                try:
+                    yield ray.get(ready)
+                except ray.exceptions.RayError as e:  # the worker died MAX_RETRIES + 1 times
+                    reason = f"{type(e).__name__}: worker lost after {MAX_RETRIES} retries: {e}"
+                    yield CellOutcome(
+                        cell.hash, cell.label(), "FAILED", error=reason[:2000], recorded=False
+                    )
+        finally:  # Ctrl-C or a driver that stops reading: no cell goes on without it
+            for ref in pending:
+                ray.cancel(ref, force=True)
 
     return execute
 

@@ -17,7 +17,7 @@ from forgetless.core.schema import ConfigError
 from forgetless.experiments import checkpoint
 from forgetless.experiments.cluster import check_resources, connect, device_for, ray_executor
 from forgetless.experiments.config import Resources
-from forgetless.experiments.runner import checkpoint_path, local_executor, run_grid
+from forgetless.experiments.runner import CellOutcome, checkpoint_path, local_executor, run_grid
 
 pytestmark = pytest.mark.integration  # starts a Ray head
 
@@ -118,3 +118,28 @@ def test_resources_no_node_offers_are_refused(local_ray):
     with pytest.raises(ConfigError, match="cpu 64"):
         check_resources(Resources(cpu=64, gpu=0))
     check_resources(Resources(cpu=1, gpu=0))
+
+
+def test_a_driver_that_stops_reading_cancels_the_cells_it_submitted(local_ray, write_grid):
+    """Ctrl-C in the driver (or any exception in its loop) closes the executor: the cells
+    still queued or running are cancelled at once, not left running without a driver."""
+    grid = write_grid(seeds=[0, 1, 2])
+
+    def first_fast_then_slow(cell, device=None, threads=None):  # pickled by value for Ray
+        if cell.seed != 0:
+            time.sleep(60)
+        return CellOutcome(cell.hash, cell.label(), "FINISHED")
+
+    outcomes = ray_executor(grid.resources, 3)(grid.cells, first_fast_then_slow)
+    first = next(outcomes)
+    assert first.status == "FINISHED", first.error
+    outcomes.close()  # what KeyboardInterrupt in run_grid's loop does to the generator
+
+    def running() -> list:  # this test's workers busy with a cell
+        return [p for p in psutil.Process().children(recursive=True)
+                if " ".join(p.cmdline()).startswith("ray::_run_cell_task")]  # fmt: skip
+
+    deadline = time.monotonic() + 30  # well before the slow cells' minute
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert running() == []
