@@ -415,7 +415,7 @@ def test_variant_names_the_grid_point(load):
 def test_resolved_cell_config_fills_every_default(load):
     (cell,) = load().cells
     assert set(cell.config) == {"stream", "model", "train", "strategy", "seed"}
-    assert cell.config["model"] == {"name": "mlp", "hidden": [128]}
+    assert cell.config["model"] == {"name": "mlp", "hidden": [128], "dropout": 0.0}
     assert cell.config["train"]["optimizer"] == "sgd"
     assert cell.config["stream"]["task_labels"] is False
 
