@@ -7,14 +7,12 @@ import contextlib
 import itertools
 import os
 import signal
-import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from servers import free_port, wait_until_answers
 
 from forgetless.experiments.config import Grid, load_grid
 
@@ -100,9 +98,7 @@ def serve():
     processes = []
 
     def start(command: list[str], folder: Path) -> tuple[str, Path]:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         command = [part.replace("{port}", str(port)) for part in command]
         out, err = folder / "server.out", folder / "server.err"
         # No GenAI job runner: an MLflow server starts in seconds, not half a minute, on two
@@ -113,18 +109,10 @@ def serve():
                                        env=env, start_new_session=True)  # fmt: skip
         processes.append(process)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"{command[:4]} exited {process.returncode}:\n{err.read_text()[-3000:]}"
-                )
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).read()
-                return url, out
-            except OSError:
-                time.sleep(0.5)
-        pytest.fail(f"{command[:4]} did not answer at {url} in 120 s:\n{err.read_text()[-3000:]}")
+        if wait_until_answers(f"{url}/health", process):
+            return url, out
+        pytest.fail(f"{command[:4]} did not answer at {url} (exit code {process.poll()}):\n"
+                    f"{err.read_text()[-3000:]}")  # fmt: skip
 
     yield start
     for process in processes:

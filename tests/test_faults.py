@@ -11,13 +11,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
+from servers import free_port, wait_until_answers
 
 from forgetless.experiments import checkpoint, tracking
 from forgetless.experiments.compare import compare_table
@@ -28,8 +28,8 @@ FIVE = [{"name": "split_digits", "n_experiences": 5}]
 CLI = [sys.executable, "-m", "forgetless.experiments.cli"]
 
 
-def interrupt_at(monkeypatch, index: int) -> None:
-    """Make every strategy raise KeyboardInterrupt when it starts experience `index`."""
+def interrupted(grid, uri: str, index: int) -> None:
+    """Run `grid` into `uri` until Ctrl-C at the start of experience `index`."""
     original = Strategy.train
 
     def train(self, experience):
@@ -37,7 +37,10 @@ def interrupt_at(monkeypatch, index: int) -> None:
             raise KeyboardInterrupt
         original(self, experience)
 
-    monkeypatch.setattr(Strategy, "train", train)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Strategy, "train", train)
+        with pytest.raises(KeyboardInterrupt):
+            run_grid(grid, uri)
 
 
 def runs_of(uri: str, grid_name: str, role: str = "cell") -> list:
@@ -73,16 +76,13 @@ def test_the_same_grid_into_a_second_store_finishes_every_cell(write_grid, tmp_p
 
 
 def test_a_checkpoint_of_another_store_is_set_aside_and_the_cell_runs_anew(
-    write_grid, tmp_path, monkeypatch, logged_matrix
+    write_grid, tmp_path, logged_matrix
 ):
     grid = write_grid(streams=FIVE)
     (cell,) = grid.cells
-    interrupt_at(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        run_grid(grid, store(tmp_path, "a.db"))
+    interrupted(grid, store(tmp_path, "a.db"), 2)
     path = checkpoint_path(grid.storage, cell)
     assert checkpoint.load(path)["next"] == 2
-    monkeypatch.undo()
 
     (outcome,) = run_grid(grid, store(tmp_path, "b.db"))
     assert outcome.status == "FINISHED"
@@ -96,13 +96,10 @@ def test_a_checkpoint_of_another_store_is_set_aside_and_the_cell_runs_anew(
     )
 
 
-def test_a_checkpoint_of_a_deleted_run_is_set_aside(write_grid, tmp_path, monkeypatch):
+def test_a_checkpoint_of_a_deleted_run_is_set_aside(write_grid, tmp_path):
     uri = store(tmp_path, "a.db")
     grid = write_grid(streams=FIVE)
-    interrupt_at(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        run_grid(grid, uri)
-    monkeypatch.undo()
+    interrupted(grid, uri, 2)
     (killed,) = runs_of(uri, grid.name)
     assert killed.info.status == "KILLED"  # at once, not at the next submission
     MlflowClient(uri).delete_run(killed.info.run_id)  # as from the UI
@@ -116,15 +113,10 @@ def test_a_checkpoint_of_a_deleted_run_is_set_aside(write_grid, tmp_path, monkey
 # --- 4. an unreadable checkpoint ------------------------------------------------------------
 
 
-def test_a_truncated_checkpoint_is_named_set_aside_and_the_cell_restarts(
-    write_grid, tmp_path, monkeypatch
-):
+def test_a_truncated_checkpoint_is_named_set_aside_and_the_cell_restarts(write_grid, tmp_path):
     uri = store(tmp_path, "a.db")
     grid = write_grid(streams=FIVE)
-    interrupt_at(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        run_grid(grid, uri)
-    monkeypatch.undo()
+    interrupted(grid, uri, 3)
     path = checkpoint_path(grid.storage, grid.cells[0])
     with open(path, "r+b") as file:
         file.truncate(200)
@@ -175,13 +167,8 @@ def mlflow_server(folder: Path, port: int) -> subprocess.Popen:
         cwd=folder, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-            return process
-        except OSError:
-            time.sleep(0.5)
+    if wait_until_answers(f"http://127.0.0.1:{port}/health", process):
+        return process
     stop(process)
     pytest.fail("mlflow server did not start")
 
@@ -189,12 +176,6 @@ def mlflow_server(folder: Path, port: int) -> subprocess.Popen:
 def stop(process: subprocess.Popen) -> None:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -354,14 +335,7 @@ def test_ui_stopped_with_sigterm_stops_its_server(finished_grid, tmp_path):
     ui = subprocess.Popen([*CLI, "ui", "--tracking-uri", uri, "--port", str(port)],
                           cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and ui.poll() is None
-            time.sleep(0.5)
+    assert wait_until_answers(f"http://127.0.0.1:{port}/health", ui)
     ui.send_signal(signal.SIGTERM)
     ui.wait(timeout=30)
     deadline = time.monotonic() + 30

@@ -17,12 +17,10 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ import pytest
 import ray
 from mlflow import MlflowClient
 from ray._private import ray_constants
+from servers import free_port, wait_until_answers
 
 from forgetless.experiments import checkpoint
 from forgetless.experiments.cluster import connect, ray_executor
@@ -49,12 +48,6 @@ FAST_NODE_DEATH = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory) -> dict[str, str]:
     """A local S3 server and the environment that points boto-style clients (pyarrow's
@@ -65,15 +58,8 @@ def s3(tmp_path_factory) -> dict[str, str]:
         server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                                   stdout=out, stderr=out, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=2).read()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"moto_server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
+    if not wait_until_answers(f"{url}/moto-api/", server, 60):
+        pytest.fail(f"moto_server did not start: {log.read_text()[-2000:]}")
     env = {
         "AWS_ENDPOINT_URL_S3": url,
         "AWS_ACCESS_KEY_ID": "testing",
