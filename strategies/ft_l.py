@@ -19,6 +19,7 @@ import torch
 from forgetless.core.schema import ConfigError, param, positive
 from forgetless.models.causal_lm import edit_batch, lm_loss
 from forgetless.models.families import block_matrix, check_role_name
+from forgetless.models.surgery import reuse_blocks_below
 from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Experience
 
@@ -69,14 +70,15 @@ class FTL(Strategy):
             batch = edit_batch(self.model, request.prompt, request.target, self.device)
             before = self.weight.detach().clone()
             optimizer = torch.optim.Adam([self.weight], lr=self.config.lr)
-            for _ in range(self.config.steps):
-                loss = lm_loss(self.model(batch.x), batch.y)
-                if loss.item() < self.config.stop_loss:
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if self.config.norm_constraint:
-                    eps = self.config.norm_constraint
-                    with torch.no_grad():
-                        self.weight.copy_(torch.clamp(self.weight, before - eps, before + eps))
+            with reuse_blocks_below(self.model, self.config.layer):
+                for _ in range(self.config.steps):
+                    loss = lm_loss(self.model(batch.x), batch.y)
+                    if loss.item() < self.config.stop_loss:
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if self.config.norm_constraint:
+                        eps = self.config.norm_constraint
+                        with torch.no_grad():
+                            self.weight.copy_(torch.clamp(self.weight, before - eps, before + eps))

@@ -29,7 +29,7 @@ from torch import nn
 from forgetless.core.schema import ConfigError, param, positive
 from forgetless.models.causal_lm import IGNORE, edit_batch, lm_loss
 from forgetless.models.families import block_matrix, check_role_name, in_out
-from forgetless.models.surgery import replace_module
+from forgetless.models.surgery import replace_module, reuse_blocks_below
 from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Experience
 
@@ -132,19 +132,20 @@ class Grace(Strategy):
         batch = edit_batch(self.model, prompt, target, self.device)
         predicts = (batch.y[0, 1:] != IGNORE).nonzero().flatten().tolist()  # [last prompt, ...]
         positions = predicts[:1] if cfg.keys == "last_prompt" else predicts
-        with torch.no_grad():
-            self.model(batch.x)
-            inputs = book.last_input[0]
-        entries = [self.add_key(inputs[p], f"{target}\x00{k}") for k, p in enumerate(positions)]
-        optimizer = torch.optim.Adam([book.values], lr=cfg.lr)
-        for _ in range(cfg.steps):
-            loss = lm_loss(self.model(batch.x), batch.y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            keep = torch.zeros_like(book.values.grad)
-            keep[entries] = 1  # only this edit's values learn
-            book.values.grad.mul_(keep)
-            optimizer.step()
+        with reuse_blocks_below(self.model, cfg.layer):
+            with torch.no_grad():
+                self.model(batch.x)
+                inputs = book.last_input[0]
+            entries = [self.add_key(inputs[p], f"{target}\x00{k}") for k, p in enumerate(positions)]
+            optimizer = torch.optim.Adam([book.values], lr=cfg.lr)
+            for _ in range(cfg.steps):
+                loss = lm_loss(self.model(batch.x), batch.y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                keep = torch.zeros_like(book.values.grad)
+                keep[entries] = 1  # only this edit's values learn
+                book.values.grad.mul_(keep)
+                optimizer.step()
 
     @torch.no_grad()
     def add_key(self, layer_input: torch.Tensor, label: str) -> int:

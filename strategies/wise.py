@@ -39,6 +39,7 @@ rest of the prompt out of it, so that a memory fires where a paraphrase shares t
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -49,9 +50,11 @@ from torch import nn
 from forgetless.core.schema import ConfigError, param, positive
 from forgetless.models.causal_lm import IGNORE, lm_loss, trim_padding
 from forgetless.models.families import block_matrix, check_role_name, in_out, project
-from forgetless.models.surgery import replace_module
+from forgetless.models.surgery import replace_module, reuse_blocks_below
 from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Example, Experience, Samples
+
+log = logging.getLogger(__name__)
 
 STARTERS = ("I", "You", "Because", "Yes", "Q: ")
 
@@ -315,33 +318,44 @@ class Wise(Strategy):
         edit_rows = len(positions) - len(irrelevant)
         memory.train_positions[edit_rows:] = False  # the irrelevant prompts: main memory
         previous = None
-        for _ in range(cfg.steps):
-            logits = self.model(batch.x)
-            ce = lm_loss(logits[:edit_rows], batch.y[:edit_rows])
-            inside, outside = _in_and_out_of_scope(memory.scores, positions, edit_rows)
-            margin = _margin_loss(inside, outside, alpha, beta, gamma)
-            if in_subject.any():
-                subject = _masked_mean(memory.token_scores, in_subject)
-                template = _masked_mean(memory.token_scores, in_template)
-                margin = margin + _margin_loss(subject, template, alpha, beta, gamma)
-            loss = ce + cfg.margin_weight * margin
-            if previous is not None and abs(previous - loss.item()) <= 1e-4 and loss.item() <= 0.02:
-                break
-            previous = loss.item()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            memory.side.grad.mul_(memory.mask)
-            optimizer.step()
+        with reuse_blocks_below(self.model, cfg.layer):
+            for step in range(cfg.steps):
+                logits = self.model(batch.x)
+                ce = lm_loss(logits[:edit_rows], batch.y[:edit_rows])
+                inside, outside = _in_and_out_of_scope(memory.scores, positions, edit_rows)
+                margin = _margin_loss(inside, outside, alpha, beta, gamma)
+                if in_subject.any():
+                    subject = _masked_mean(memory.token_scores, in_subject)
+                    template = _masked_mean(memory.token_scores, in_template)
+                    margin = margin + _margin_loss(subject, template, alpha, beta, gamma)
+                loss = ce + cfg.margin_weight * margin
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("wise edit %d step %d: ce %.4f margin %.4f in-scope %.2f out %.2f",
+                              self.edits, step, ce.item(), margin.item(), inside.min().item(),
+                              outside.max().item() if len(outside) else 0.0)  # fmt: skip
+                if (
+                    previous is not None
+                    and abs(previous - loss.item()) <= 1e-4
+                    and loss.item() <= 0.02
+                ):
+                    break
+                previous = loss.item()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                memory.side.grad.mul_(memory.mask)
+                optimizer.step()
+                with torch.no_grad():
+                    eps = cfg.norm_constraint
+                    memory.side.copy_(torch.clamp(memory.side, main - eps, main + eps))
             with torch.no_grad():
-                eps = cfg.norm_constraint
-                memory.side.copy_(torch.clamp(memory.side, main - eps, main + eps))
-        with torch.no_grad():
-            self.model(batch.x)
-            inside, _ = _in_and_out_of_scope(memory.scores, positions, edit_rows)
-            score = inside.mean() if cfg.threshold == "rows" else inside[0]
-            self.live_min = min(self.live_min, score.item())
+                self.model(batch.x)
+                inside, _ = _in_and_out_of_scope(memory.scores, positions, edit_rows)
+                score = inside.mean() if cfg.threshold == "rows" else inside[0]
+                self.live_min = min(self.live_min, score.item())
         memory.editing = False
         memory.side_threshold = self.live_min * cfg.act_ratio
+        log.debug("wise edit %d: %d steps, in-scope score %.3f, threshold %.3f", self.edits,
+                  step + 1, score, memory.side_threshold)  # fmt: skip
         self.edits += 1
         if self.edits % cfg.save_freq == 0:
             self.save_shard()

@@ -25,6 +25,7 @@ from forgetless.models.families import (
     in_out,
     is_conv1d,
     project,
+    transformers_model,
 )
 from forgetless.strategies.hft import transformer_blocks
 from forgetless.strategies.lora import target_modules
@@ -289,3 +290,25 @@ def test_docs_models_lists_every_family_as_the_table_has_it():
             q_k_v, r["o_proj"], r.get("gate_proj", "(none)"),
             r["up_proj"], r["down_proj"],
         ]  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "gemma3_text"])
+def test_replaying_the_blocks_below_an_edited_layer_gives_the_whole_pass_s_logits(
+    checkpoints, model_type
+):
+    from forgetless.models.surgery import reuse_blocks_below
+
+    model = load(checkpoints[model_type])
+    x = torch.randint(3, 300, (2, 7))
+    down = block_matrix(model, 1, "down_proj", "where")
+    with torch.no_grad():
+        whole = model(x).logits
+        with reuse_blocks_below(model, 1):
+            first = model(x).logits
+            down.weight.mul_(2)  # the edited block's change shows in a replayed pass
+            replayed = model(x).logits
+        assert [type(b).__name__ for b in transformers_model(model).get_submodule(
+            family_of(model)[0].blocks)][0] != "_Passthrough"  # fmt: skip
+        changed = model(x).logits
+    assert torch.equal(first, whole) and torch.equal(replayed, changed)
+    assert not torch.equal(changed, whole)
