@@ -241,19 +241,16 @@ def _add_grid_arguments(parser: argparse.ArgumentParser) -> None:
         "--where",
         action="append",
         default=[],
-        metavar="PARAM=VALUE",
-        help="only cells with this parameter value, e.g. train.lr=0.1 (repeatable)",
+        metavar="CONDITION",
+        help="only cells whose parameter meets it: train.lr=0.1, train.lr=0.1,0.05 (any of), "
+        "train.lr!=0.1, train.lr<=0.1 (also <, >, >=); repeatable",
     )
 
 
-def _where(items: list[str]) -> dict[str, str]:
-    where = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--where {item!r}: expected PARAM=VALUE, e.g. train.lr=0.1")
-        where[key] = value
-    return where
+def _where(items: list[str]) -> list:
+    from forgetless.experiments.compare import parse_condition
+
+    return [parse_condition(item) for item in items]
 
 
 def _readable_store(tracking_uri: str | None) -> str:

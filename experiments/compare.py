@@ -17,7 +17,7 @@ import difflib
 import pandas as pd
 from mlflow import MlflowClient
 
-from forgetless.core.schema import ConfigError
+from forgetless.core.schema import ConfigError, suggest
 from forgetless.experiments import tracking
 
 TAG = tracking.TAG
@@ -92,28 +92,60 @@ def rank(table: pd.DataFrame, column: str, ascending: bool) -> pd.DataFrame:
     return order.drop(columns="_flagged").reset_index(drop=True)
 
 
+# `--where` conditions: PARAM=V (V may be a comma-separated list), PARAM!=V, <, <=, >, >=.
+OPERATORS = ("<=", ">=", "!=", "=", "<", ">")
+Condition = tuple[str, str, str]
+
+
+def parse_condition(text: str) -> Condition:
+    """'train.lr<=0.1' -> ('train.lr', '<=', '0.1'), naming the forms on a bad one."""
+    found = [text.find(op) for op in OPERATORS if op in text]
+    if not found or min(found) <= 0:
+        raise ConfigError(
+            f"--where {text!r}: expected PARAM=VALUE, PARAM=A,B (any of), PARAM!=VALUE or "
+            "PARAM<VALUE (also <=, >, >=), e.g. train.lr<=0.1"
+        )
+    index = min(found)
+    op = next(op for op in OPERATORS if text.find(op) == index)  # "<=" before "<"
+    return text[:index], op, text[index + len(op) :]
+
+
+def _matches(logged: object, op: str, wanted: str, where: str) -> bool:
+    if op in ("=", "!="):
+        hit = any(_same_value(logged, w) for w in wanted.split(","))
+        return hit if op == "=" else not hit
+    try:
+        a, b = float(logged), float(wanted)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--where {where}: {op} compares numbers; {logged!r} is not one") from e
+    return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[op]
+
+
 def select(
     cells: pd.DataFrame,
     streams: list[str] | None = None,
     strategies: list[str] | None = None,
-    where: dict[str, str] | None = None,
+    where: dict[str, str] | list[Condition] | None = None,
 ) -> pd.DataFrame:
-    """The cells of these streams and strategies whose parameters have these values.
+    """The cells of these streams and strategies whose parameters meet these conditions
+    (a mapping means equality).
 
-    A filter that matches nothing is an error naming what exists, so a typo is never
-    mistaken for an empty result.
+    A filter that matches nothing is an error naming what exists (with the closest name
+    when it looks like a typo), so a typo is never mistaken for an empty result.
     """
     for column, wanted in (("stream", streams), ("strategy", strategies)):
         if not wanted:
             continue
         missing = sorted(set(wanted) - set(cells[column]))
         if missing:
+            have = sorted(set(cells[column]))
             raise ConfigError(
-                f"--{column} {missing[0]}: no finished cell has it; this grid has "
-                f"{', '.join(sorted(set(cells[column])))}"
+                f"--{column} {missing[0]}: no finished cell has it"
+                f"{suggest(missing[0], have)}; this grid has {', '.join(have)}"
             )
         cells = cells[cells[column].isin(wanted)]
-    for key, value in (where or {}).items():
+    conditions = [(k, "=", v) for k, v in where.items()] if isinstance(where, dict) else where
+    for key, op, value in conditions or []:
         column = f"param:{key}"
         if column not in cells:
             params = [c[len("param:") :] for c in cells.columns if c.startswith("param:")]
@@ -122,10 +154,13 @@ def select(
             hint = f"did you mean {', '.join(close)}?" if close else (
                 f"parameters that vary here: {', '.join(varying) or '(none)'}")  # fmt: skip
             raise ConfigError(f"--where {key}: no cell has parameter {key!r}; {hint}")
-        keep = cells[column].map(lambda v, value=value: _same_value(v, value))
+        where_text = f"{key}{op}{value}"
+        keep = cells[column].map(
+            lambda v, op=op, value=value, w=where_text: _matches(v, op, value, w)
+        )
         if not keep.any():
             values = ", ".join(sorted(set(cells[column].astype(str))))
-            raise ConfigError(f"--where {key}={value}: no cell has it; values here: {values}")
+            raise ConfigError(f"--where {where_text}: no cell has it; values here: {values}")
         cells = cells[keep]
     return cells
 
@@ -143,7 +178,7 @@ def compare_table(
     grid_name: str,
     streams: list[str] | None = None,
     strategies: list[str] | None = None,
-    where: dict[str, str] | None = None,
+    where: dict[str, str] | list[Condition] | None = None,
     sort: str = "final/avg_acc",
 ) -> pd.DataFrame:
     """The aggregated table, filtered by stream / strategy / parameter values, best first
@@ -155,9 +190,12 @@ def compare_table(
     key = sort.removeprefix("final/")
     column = key if key in table else f"{key}_mean"
     if column not in table:
+        names = [f"final/{m}" for m in metric_names(cells)]
+        per_step = " (per-experience metrics such as acc/exp_0 are curves, not final values)"
         raise ConfigError(
-            f"--sort {sort}: no run of {grid_name!r} has this metric; it has "
-            f"final/{', final/'.join(metric_names(cells))}"
+            f"--sort {sort}: not a final metric of {grid_name!r}{suggest(sort, names)}"
+            f"{per_step if not sort.startswith('final/') else ''}; these can sort: "
+            f"{', '.join(names)}"
         )
     ascending = key.removesuffix("_mean").removesuffix("_std") in LOWER_IS_BETTER
     return rank(table, column, ascending)

@@ -303,6 +303,30 @@ def test_compare_filters_and_sorts_best_first(finished_grid, capsys):
     assert "did you mean train.lr" in capsys.readouterr().err
 
 
+def test_compare_filters_beyond_equality_and_suggests_names(finished_grid, capsys):
+    uri, name = finished_grid
+    sizes = {"strategy.buffer.size": "50"}  # only rehearsal declares it
+    assert list(compare_table(uri, name, where=[("strategy.buffer.size", ">=", "50")])
+                ["strategy"]) == ["rehearsal"]  # fmt: skip
+    assert compare_table(uri, name, where=sizes).shape[0] == 1
+    either = compare_table(uri, name, where=[("train.lr", "=", "0.05,0.1")])
+    assert sorted(either["strategy"]) == ["naive", "rehearsal"]
+    assert main(["compare", name, "--tracking-uri", uri, "--where", "train.lr<0.05"]) == 2
+    assert "--where train.lr<0.05: no cell has it; values here: 0.05" in capsys.readouterr().err
+    assert main(["compare", name, "--tracking-uri", uri, "--where", "train.lr!=0.05"]) == 2
+    assert main(["compare", name, "--tracking-uri", uri, "--where", "train.lr<=0.05"]) == 0
+    capsys.readouterr()
+    assert main(["compare", name, "--tracking-uri", uri, "--where", "train.lr~0.05"]) == 2
+    assert "expected PARAM=VALUE" in capsys.readouterr().err
+    assert main(["compare", name, "--tracking-uri", uri, "--strategy", "rehersal"]) == 2
+    assert 'did you mean "rehearsal"' in capsys.readouterr().err
+    assert main(["compare", name, "--tracking-uri", uri, "--sort", "acc/exp_0"]) == 2
+    err = capsys.readouterr().err
+    assert "are curves, not final values" in err and "these can sort: final/avg_acc" in err
+    assert main(["compare", name, "--tracking-uri", uri, "--sort", "final/forgeting"]) == 2
+    assert 'did you mean "final/forgetting"' in capsys.readouterr().err
+
+
 def test_parent_run_describes_the_grid_and_links_every_cell(finished_grid):
     uri, name = finished_grid
     client = MlflowClient(uri)
