@@ -44,7 +44,8 @@ sequential CPU / (Ray CPU / 2) is the speedup the Ray run would reach on 2 free 
 
 Run: `.venv/bin/python benchmarks/ray_scaling.py` (`--epochs E`: one length only). The last
 line is one JSON object. `--smoke` takes the same path at sizes that run in seconds (2 cells
-of 2 experiences, a narrow MLP, 1 and 2 epochs), for tests: its figures measure nothing.
+of 2 experiences, a narrow MLP, one length of 1 epoch for both), for tests: its figures
+measure nothing.
 """
 
 from __future__ import annotations
@@ -85,9 +86,10 @@ GRID = {
 
 
 def use_smoke_sizes() -> None:
-    """--smoke: the fewest cells that keep 2 cores busy, 2 experiences, a narrow MLP."""
+    """--smoke: the fewest cells that keep 2 cores busy, 2 experiences, a narrow MLP, and
+    one cell length (1 epoch) standing for both: a length is measured once."""
     global CELLS, EXPERIENCES, LONG_EPOCHS, SHORT_EPOCHS, HIDDEN
-    CELLS, EXPERIENCES, LONG_EPOCHS, SHORT_EPOCHS, HIDDEN = 2, 2, 2, 1, [32]
+    CELLS, EXPERIENCES, LONG_EPOCHS, SHORT_EPOCHS, HIDDEN = 2, 2, 1, 1, [32]
     GRID.update(seeds=list(range(CELLS)), model={"name": "mlp", "hidden": HIDDEN})
     GRID["streams"][0]["n_experiences"] = EXPERIENCES
 
@@ -392,7 +394,7 @@ def main() -> None:
         print(json.dumps(measure(args.epochs)))
         return
     runs = {}
-    for epochs in (LONG_EPOCHS, SHORT_EPOCHS):  # each in a fresh process: nothing warm
+    for epochs in dict.fromkeys((LONG_EPOCHS, SHORT_EPOCHS)):  # a fresh process each: nothing warm
         out = subprocess.run(
             [sys.executable, __file__, "--epochs", str(epochs),
              *(["--smoke"] if args.smoke else [])],

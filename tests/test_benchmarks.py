@@ -7,9 +7,9 @@ sets, and reads its last stdout line: the same keys as a full run, values in ran
 figures of a smoke run measure nothing, so no test asserts a target.
 
 Most of a smoke run is start-up, not size: each script is one or more fresh Pythons that
-import torch and MLflow and create an MLflow store, and ssr.py and ray_scaling.py (twice)
-start Ray. So the selected scripts run two at a time (a core each), the longest first,
-and each test waits for its own.
+import torch and MLflow and create an MLflow store, and ssr.py and ray_scaling.py start
+Ray. So the selected scripts run two at a time (a core each), the longest first, and each
+test waits for its own.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 # Longest first, so that the two lanes end together; the tests below follow this order.
-ORDER = ["ray_scaling", "ssr", "partial_tuning", "overhead", "compressed_replay", "editing",
-         "larimar"]  # fmt: skip
+ORDER = ["ray_scaling", "ssr", "partial_tuning", "baselines", "overhead", "compressed_replay",
+         "editing", "larimar", "lm_overhead"]  # fmt: skip
 AT_ONCE = 2
 TIMEOUT_S = 600
 
@@ -138,7 +138,7 @@ def test_ray_scaling_smoke(smoke):
     }  # fmt: skip
     assert positive(result["speedup"]) and positive(result["speedup_short_cells"])
     assert positive(result["ray_startup_s"])
-    assert set(result["runs"]) == {"epochs_2", "epochs_1"}  # a full run: epochs_240, epochs_60
+    assert set(result["runs"]) == {"epochs_1"}  # one length for both; a full run: 240 and 60
     for run in result["runs"].values():
         assert run["cells"] == 2 and run["config"]["ray_cpus"] >= 1
         assert run["results_match"] is True  # the same cells give the same scores on Ray
@@ -187,6 +187,22 @@ def test_partial_tuning_smoke(smoke):
     assert positive(result["hft_time_vs_fft"]) and positive(result["lora_time_vs_fft"])
     assert 0 < result["hft_time_vs_fft_expected_from_flops"] < 1
     assert len(result["targets"]) == 4
+
+
+def test_baselines_smoke(smoke):
+    result = smoke.result("baselines")
+    assert set(result) == {"rows", "rehearsal_vs_avalanche_replay_speedup", "smoke"}
+    names = [row["name"] for row in result["rows"]]
+    assert names and len(set(names)) == len(names) and "rehearsal_split_mnist_class" in names
+    for row in result["rows"]:
+        assert set(row) == {"name", "target", "mean", "std", "seconds", "avalanche_seconds",
+                            "avalanche_acc", "seeds"}, row  # fmt: skip
+        assert score(row["mean"]) and score(row["avalanche_acc"]), row["name"]
+        assert row["target"] is None or score(row["target"])
+        assert positive(row["seconds"]) and positive(row["avalanche_seconds"])
+        assert row["seeds"] == 1 and row["std"] == 0
+    assert positive(result["rehearsal_vs_avalanche_replay_speedup"])
+    assert result["smoke"] is True
 
 
 def test_overhead_smoke(smoke):
@@ -274,3 +290,20 @@ def test_larimar_smoke(smoke):
     larimar = result["per_editor"]["larimar"]
     assert larimar["forgotten"] >= 1  # forget_after 1 over 2 edits forgets edit 0
     assert all(score(larimar[k]) for k in ("forget_success", "kept_reliability", "kept_locality"))
+
+
+def test_lm_overhead_smoke(smoke):
+    result = smoke.result("lm_overhead")
+    assert set(result) == {
+        "step_vs_bare", "step_vs_bare_target_met", "bf16_loss_gap", "bf16_gap_target_met",
+        "forgetless_step_s", "bare_step_s", "step_s_all", "max_weight_diff",
+        "bf16_step_vs_fp32", "precision", "targets", "config",
+    }  # fmt: skip
+    assert positive(result["step_vs_bare"]) and positive(result["bf16_step_vs_fp32"])
+    assert positive(result["forgetless_step_s"]) and positive(result["bare_step_s"])
+    assert result["max_weight_diff"] < 1e-4  # both loops took the same steps
+    assert 0 <= result["bf16_loss_gap"] < 1
+    assert set(result["precision"]) == {"fp32", "bf16"}
+    for run in result["precision"].values():
+        assert run["finite"] is True and positive(run["held_out_loss"])
+    assert result["config"]["smoke"] is True
