@@ -43,7 +43,10 @@ class Footprint:
 
     def describe(self) -> str:
         def gib(n: int) -> str:
-            return f"{n / GIB:.3g} GiB" if n >= 2**20 else f"{n / 2**20:.2g} MiB"
+            for unit, size in (("GiB", GIB), ("MiB", 2**20)):
+                if n >= size:
+                    return f"{n / size:.3g} {unit}"
+            return f"{n / 2**10:.3g} KiB"
 
         return (
             f"{_count(self.parameters)} params; weights {gib(self.weights)} + gradients "

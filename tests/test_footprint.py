@@ -133,7 +133,7 @@ def test_validate_prints_each_cells_parameters_and_memory(tmp_path, capsys):
     out = capsys.readouterr().out
     n = built_parameters(TINY)
     assert f"{n / 1000:.3g}k params" in out
-    assert "= " in out and "MiB" in out
+    assert f"weights {4 * n / 2**10:.3g} KiB" in out
     assert "0.5 of 16 GB (resources.gpu_memory_gb)" in out
 
 
