@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ from torch import nn
 
 from forgetless.core.cache import cache_dir
 from forgetless.experiments import checkpoint
+from forgetless.experiments.config import without_defaults
 from forgetless.experiments.editing import encode_edit_stream
+from forgetless.models import model_factory
 from forgetless.models.causal_lm import CausalLM
 from forgetless.strategies import NoParams, TrainConfig
 from forgetless.strategies.naive import Naive
@@ -33,7 +36,13 @@ log = logging.getLogger(__name__)
 
 
 def base_path(model_config: dict[str, Any], base: BaseMixture) -> Path:
-    identity = {"model": model_config, "base": dataclasses.asdict(base.config)}
+    """The cache file of a base: keyed, as cells are, by the fields not at their default,
+    so a new model field that keeps the old behaviour keeps every cached base."""
+    declared = typing.get_type_hints(model_factory(model_config["name"], "model"))["config"]
+    model = {"name": model_config["name"],
+             **without_defaults({k: v for k, v in model_config.items() if k != "name"},
+                                declared)}  # fmt: skip
+    identity = {"model": model, "base": dataclasses.asdict(base.config)}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "base" / f"{model_config['name'].replace(':', '_')}-{key}.safetensors"
 

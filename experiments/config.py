@@ -212,6 +212,11 @@ def _without_defaults(config: dict[str, Any], defaults: dict[str, Any]) -> dict[
     return out
 
 
+def without_defaults(values: dict[str, Any], cls: type) -> dict[str, Any]:
+    """A resolved section of dataclass `cls` without the fields at their declared default."""
+    return _without_defaults(values, _defaults(cls))
+
+
 def _defaults(cls: type) -> dict[str, Any]:
     """The declared defaults of `cls`, as plain data like a resolved section."""
     return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v

@@ -19,9 +19,9 @@ from forgetless.core.schema import ConfigError, param
 from forgetless.streams import Stream
 
 
-def holds_pixels(stream: Stream) -> bool:
-    """Whether the stream's inputs are uint8 pixels."""
-    first = stream.experiences[0].train if stream.experiences else None
+def holds_pixels(stream: Stream | None) -> bool:
+    """Whether the stream's inputs are uint8 pixels (no stream: a model built on its own)."""
+    first = stream.experiences[0].train if stream is not None and stream.experiences else None
     dtype = getattr(getattr(first, "x", None), "dtype", None) or getattr(first, "dtype", None)
     return dtype == torch.uint8
 
