@@ -20,11 +20,8 @@ refused, before any cell starts, by the methods that need a row (see `check_role
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from torch import nn
 
@@ -205,16 +202,6 @@ def project(module: nn.Module, x, weight, bias=None):
 
 
 # --- before any cell: which family a grid's model is ---------------------------------------
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def model_type_of(config_json: Path) -> str | None:
-    try:
-        return json.loads(Path(config_json).read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
-
-
 def check_roles(
     model_type: str | None, source: str, roles: Iterable[str], who: str, positions: bool = False
 ) -> None:
