@@ -118,7 +118,9 @@ def main() -> None:
             raise RuntimeError("; ".join(f"{o.label}: {o.error}" for o in failed))
         kept = real_instances_kept(g.cells, g.storage)
     by_method: dict[str, dict[int, dict]] = {}
-    for cell, outcome in zip(g.cells, outcomes):
+    cells = {c.hash: c for c in g.cells}  # outcomes come as cells end, not in grid order
+    for outcome in outcomes:
+        cell = cells[outcome.cell_hash]
         by_method.setdefault(cell.config["strategy"]["name"], {})[cell.seed] = outcome.summary
     summary: dict = {}
     for method, per_seed in by_method.items():
