@@ -30,6 +30,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """No hub at run time: models and data come from packages and files."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def shared_cache(monkeypatch, tmp_path_factory):
+    """One FORGETLESS_CACHE for the session, so a base model is pre-trained once."""
+    monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory) -> str:
     """A SQLite store shared by the session; each test uses its own grid name (experiment)."""

@@ -39,13 +39,7 @@ FOMC_TEST = SHARED_DATA / "trace" / "FOMC.test.sample.json"
 SST2 = SHARED_DATA / "superni" / "task363_sst2_polarity_classification.sample.json"
 
 
-@pytest.fixture(autouse=True)
-def single_thread(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 
 
 # --- the scores, by hand ------------------------------------------------------------------

@@ -31,14 +31,7 @@ COUNTRIES = ["Chile", "Peru", "Japan", "Kenya", "Norway", "Egypt", "Canada", "Sp
 CODES = ["CHL", "PER", "JPN", "KEN", "NOR", "EGY", "CAN", "ESP"]
 
 
-@pytest.fixture(autouse=True)
-def offline_single_thread(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline", "shared_cache", "one_thread")
 
 
 def latents(n: int, code: int = 32, seed: int = 0) -> torch.Tensor:

@@ -20,13 +20,7 @@ from forgetless.streams import Example, Experience, Samples, Stream
 TINY = LlamaTinyConfig(layers=2, hidden=32, heads=2, intermediate=64, context=64)
 
 
-@pytest.fixture(autouse=True)
-def single_thread(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 
 
 def linear_stream(samples: int, seed: int = 0) -> tuple[Stream, Experience]:

@@ -30,14 +30,7 @@ LARIMAR = {"name": "larimar", "slots": 8, "steps": 2, "key_steps": 2, "batch_siz
            "answer_tokens": 48}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def offline_single_thread(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline", "shared_cache", "one_thread")
 
 
 def stream(kind: str, **params) -> dict:

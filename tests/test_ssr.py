@@ -35,13 +35,7 @@ TRAIN = TrainConfig(epochs=1, batch_size=8, lr=1e-3, optimizer="adamw")
 SSR = {"instances_per_task": 4, "candidates_per_task": 64, "temperature": 1.3, "top_p": 1.0}
 
 
-@pytest.fixture(autouse=True)
-def offline_single_thread(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 
 
 @pytest.fixture(scope="module")
