@@ -257,7 +257,7 @@ def test_the_base_learns_prompts_only_when_its_config_asks(cache, monkeypatch):
         CausalLM, "encode", lambda self, e, *a, **k: seen.append(k) or encode(self, e, *a, **k)
     )
     for learn in (True, False):
-        load_or_train_base(tiny_model(), small_base(learn_prompts=learn), {"name": "t"})
+        load_or_train_base(tiny_model(), small_base(learn_prompts=learn), TINY_DICT)
     assert [k.get("label_prompts") for k in seen] == [True, False]
 
 

@@ -270,7 +270,8 @@ def test_unknown_metric_lists_the_metrics_that_exist(finished_grid, capsys):
     uri, name = finished_grid
     assert main(["compare", name, "--tracking-uri", uri, "--sort", "final/acuracy"]) == 2
     err = capsys.readouterr().err
-    assert "--sort final/acuracy: no run of 'finished' has this metric" in err
+    assert "--sort final/acuracy: not a final metric of 'finished'" in err
+    assert 'did you mean "final/avg_acc"' in err
     assert all(f"final/{metric}" in err for metric in HEADLINE)
 
 
