@@ -191,7 +191,7 @@ def ray_executor(resources: Resources, cells: int, on_running: Callable[[int], N
     """An executor for `run_grid`: every cell as a Ray task, yielded as each one ends.
 
     Made before `run_grid` reads the store, it sets the workers that will take the first
-    `cells` cells on their one-time costs at once: 4-8 s of imports (torch, MLflow, and
+    `cells` cells on their one-time costs at once: seconds of imports (torch, MLflow, and
     torch._dynamo, which torch imports for the first optimizer) that would otherwise
     delay each worker's first cell.
     """

@@ -72,7 +72,7 @@ class ProductQuantizer:
     def __init__(self, latent_shape: tuple[int, ...], subquantizers: int, bits: int) -> None:
         import faiss
 
-        # torch and faiss each with a thread per core slowed steps up to 100x on 2 cores
+        # torch and faiss each with a thread per core oversubscribe the cores and slow every step
         # (their OpenMP pools spin against each other); faiss's calls here are small.
         faiss.omp_set_num_threads(1)
         self.latent_shape = latent_shape

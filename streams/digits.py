@@ -24,7 +24,7 @@ def read_digits() -> tuple[np.ndarray, np.ndarray]:
     """(images (N, 8, 8) in 0..16, labels (N,)) from the CSV that scikit-learn ships.
 
     Read straight from the file `sklearn.datasets.load_digits` reads: importing
-    scikit-learn costs a Ray worker 1-3 s of start-up for a 50 kB file.
+    scikit-learn costs a Ray worker seconds of start-up for a 50 kB file.
     """
     package = importlib.util.find_spec("sklearn")  # locates it without importing it
     path = Path(package.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
@@ -185,7 +185,7 @@ class RotatedDigitsConfig:
 @register_stream("rotated_digits")
 def rotated_digits(config: RotatedDigitsConfig, seed: int) -> Stream:
     """Domain-incremental: all 10 classes each time, rotated; the seed orders the angles."""
-    import torchvision.transforms.functional as TF  # here: 2-3 s of import for one stream
+    import torchvision.transforms.functional as TF  # here: a slow import for one stream
 
     train, test = load_digits_split()
     angles = np.linspace(0.0, config.max_angle, config.n_experiences, endpoint=False)
