@@ -44,12 +44,17 @@ class AvalancheStrategy(Strategy):
     def __init__(self, model: nn.Module, config: Any, train: TrainConfig, stream: Stream) -> None:
         super().__init__(model, config, train, stream)
         from avalanche.benchmarks.scenarios import benchmark_from_datasets
+        from avalanche.benchmarks.scenarios.task_aware import with_task_labels
         from avalanche.training.plugins import EvaluationPlugin
 
         self.benchmark = benchmark_from_datasets(
             train=[_as_avalanche(e.train) for e in stream],
             test=[_as_avalanche(e.test) for e in stream],
         )
+        if any(e.train.task is not None for e in stream):
+            # Avalanche hands a multi-task model its task labels only from experiences that
+            # say they have them; without this, every head trains under one softmax.
+            self.benchmark = with_task_labels(self.benchmark)
         self.inner = self.avalanche_class(
             model=model,
             optimizer=self.optimizer,

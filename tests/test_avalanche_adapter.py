@@ -104,3 +104,31 @@ def test_avalanche_parameters_are_validated_against_its_signature():
         cell_for("EWC", {"ewc_lambda": 1.0, "lamda": 2})
     with pytest.raises(ConfigError, match='did you mean "EWC"'):
         cell_for("EWCC", {})
+
+
+def test_a_task_incremental_stream_hands_avalanche_its_task_labels():
+    """A multi-head model learns per head only if avalanche passes it the task labels, which
+    it takes from experiences that declare them."""
+    grid = grid_from_dict({
+        "name": "avalanche-tasks",
+        "streams": [{"name": "split_digits", "n_experiences": 5, "task_labels": True}],
+        "model": {"name": "mlp_multihead", "hidden": [32]},
+        "train": {"epochs": 3, "batch_size": 32, "lr": 0.1, "momentum": 0.9},
+        "strategies": ["avalanche.Naive"],
+    })  # fmt: skip
+    stream, strategy = build_cell(grid.cells[0], "cpu")
+    labels = [e.task_labels for e in strategy.benchmark.train_stream]
+    assert labels == [[0], [1], [2], [3], [4]]
+    seen = []
+    forward = type(strategy.model).forward
+
+    def recording(self, x, task_labels=None, *args, **kwargs):
+        seen.append(None if task_labels is None else sorted(set(task_labels.tolist())))
+        return forward(self, x, task_labels, *args, **kwargs)
+
+    type(strategy.model).forward = recording
+    try:
+        strategy.train(stream.experiences[1])
+    finally:
+        type(strategy.model).forward = forward
+    assert seen and all(s == [1] for s in seen)  # experience 1's head, on every batch
