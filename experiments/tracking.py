@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -230,11 +231,24 @@ def open_grid(uri: str, grid_name: str, n_cells: int, grid_source: dict[str, Any
             run_name=f"{grid_name} ({time.strftime('%Y-%m-%d %H:%M:%S')})",
             tags={f"{TAG}role": "grid", f"{TAG}grid": grid_name, f"{TAG}cells": str(n_cells),
                   f"{TAG}heartbeat": str(time.time()), f"{TAG}host": socket.gethostname(),
-                  f"{TAG}pid": str(os.getpid()), **_commit_tag(commit)},
+                  f"{TAG}pid": str(os.getpid()), **_commit_tag(commit), **version_tags()},
         )  # fmt: skip
         _ACTIVE_GRIDS.add(run.info.run_id)  # until its Heartbeat ends
     store.log_text(run.info.run_id, yaml.safe_dump(grid_source, sort_keys=False), "grid.yaml")
     return GridRun(uri, experiment_id, run.info.run_id, commit)
+
+
+# The packages a result depends on; the parent run carries `forgetless.version.<package>`.
+VERSIONED = ["torch", "avalanche-lib", "transformers", "peft", "mlflow", "ray", "numpy"]
+
+
+def version_tags() -> dict[str, str]:
+    """The driver's package versions, so that a report can state what produced its numbers."""
+    tags = {}
+    for package in VERSIONED:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            tags[f"{TAG}version.{package}"] = metadata.version(package)
+    return tags
 
 
 def _commit_tag(commit: str) -> dict[str, str]:
