@@ -3,7 +3,7 @@
     train(experience):
         before_experience(experience)
         data = training_data(experience)      # cumulative: everything seen so far
-        for epoch, batch in batches(data):
+        for epoch, batch in batches(data):   # by index, or a DataLoader's workers
             batch = compose(batch)            # rehearsal: append replayed samples
             loss = loss(batch)                # e.g. distillation terms
             backward; every `accumulate` batches: clip, optimizer step
@@ -17,8 +17,10 @@ CUDA). Methods whose unit is not a batch (editors, the Avalanche adapter) overri
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -71,10 +73,17 @@ class TrainConfig:
     clip_norm: float | None = param(
         None, "clip the gradients' global L2 norm to this before each step (null: no clipping)"
     )
+    num_workers: int = param(
+        0,
+        "DataLoader worker processes that gather (and augment) the batches of a training set "
+        "too large to sit on the device (over 64 MiB); 0: the training process cuts them",
+    )
 
     def validate(self, where: str) -> None:
         for name in ("epochs", "batch_size", "lr", "eval_batch_size", "accumulate", "clip_norm"):
             positive(getattr(self, name), f"{where}.{name}")
+        if self.num_workers < 0:
+            raise ConfigError(f"{where}.num_workers: must be >= 0, got {self.num_workers}")
         if self.warmup_steps < 0:
             raise ConfigError(f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.weight_decay < 0 or self.momentum < 0:
@@ -126,20 +135,21 @@ class Strategy:
         self.before_experience(experience)
         cfg = self.train_config
         data = self.training_data(experience)
-        if data.nbytes <= RESIDENT_BYTES:
+        resident = data.nbytes <= RESIDENT_BYTES
+        if resident:
             data = data.to(self.device)
+        loader = None
+        if not resident and cfg.num_workers > 0:
+            loader = data.loader(cfg.batch_size, cfg.num_workers, self.device.type == "cuda")
         self.model.train()
         batches = -(-len(data) // cfg.batch_size)
         step, steps = 0, cfg.epochs * -(-batches // cfg.accumulate)
         for epoch in range(cfg.epochs):
-            order = torch.randperm(len(data), device=data.y.device)
             total = torch.zeros((), device=self.device)
-            for first in range(0, batches, cfg.accumulate):
-                group = range(first, min(first + cfg.accumulate, batches))
+            for group in _groups(self._batches(data, loader), cfg.accumulate):
                 self.optimizer.zero_grad(set_to_none=True)
-                for b in group:
-                    index = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                    batch = self.compose(data.subset(index).to(self.device))
+                for batch in group:
+                    batch = self.compose(batch)
                     if self.generation:
                         batch = trim_padding(batch)
                     with self.autocast():
@@ -159,6 +169,19 @@ class Strategy:
                     f" (lr={self.train_config.lr}); lower train.lr or check the data"
                 )
         self.after_experience(experience)
+
+    def _batches(self, data: Samples, loader: Iterable[Samples] | None) -> Iterator[Samples]:
+        """One epoch's batches on the device, in a fresh random order: cut by index from
+        `data` (on the device when it fits, else moved batch by batch), or drawn from a
+        DataLoader's workers (train.num_workers, for a set that does not fit)."""
+        if loader is not None:
+            for batch in loader:
+                yield batch.to(self.device, non_blocking=True)
+            return
+        order = torch.randperm(len(data), device=data.y.device)
+        for first in range(0, len(data), self.train_config.batch_size):
+            index = order[first : first + self.train_config.batch_size]
+            yield data.subset(index).to(self.device)
 
     # --- hooks ----------------------------------------------------------------------
     def before_experience(self, experience: Experience) -> None:
@@ -251,6 +274,13 @@ class Strategy:
         self.optimizer.load_state_dict(state["optimizer"])
         if "grad_scaler" in state:
             self.scaler.load_state_dict(state["grad_scaler"])
+
+
+def _groups(batches: Iterator[Samples], size: int) -> Iterator[list[Samples]]:
+    """Consecutive batches in lists of `size` (the last may be shorter): one optimizer
+    step's worth under gradient accumulation."""
+    while group := list(itertools.islice(batches, size)):
+        yield group
 
 
 def _grad_scaler(precision: str, model: nn.Module, device: torch.device) -> torch.amp.GradScaler:

@@ -36,9 +36,30 @@ class Samples:
         task = None if self.task is None else self.task[index]
         return Samples(self.x[index], self.y[index], task)
 
-    def to(self, device: torch.device | str) -> Samples:
-        task = None if self.task is None else self.task.to(device)
-        return Samples(self.x.to(device), self.y.to(device), task)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Samples:
+        task = None if self.task is None else self.task.to(device, non_blocking=non_blocking)
+        x, y = (t.to(device, non_blocking=non_blocking) for t in (self.x, self.y))
+        return Samples(x, y, task)
+
+    def __getitem__(self, i: int) -> tuple:
+        """One sample as a torch Dataset serves it (task -1 where the stream has none)."""
+        return self.x[i], self.y[i], -1 if self.task is None else self.task[i]
+
+    def loader(
+        self, batch_size: int, num_workers: int = 0, pin_memory: bool = False
+    ) -> torch.utils.data.DataLoader:
+        """A shuffling DataLoader over the samples, yielding Samples: worker processes
+        gather (and, for augmented sets, transform) the batches while the model trains;
+        pinned memory lets a batch's copy to the GPU overlap the step before it."""
+
+        def collate(rows: list[tuple]) -> Samples:
+            x, y, task = (torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in range(3))
+            return Samples(x, y, None if self.task is None else task)
+
+        return torch.utils.data.DataLoader(
+            self, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+            pin_memory=pin_memory, collate_fn=collate, persistent_workers=num_workers > 0,
+        )  # fmt: skip
 
     @property
     def nbytes(self) -> int:

@@ -140,8 +140,7 @@ class AugmentedSamples(Samples):
     or one at a time as a torch Dataset); `x` keeps the stored, untransformed images, which
     the manifest hashes and replay buffers keep.
 
-    As a Dataset it serves a DataLoader (`loader`): worker processes transform the
-    images, pinned memory speeds their copy to the GPU.
+    As a Dataset (`loader`), worker processes transform the images.
     """
 
     transform: Any = field(default=None, kw_only=True)
@@ -151,27 +150,13 @@ class AugmentedSamples(Samples):
         images = torch.stack([self.transform(image) for image in picked.x])
         return Samples(images, picked.y, picked.task)
 
-    def to(self, device: torch.device | str) -> AugmentedSamples:
-        moved = super().to(device)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> AugmentedSamples:
+        moved = super().to(device, non_blocking)
         return AugmentedSamples(moved.x, moved.y, moved.task, transform=self.transform)
 
     def __getitem__(self, i: int) -> tuple:
-        task = -1 if self.task is None else self.task[i]
-        return self.transform(self.x[i]), self.y[i], task
-
-    def loader(self, batch_size: int, shuffle: bool = True, num_workers: int = 0,
-               pin_memory: bool = False, generator: torch.Generator | None = None):  # fmt: skip
-        """A DataLoader over the samples; yields Samples (task None where none)."""
-
-        def collate(rows: list[tuple]) -> Samples:
-            x, y, task = (torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in range(3))
-            return Samples(x, y, None if self.task is None else task)
-
-        return torch.utils.data.DataLoader(
-            self, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-            pin_memory=pin_memory, collate_fn=collate, generator=generator,
-            persistent_workers=num_workers > 0,
-        )  # fmt: skip
+        x, y, task = super().__getitem__(i)
+        return self.transform(x), y, task
 
 
 def limit(samples: Samples, n: int | None, seed: int) -> Samples:
