@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 # Longest first, so that the two lanes end together; the tests below follow this order.
 ORDER = ["ray_scaling", "ssr", "partial_tuning", "baselines", "overhead", "compressed_replay",
-         "editing", "larimar", "lm_overhead"]  # fmt: skip
+         "editing", "larimar", "lm_overhead", "report_speed"]  # fmt: skip
 AT_ONCE = 2
 TIMEOUT_S = 600
 
@@ -313,3 +313,15 @@ def test_lm_overhead_smoke(smoke):
     for run in result["precision"].values():
         assert run["finite"] is True and positive(run["held_out_loss"])
     assert result["config"]["smoke"] is True
+
+
+def test_report_speed_smoke(smoke):
+    result = smoke.result("report_speed")
+    assert set(result) == {"compare_s", "report_s", "compare_rounds", "report_rounds",
+                           "targets", "targets_met", "table_rows", "load_average", "config",
+                           "smoke"}  # fmt: skip
+    assert positive(result["compare_s"]) and positive(result["report_s"])
+    assert len(result["compare_rounds"]) == len(result["report_rounds"]) == 1
+    assert result["targets"] == {"compare_s": 2.0, "report_s": 5.0}
+    assert result["table_rows"] == 2  # naive and rehearsal: the commands read the built store
+    assert result["smoke"] is True and result["config"]["rounds"] == 1
