@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("streams", help="list streams and their parameters")
 
     compare = commands.add_parser("compare", help="final metrics, mean ± std over seeds")
+    compare.add_argument("grids", nargs="+", metavar="GRID",
+                         help="a grid's `name:` (its MLflow experiment) or its YAML file; "
+                         "several make one table, a row per grid and group")  # fmt: skip
     _add_grid_arguments(compare)
     compare.add_argument("--sort", default="final/avg_acc",
                          help="metric to sort by, best first (lowest first for forgetting, "
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser(
         "report", help="one report file: table, statistics over seeds and plots"
     )
+    report.add_argument("grid_name", help="the grid's `name:` (its MLflow experiment)")
     _add_grid_arguments(report)
     report.add_argument("--out", help="the report file (default: GRID_NAME-report.html or .md)")
     report.add_argument("--format", choices=["html", "markdown"],
@@ -230,8 +234,7 @@ def _print_entry(name: str, doc: str, config: type, extra: str) -> None:
 
 
 def _add_grid_arguments(parser: argparse.ArgumentParser) -> None:
-    """The grid, its store and the filters: the same for `compare` and `report`."""
-    parser.add_argument("grid_name", help="the grid's `name:` (its MLflow experiment)")
+    """The store and the filters: the same for `compare` and `report`."""
     parser.add_argument("--tracking-uri", help="MLflow store: sqlite:///PATH or a server's "
                         "http://HOST:PORT (default: $MLFLOW_TRACKING_URI or "
                         "sqlite:///mlflow.db)")  # fmt: skip
@@ -262,11 +265,29 @@ def _readable_store(tracking_uri: str | None) -> str:
     return uri
 
 
+def _grid_name(grid: str) -> str:
+    """A grid named on the command line: its `name:`, or the `name:` in its YAML file."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(grid)
+    if path.suffix not in (".yaml", ".yml"):
+        return grid
+    if not path.is_file():
+        raise ConfigError(f"{grid}: no such grid file")
+    name = (yaml.safe_load(path.read_text()) or {}).get("name")
+    if not isinstance(name, str):
+        raise ConfigError(f"{grid}: the grid file has no `name:`")
+    return name
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from forgetless.experiments.compare import compare_table, format_table
 
     uri = _readable_store(args.tracking_uri)
-    table = compare_table(uri, args.grid_name, args.stream, args.strategy, _where(args.where),
+    names = list(dict.fromkeys(_grid_name(grid) for grid in args.grids))
+    table = compare_table(uri, names, args.stream, args.strategy, _where(args.where),
                           args.sort)  # fmt: skip
     print(format_table(table))
     if args.csv:

@@ -8,6 +8,10 @@ A FINISHED cell may carry the tag `forgetless.flag`, the reason its numbers are 
 believed (it diverged to chance accuracy, its weights are not finite): a diverged cell
 forgets nothing because it learned nothing. A group is flagged when any of its cells is;
 flagged groups are shown as such and ranked after every unflagged one, whatever the sort.
+
+Several grids compare in one table: their cells are grouped within each grid, so a row
+says which grid it comes from. MLflow is imported only to write (`log_seed_groups`): the
+table is read without it (`tracking.read_cells`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import difflib
 
 import pandas as pd
-from mlflow import MlflowClient
 
 from forgetless.core.schema import ConfigError, suggest
 from forgetless.experiments import tracking
@@ -24,7 +27,7 @@ TAG = tracking.TAG
 GROUP_KEYS = ["stream", "strategy", "variant"]
 FLAG_TAG = f"{TAG}flag"
 # Columns of the cell frame that are neither metrics nor parameters.
-CELL_KEYS = GROUP_KEYS + ["seed", "run_id", "flag"]
+CELL_KEYS = ["grid"] + GROUP_KEYS + ["seed", "run_id", "flag"]
 HEADLINE = ["avg_acc", "learning_acc", "forgetting", "bwt", "fwt", "train_time_s", "memory_bytes"]
 # Shown after the headline when a grid logs them (editing and language-model streams).
 EXTRA = ["reliability", "generalization", "locality", "edit_latency_s", "general_retention"]
@@ -32,25 +35,31 @@ EXTRA = ["reliability", "generalization", "locality", "edit_latency_s", "general
 LOWER_IS_BETTER = {"forgetting", "train_time_s", "memory_bytes", "edit_latency_s"}
 
 
-def cell_frame(uri: str, grid_name: str) -> pd.DataFrame:
+def cell_frame(uri: str, grid_names: str | list[str]) -> pd.DataFrame:
     """One row per FINISHED cell: stream, strategy, variant, seed, its flag ("" when it has
-    none) and every final metric."""
+    none), every final metric and parameter; and its grid when several are read."""
     rows = []
-    for run in tracking.cell_runs(uri, grid_name):
-        tags = run.data.tags
+    names = [grid_names] if isinstance(grid_names, str) else grid_names
+    for cell in tracking.read_cells(uri, names):
+        tags = cell.tags
         row = {
+            **({"grid": cell.grid} if len(names) > 1 else {}),
             "stream": tags[f"{TAG}stream"],
             "strategy": tags[f"{TAG}strategy"],
             "variant": tags.get(f"{TAG}variant", "-"),
             "seed": int(tags[f"{TAG}seed"]),
-            "run_id": run.info.run_id,
+            "run_id": cell.run_id,
             "flag": tags.get(FLAG_TAG, "").strip(),
         }
-        row.update({k[len("final/") :]: v for k, v in run.data.metrics.items()
-                    if k.startswith("final/")})  # fmt: skip
-        row.update({f"param:{k}": v for k, v in run.data.params.items()})
+        row.update({k[len("final/") :]: v for k, v in cell.final.items()})
+        row.update({f"param:{k}": v for k, v in cell.params.items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def group_keys(frame: pd.DataFrame) -> list[str]:
+    """What tells groups apart: the grid too when several were read."""
+    return ["grid", *GROUP_KEYS] if "grid" in frame else GROUP_KEYS
 
 
 def metric_names(cells: pd.DataFrame) -> list[str]:
@@ -67,9 +76,10 @@ def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
     """
     if "flag" not in cells:
         cells = cells.assign(flag="")
+    keys = group_keys(cells)
     metric_columns = metric_names(cells)
-    grouped = cells.groupby(GROUP_KEYS, sort=False)
-    unknown = cells[metric_columns].isna().groupby([cells[k] for k in GROUP_KEYS], sort=False)
+    grouped = cells.groupby(keys, sort=False)
+    unknown = cells[metric_columns].isna().groupby([cells[k] for k in keys], sort=False)
     unknown = unknown.any()
     mean = grouped[metric_columns].mean().mask(unknown).add_suffix("_mean")
     std = grouped[metric_columns].std(ddof=1).mask(unknown).add_suffix("_std")
@@ -77,7 +87,7 @@ def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
     table["seeds"] = grouped.size()
     flagged = cells[cells["flag"] != ""].sort_values("seed")
     flagged = flagged.assign(reason="seed " + flagged["seed"].astype(str) + ": " + flagged["flag"])
-    by_group = flagged.groupby(GROUP_KEYS, sort=False)
+    by_group = flagged.groupby(keys, sort=False)
     table["flagged"] = by_group.size().reindex(table.index, fill_value=0)
     table["flag"] = by_group["reason"].agg("; ".join).reindex(table.index, fill_value="")
     return table.reset_index()
@@ -133,6 +143,7 @@ def select(
     A filter that matches nothing is an error naming what exists (with the closest name
     when it looks like a typo), so a typo is never mistaken for an empty result.
     """
+    these = "these grids have" if "grid" in cells else "this grid has"
     for column, wanted in (("stream", streams), ("strategy", strategies)):
         if not wanted:
             continue
@@ -141,7 +152,7 @@ def select(
             have = sorted(set(cells[column]))
             raise ConfigError(
                 f"--{column} {missing[0]}: no finished cell has it"
-                f"{suggest(missing[0], have)}; this grid has {', '.join(have)}"
+                f"{suggest(missing[0], have)}; {these} {', '.join(have)}"
             )
         cells = cells[cells[column].isin(wanted)]
     conditions = [(k, "=", v) for k, v in where.items()] if isinstance(where, dict) else where
@@ -175,15 +186,15 @@ def _same_value(logged: object, wanted: str) -> bool:
 
 def compare_table(
     uri: str,
-    grid_name: str,
+    grid_names: str | list[str],
     streams: list[str] | None = None,
     strategies: list[str] | None = None,
     where: dict[str, str] | list[Condition] | None = None,
     sort: str = "final/avg_acc",
 ) -> pd.DataFrame:
-    """The aggregated table, filtered by stream / strategy / parameter values, best first
-    (flagged groups last)."""
-    cells = cell_frame(uri, grid_name)
+    """The aggregated table of one grid or several, filtered by stream / strategy /
+    parameter values, best first (flagged groups last)."""
+    cells = cell_frame(uri, grid_names)
     if cells.empty:
         return cells
     table = aggregate(select(cells, streams, strategies, where))
@@ -192,8 +203,9 @@ def compare_table(
     if column not in table:
         names = [f"final/{m}" for m in metric_names(cells)]
         per_step = " (per-experience metrics such as acc/exp_0 are curves, not final values)"
+        grids = ", ".join(map(repr, [grid_names] if isinstance(grid_names, str) else grid_names))
         raise ConfigError(
-            f"--sort {sort}: not a final metric of {grid_name!r}{suggest(sort, names)}"
+            f"--sort {sort}: not a final metric of {grids}{suggest(sort, names)}"
             f"{per_step if not sort.startswith('final/') else ''}; these can sort: "
             f"{', '.join(names)}"
         )
@@ -204,7 +216,7 @@ def compare_table(
 def formatted(table: pd.DataFrame) -> pd.DataFrame:
     """The table as text: `mean ± std` per shown metric (the mean alone for one seed), "n/a"
     where a metric is unknown, and a `flag` column when any group is flagged."""
-    out = table[GROUP_KEYS].copy()
+    out = table[[k for k in ("grid", *GROUP_KEYS) if k in table]].copy()
     for metric in HEADLINE + EXTRA:
         if f"{metric}_mean" not in table:
             continue
@@ -233,8 +245,11 @@ def mean_std(mean: float, std: float, seeds: int, digits: int) -> str:
 def flag_lines(table: pd.DataFrame) -> list[str]:
     """One line per flagged group: where, which strategy, and each flagged seed's reason."""
     rows = table[table["flagged"] > 0] if "flagged" in table else table.iloc[:0]
+    grid = "grid" in table
     return [
-        f"{r.stream} / {group_label(r.strategy, r.variant)}: {r.flag}" for r in rows.itertuples()
+        f"{f'{r.grid} / ' if grid else ''}{r.stream} / {group_label(r.strategy, r.variant)}: "
+        f"{r.flag}"
+        for r in rows.itertuples()
     ]
 
 
@@ -256,6 +271,8 @@ def log_seed_groups(grid_run: tracking.GridRun, grid_name: str) -> None:
     group's run carries `forgetless.flag` too), and write the table with links to every
     cell run as the parent run's description, so the parent run shows what the grid found
     and leads to each of its cells."""
+    from mlflow import MlflowClient
+
     client = MlflowClient(grid_run.tracking_uri)
     old = client.search_runs([grid_run.experiment_id], f"tags.`{TAG}role` = 'group'")
     for run in old:

@@ -5,6 +5,9 @@ child run per cell (`forgetless.role=cell`), and one group run per (stream, stra
 grid point) with mean and std over seeds (`forgetless.role=group`). Values are logged
 with `MlflowClient.log_batch`: one call per experience, not one per value. The tracker
 never knows which strategy ran; it receives plain numbers.
+
+MLflow is imported where a store is first called, not with this module: importing it costs
+seconds of CPU, and `forgetless compare` reads a SQLite store without it (`read_cells`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -25,19 +29,19 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import filelock
-import requests
 import yaml
-from mlflow import MlflowClient
-from mlflow.entities import Experiment, Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 
-from forgetless.core.schema import ConfigError
+from forgetless.core.schema import ConfigError, suggest
 from forgetless.experiments.config import Cell
 from forgetless.experiments.config import flatten as config_flatten
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Experiment, Metric
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "forgetless."
@@ -100,6 +104,8 @@ def check_tracking_uri(uri: str, must_exist: bool = False) -> None:
 
 def _transient(error: BaseException) -> bool:
     """Whether `error` says the store is unreachable or busy, not that a request is wrong."""
+    import requests
+
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, (ConnectionError, TimeoutError, requests.ConnectionError,
@@ -143,6 +149,8 @@ class Store:
     """MlflowClient whose every call goes through `retrying`."""
 
     def __init__(self, uri: str, patience: float | None = None) -> None:
+        from mlflow import MlflowClient
+
         self.uri = uri
         self.patience = patience
         self._client = MlflowClient(uri)
@@ -205,6 +213,8 @@ def _describe_experiment(store: Store, experiment_id: str, grid_name: str) -> No
 def open_grid(uri: str, grid_name: str, n_cells: int, grid_source: dict[str, Any]) -> GridRun:
     """Create the store, the experiment and the parent run before any worker logs, and
     close the parent runs of drivers that stopped without closing theirs."""
+    from mlflow.exceptions import MlflowException
+
     commit = source_commit()
     with store_lock(uri):
         store = Store(uri)
@@ -220,7 +230,7 @@ def open_grid(uri: str, grid_name: str, n_cells: int, grid_source: dict[str, Any
                 experiment_id = store.get_experiment_by_name(grid_name).experiment_id
         else:
             experiment_id = experiment.experiment_id
-            for parent in _search_all(store, experiment_id, f"tags.`{TAG}role` = 'grid' and "
+            for parent in _search_all(store, [experiment_id], f"tags.`{TAG}role` = 'grid' and "
                                       "attributes.status = 'RUNNING'"):  # fmt: skip
                 if not _alive(parent):
                     store.set_tag(parent.info.run_id, f"{TAG}interrupted", "true")
@@ -364,10 +374,10 @@ def claim_cells(grid_run: GridRun, cells: list[Cell]) -> Claims:
 
 
 def _grid_state(store: Store, experiment_id: str, wanted: dict[str, Cell]):
-    parents = {p.info.run_id: p for p in _search_all(store, experiment_id,
+    parents = {p.info.run_id: p for p in _search_all(store, [experiment_id],
                                                      f"tags.`{TAG}role` = 'grid'")}  # fmt: skip
     runs: dict[str, list] = {}
-    for run in _search_all(store, experiment_id, f"tags.`{TAG}role` = 'cell'"):
+    for run in _search_all(store, [experiment_id], f"tags.`{TAG}role` = 'cell'"):
         cell_hash = run.data.tags.get(f"{TAG}cell_hash")
         if cell_hash in wanted:
             runs.setdefault(cell_hash, []).append(run)
@@ -400,6 +410,8 @@ def _take(store: Store, grid_run: GridRun, cell: Cell, runs: list) -> str:
     """The run this driver will log the cell to: the latest one a stopped driver left
     unfinished (RUNNING, SCHEDULED or KILLED), else a new one. FAILED runs keep their
     reason; the others of the cell are closed as KILLED."""
+    from mlflow.entities import RunTag
+
     lease = {f"{TAG}driver": grid_run.parent_run_id, f"{TAG}claimed_at": str(time.time()),
              "mlflow.parentRunId": grid_run.parent_run_id}  # fmt: skip
     unfinished = sorted((r for r in runs if r.info.status in ("RUNNING", "SCHEDULED", "KILLED")),
@@ -435,7 +447,7 @@ def finished_cells(uri: str, grid_name: str) -> dict[str, str]:
         return {}
     runs = _search_all(
         store,
-        experiment.experiment_id,
+        [experiment.experiment_id],
         f"tags.`{TAG}role` = 'cell' and attributes.status = 'FINISHED'",
     )
     return {r.data.tags[f"{TAG}cell_hash"]: r.info.run_id for r in runs}
@@ -443,6 +455,8 @@ def finished_cells(uri: str, grid_name: str) -> dict[str, str]:
 
 def run_is_open(uri: str, run_id: str | None) -> bool:
     """Whether `run_id` is a run of this store that can still be logged to."""
+    from mlflow.exceptions import MlflowException
+
     if not run_id:
         return False
     try:
@@ -457,12 +471,17 @@ def grid_experiment(uri: str, grid_name: str) -> Experiment:
     store = Store(uri)
     experiment = store.get_experiment_by_name(grid_name)
     if experiment is None:
-        names = sorted(e.name for e in store.search_experiments() if e.name != "Default")
-        raise ConfigError(
-            f"no grid named {grid_name!r} in {uri}; grids there: {', '.join(names) or '(none)'}"
-            " (or run the grid first)"
-        )
+        raise _no_grid(grid_name, [e.name for e in store.search_experiments()], uri)
     return experiment
+
+
+def _no_grid(grid_name: str, experiments: Iterable[str], uri: str) -> ConfigError:
+    """The error for a grid the store does not hold: the grids it holds, the closest first."""
+    names = sorted(n for n in experiments if n != "Default")
+    return ConfigError(
+        f"no grid named {grid_name!r} in {uri}; grids there: {', '.join(names) or '(none)'}"
+        f"{suggest(grid_name, names)} (or run the grid first)"
+    )
 
 
 def cell_runs(uri: str, grid_name: str, status: str | None = "FINISHED") -> list:
@@ -470,13 +489,102 @@ def cell_runs(uri: str, grid_name: str, status: str | None = "FINISHED") -> list
     query = f"tags.`{TAG}role` = 'cell'"
     if status:
         query += f" and attributes.status = '{status}'"
-    return _search_all(Store(uri), experiment.experiment_id, query)
+    return _search_all(Store(uri), [experiment.experiment_id], query)
 
 
-def _search_all(client: MlflowClient | Store, experiment_id: str, query: str) -> list:
+@dataclass
+class CellRecord:
+    """A FINISHED cell run as `read_cells` gives it: plain values, no MLflow entity."""
+
+    grid: str
+    run_id: str
+    tags: dict[str, str]
+    final: dict[str, float]  # the final metrics, keys with their `final/` prefix
+    params: dict[str, str]
+
+
+def read_cells(uri: str, grid_names: list[str]) -> list[CellRecord]:
+    """The FINISHED cell runs of these grids, newest first as `search_runs` orders them; a
+    name not in the store is an error listing the grids there.
+
+    A SQLite store is read in four queries on MLflow's own tables, opened read-only, without
+    importing MLflow, whose import alone takes longer than the whole table should (#31). A
+    server, or a schema these queries do not know, is read in one `search_runs` over all the
+    grids' experiments: the same values, since both read the runs' latest metrics.
+    """
+    path = sqlite_path(uri)
+    if path is not None:
+        try:
+            return _read_sqlite_cells(path, uri, grid_names)
+        except sqlite3.DatabaseError as e:
+            log.debug("%s: read through MLflow (%s)", uri, e)
+    return _search_cells(uri, grid_names)
+
+
+def _search_cells(uri: str, grid_names: list[str]) -> list[CellRecord]:
+    store = Store(uri)
+    experiments = {e.name: e.experiment_id for e in store.search_experiments()}
+    ids = _experiment_ids(experiments, uri, grid_names)
+    names = {v: k for k, v in experiments.items()}
+    query = f"tags.`{TAG}role` = 'cell' and attributes.status = 'FINISHED'"
+    return [
+        CellRecord(
+            names[run.info.experiment_id],
+            run.info.run_id,
+            dict(run.data.tags),
+            {k: v for k, v in run.data.metrics.items() if k.startswith("final/")},
+            dict(run.data.params),
+        )
+        for run in _search_all(store, list(ids.values()), query)
+    ]
+
+
+def _experiment_ids(experiments: dict[str, str], uri: str, grid_names: list[str]) -> dict:
+    """grid name -> experiment id, for each of `grid_names`; ConfigError naming the grids."""
+    missing = [name for name in grid_names if name not in experiments]
+    if missing:
+        raise _no_grid(missing[0], experiments, uri)
+    return {name: str(experiments[name]) for name in grid_names}
+
+
+def _read_sqlite_cells(path: Path, uri: str, grid_names: list[str]) -> list[CellRecord]:
+    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                                            timeout=PATIENCE_S)) as db:  # fmt: skip
+        active = "SELECT name, experiment_id FROM experiments WHERE lifecycle_stage = 'active'"
+        experiments = {name: str(experiment_id) for name, experiment_id in db.execute(active)}
+        ids = _experiment_ids(experiments, uri, grid_names)
+        names = {v: k for k, v in ids.items()}
+        marks = ", ".join("?" * len(ids))
+        cells = (
+            "SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            f"WHERE r.experiment_id IN ({marks}) AND r.status = 'FINISHED' AND "
+            f"r.lifecycle_stage = 'active' AND t.key = '{TAG}role' AND t.value = 'cell'"
+        )
+        wanted = list(ids.values())
+        runs = db.execute(f"SELECT run_uuid, experiment_id FROM runs WHERE run_uuid IN ({cells}) "
+                          "ORDER BY start_time DESC, run_uuid", wanted).fetchall()  # fmt: skip
+        records = {run_id: CellRecord(names[str(experiment_id)], run_id, {}, {}, {})
+                   for run_id, experiment_id in runs}  # fmt: skip
+        for run_id, key, value in db.execute(
+            f"SELECT run_uuid, key, value FROM tags WHERE run_uuid IN ({cells})", wanted
+        ):
+            records[run_id].tags[key] = value
+        for run_id, key, value in db.execute(
+            f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN ({cells})", wanted
+        ):
+            records[run_id].params[key] = value
+        for run_id, key, value, is_nan in db.execute(
+            "SELECT run_uuid, key, value, is_nan FROM latest_metrics WHERE "
+            f"substr(key, 1, 6) = 'final/' AND run_uuid IN ({cells})", wanted
+        ):  # fmt: skip
+            records[run_id].final[key] = float("nan") if is_nan else value  # as MLflow reads it
+    return list(records.values())
+
+
+def _search_all(client: MlflowClient | Store, experiment_ids: list[str], query: str) -> list:
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+        page = client.search_runs(experiment_ids, query, max_results=1000, page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
@@ -513,6 +621,8 @@ class CellRun:
 
     def __init__(self, grid_run: GridRun, run_id: str, cell: Cell, manifest: list[dict],
                  pending: list[tuple] = ()) -> None:  # fmt: skip
+        from mlflow.entities import Metric, Param
+
         self.store = Store(grid_run.tracking_uri)
         self.run_id = run_id
         self.cell = cell
@@ -560,6 +670,8 @@ class CellRun:
 
     def log_step(self, step: int, row: list[float], values: dict[str, float]) -> None:
         """Metrics after experience `step`: its accuracy row and named values."""
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         self.metrics += [Metric(f"acc/exp_{j}", float(v), now, step) for j, v in enumerate(row)]
         self.metrics += [Metric(k, float(v), now, step) for k, v in values.items()]
@@ -590,6 +702,8 @@ class CellRun:
 
     def flush(self, patience: float | None = None) -> None:
         """Write what is buffered; a batch leaves the buffer only once the store has it."""
+        from mlflow.entities import RunTag
+
         store = self.store if patience is None else Store(self.store.uri, patience)
         while self.params or self.metrics:  # MLflow's per-call limits: 100 params, 1000 values
             store.log_batch(self.run_id, metrics=self.metrics[:1000], params=self.params[:100])
@@ -601,6 +715,8 @@ class CellRun:
 
     def finish(self, summary: dict[str, float], artifacts: Path) -> None:
         """Final metrics and the files in `artifacts` (config and manifest added), FINISHED."""
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         self.metrics += [Metric(f"final/{k}", float(v), now, 0) for k, v in summary.items()]
         self.flush()
@@ -609,6 +725,8 @@ class CellRun:
         self.store.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, reason: str) -> None:
+        from mlflow.entities import RunTag
+
         try:
             self.flush()
             with tempfile.TemporaryDirectory() as folder:
@@ -630,6 +748,8 @@ def log_groups(
 ) -> None:
     """One run per (stream, strategy, grid point) carrying `final/<metric>_mean` and `_std`,
     and its configuration as params (the cells' params but the seed), to filter by."""
+    from mlflow.entities import Metric, Param
+
     client = Store(grid_run.tracking_uri)
     now = int(time.time() * 1000)
     for key, values in groups.items():

@@ -1,0 +1,167 @@
+"""`forgetless compare` over one grid or several, read without importing MLflow.
+
+The store here is written run by run with MlflowClient, as the tracker writes it (the
+contract of docs/mlflow.md), so every number in the table is known in advance and no test
+waits for training.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from forgetless.experiments import tracking
+from forgetless.experiments.cli import main
+from forgetless.experiments.compare import compare_table
+
+TAG = tracking.TAG
+# grid -> (strategy, seed, final metrics, train.lr) of each FINISHED cell
+CELLS = {
+    "alpha": [
+        ("naive", 0, {"avg_acc": 0.20, "forgetting": 0.90, "memory_bytes": 0.0}, "0.05"),
+        ("naive", 1, {"avg_acc": 0.22, "forgetting": 0.88, "memory_bytes": 0.0}, "0.05"),
+        ("rehearsal", 0, {"avg_acc": 0.80, "forgetting": 0.10, "memory_bytes": 500.0}, "0.05"),
+        ("rehearsal", 1, {"avg_acc": 0.82, "forgetting": 0.12, "memory_bytes": 500.0}, "0.05"),
+    ],
+    "beta": [
+        ("rehearsal", 0, {"avg_acc": 0.70, "forgetting": 0.30, "memory_bytes": 200.0}, "0.1"),
+        ("rehearsal", 1, {"avg_acc": 0.74, "forgetting": 0.26, "memory_bytes": 200.0}, "0.1"),
+        ("cumulative", 0, {"avg_acc": 0.95, "forgetting": 0.02, "memory_bytes": math.nan},
+         "0.1"),  # fmt: skip
+    ],
+}
+
+
+def log_cell(client: MlflowClient, experiment_id: str, grid: str, strategy: str, seed: int,
+             final: dict[str, float], lr: str, status: str = "FINISHED") -> str:  # fmt: skip
+    """A cell run with the tags, params and final metrics the tracker gives one."""
+    tags = {f"{TAG}role": "cell", f"{TAG}grid": grid, f"{TAG}stream": "split_digits",
+            f"{TAG}strategy": strategy, f"{TAG}seed": str(seed), f"{TAG}variant": "-",
+            f"{TAG}cell_hash": f"{grid}-{strategy}-{seed}"}  # fmt: skip
+    run = client.create_run(experiment_id, run_name=f"split_digits/{strategy} seed={seed}",
+                            tags=tags)  # fmt: skip
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(f"final/{k}", v, now, 0) for k, v in final.items()]
+        + [Metric("avg_acc", 0.5, now, 0)],  # a per-step metric: not in the table
+        params=[Param("train.lr", lr), Param("seed", str(seed))],
+    )
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """Two grids in one SQLite store, plus runs that compare must leave out: a FAILED cell,
+    a RUNNING one, a deleted one and a group run."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('compare') / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    for grid, cells in CELLS.items():
+        experiment_id = client.create_experiment(grid)
+        for strategy, seed, final, lr in cells:
+            log_cell(client, experiment_id, grid, strategy, seed, final, lr)
+    beta = client.get_experiment_by_name("beta").experiment_id
+    bad = {"avg_acc": 0.0, "forgetting": 0.0, "memory_bytes": 0.0}
+    log_cell(client, beta, "beta", "naive", 0, bad, "0.1", status="FAILED")
+    log_cell(client, beta, "beta", "naive", 1, bad, "0.1", status="RUNNING")
+    client.delete_run(log_cell(client, beta, "beta", "naive", 2, bad, "0.1"))
+    group = client.create_run(beta, tags={f"{TAG}role": "group", f"{TAG}strategy": "naive"})
+    client.set_terminated(group.info.run_id, "FINISHED")
+    return uri
+
+
+def comparable(cells: list[tracking.CellRecord]) -> list[tuple]:
+    """Records as tuples, NaN as a string (NaN is unequal to itself)."""
+    return [
+        (c.grid, c.run_id, c.tags, {k: "nan" if math.isnan(v) else v for k, v in c.final.items()},
+         c.params)  # fmt: skip
+        for c in cells
+    ]
+
+
+def test_sqlite_store_is_read_as_mlflow_search_runs_reads_it(store):
+    path = tracking.sqlite_path(store)
+    fast = tracking._read_sqlite_cells(path, store, ["alpha", "beta"])
+    assert comparable(fast) == comparable(tracking._search_cells(store, ["alpha", "beta"]))
+    assert len(fast) == 7  # FINISHED cells only
+    cumulative = next(c for c in fast if c.tags[f"{TAG}strategy"] == "cumulative")
+    assert math.isnan(cumulative.final["final/memory_bytes"])  # unknown, not MLflow's stored 0
+    assert set(cumulative.final) == {"final/avg_acc", "final/forgetting", "final/memory_bytes"}
+
+
+def test_compare_reads_a_sqlite_store_without_mlflow_torch_or_matplotlib(store):
+    script = (
+        "import sys\n"
+        "from forgetless.experiments.cli import main\n"
+        f"assert main(['compare', 'alpha', 'beta', '--tracking-uri', {store!r}]) == 0\n"
+        "heavy = sorted(m for m in ('mlflow', 'torch', 'matplotlib', 'ray', 'scipy') "
+        "if m in sys.modules)\n"
+        "print('heavy:', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("heavy: []"), done.stdout
+
+
+def test_two_grids_make_one_table_each_row_naming_its_grid(store, capsys):
+    table = compare_table(store, ["alpha", "beta"])
+    rows = list(zip(table["grid"], table["strategy"]))
+    assert rows == [("beta", "cumulative"), ("alpha", "rehearsal"), ("beta", "rehearsal"),
+                    ("alpha", "naive")]  # fmt: skip
+    assert list(table["seeds"]) == [1, 2, 2, 2]
+    assert table["avg_acc_mean"].tolist() == pytest.approx([0.95, 0.81, 0.72, 0.21])
+    assert main(["compare", "alpha", "beta", "--tracking-uri", store]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["grid", "stream", "strategy"]
+    assert [line.split()[:3] for line in lines[1:]] == [
+        [grid, "split_digits", strategy] for grid, strategy in rows
+    ]
+
+
+def test_one_grid_has_no_grid_column(store, capsys):
+    assert main(["compare", "alpha", "--tracking-uri", store]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["stream", "strategy"]
+    assert len(lines) == 3
+
+
+def test_filters_and_sort_work_across_grids(store, capsys):
+    both = ["alpha", "beta"]
+    replay = compare_table(store, both, strategies=["rehearsal"], sort="final/forgetting")
+    assert list(zip(replay["grid"], replay["forgetting_mean"].round(3))) == [
+        ("alpha", 0.11), ("beta", 0.28)]  # fmt: skip
+    fast = compare_table(store, both, where=[("train.lr", ">", "0.05")])
+    assert set(fast["grid"]) == {"beta"} and set(fast["strategy"]) == {"rehearsal", "cumulative"}
+    lean = compare_table(store, both, sort="final/memory_bytes")
+    assert list(zip(lean["grid"], lean["strategy"]))[-1] == ("beta", "cumulative")  # unknown
+    assert main(["compare", *both, "--tracking-uri", store, "--strategy", "rehersal"]) == 2
+    err = capsys.readouterr().err
+    assert 'did you mean "rehearsal"' in err
+    assert "these grids have cumulative, naive, rehearsal" in err
+    assert main(["compare", *both, "--tracking-uri", store, "--sort", "final/forgeting"]) == 2
+    err = capsys.readouterr().err
+    assert "not a final metric of 'alpha', 'beta'" in err and '"final/forgetting"' in err
+
+
+def test_unknown_grid_names_the_grids_that_exist(store, capsys):
+    assert main(["compare", "alpha", "betta", "--tracking-uri", store]) == 2
+    err = capsys.readouterr().err
+    assert f"no grid named 'betta' in {store}; grids there: alpha, beta" in err
+    assert 'did you mean "beta"' in err
+
+
+def test_a_grid_is_named_by_its_yaml_file_too(store, tmp_path, capsys):
+    grid_file = tmp_path / "beta.yaml"
+    grid_file.write_text("name: beta\nseeds: [0]\n")
+    assert main(["compare", "alpha", str(grid_file), "--tracking-uri", store]) == 0
+    out = capsys.readouterr().out
+    assert "beta" in out and "cumulative" in out and "alpha" in out
+    assert main(["compare", str(tmp_path / "missing.yaml"), "--tracking-uri", store]) == 2
+    assert "missing.yaml: no such grid file" in capsys.readouterr().err
