@@ -226,6 +226,20 @@ def edit_results(strategy: Strategy, stream: Stream) -> dict[str, list]:
     return columns
 
 
+def benchmark_scores(stream: Stream, extra: dict[str, float]) -> dict[str, float]:
+    """The scores the tasks' benchmarks report (SuperNI's ROUGE-L, TRACE's accuracy, ...) at
+    the end of the stream: per task, `<score>/exp_<j>`, and `<score>` averaged over the tasks
+    scored by it, so that a cell's final metrics hold what the benchmark's papers compare,
+    not only the exact match of the matrix."""
+    scores, by_score = {}, {}
+    for j, experience in enumerate(stream):
+        for name in experience.info.get("metrics", ()):
+            scores[f"{name}/exp_{j}"] = extra[f"{name}/exp_{j}"]
+            by_score.setdefault(name, []).append(extra[f"{name}/exp_{j}"])
+    scores.update({name: float(np.mean(values)) for name, values in by_score.items()})
+    return scores
+
+
 @dataclass
 class FinalScores:
     """What a cell logs beside its matrix once the stream is done."""
@@ -243,11 +257,12 @@ def step_scores(R: np.ndarray, i: int, extra: dict[str, float], stream: Stream) 
 def final_scores(strategy: Strategy, stream: Stream, extra: dict[str, float],
                  base_general: float | None, train_time_s: float) -> FinalScores:  # fmt: skip
     """An edit stream's final scores and per-edit table; a language-model stream's
-    retention of the base model's general ability."""
+    benchmark scores and retention of the base model's general ability."""
     final = FinalScores({}, {}, [])
     if stream.kind == "edit":
         final.summary.update(edit_summary(extra, stream, train_time_s))
         final.tables["edits.json"] = edit_results(strategy, stream)
+    final.summary.update(benchmark_scores(stream, extra))
     if base_general:
         final.summary["general_retention"] = extra["general_acc"] / base_general
     elif base_general is not None:
