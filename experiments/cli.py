@@ -124,6 +124,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _watch_server(uri, lambda text: tqdm.write(text, file=sys.stderr)):
         run_grid(grid, uri, executor, on_outcome=on_outcome)
     bar.close()
+    if counts["FINISHED"] + counts["FAILED"]:  # this submission rebuilt the group runs
+        _log_summaries(uri, grid.name)
     print(format_table(compare_table(uri, grid.name)))
     print(f"\n{counts['FINISHED']} cells run, {counts['SKIPPED']} already finished, "
           f"{counts['FAILED']} failed.")  # fmt: skip
@@ -139,6 +141,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"Report: forgetless report {grid.name} --tracking-uri {uri}\n"
           f"MLflow UI: forgetless ui {grid.name} --tracking-uri {uri}")  # fmt: skip
     return 1 if counts["FAILED"] else 0
+
+
+def _log_summaries(uri: str, grid_name: str) -> None:
+    """Give the submission's parent run the report (HTML, and markdown with its figures
+    beside it) and each of its group runs the report page, its accuracy matrix
+    averaged over seeds (JSON and heatmap) and its stream's average-accuracy curves, so that
+    the MLflow UI holds what the report shows. A grid without a finished cell has none."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from forgetless.experiments import compare, plots, report, tracking
+
+    cells = compare.cell_frame(uri, grid_name)
+    if cells.empty:
+        return
+    parent, groups = tracking.summary_runs(uri, grid_name)
+    built = report.build(uri, grid_name)
+    matrices = tracking.read_accuracy_matrices(uri, cells["run_id"])
+    means = compare.mean_accuracy_matrices(
+        cells, {run_id: np.asarray(m["R"], dtype=float) for run_id, m in matrices.items()}
+    )
+    store = tracking.Store(uri)
+    with tempfile.TemporaryDirectory() as folder:
+        page = Path(folder, "report", "report.html")
+        page.parent.mkdir()
+        report.write(built, page, "html")
+        report.write(built, page.with_suffix(".md"), "markdown")  # the figures' files
+        store.log_artifacts(parent, str(page.parent))
+        for key, run_id in groups.items():
+            if key not in means:
+                continue
+            stream, strategy, variant = key
+            rows = cells[(cells["stream"] == stream) & (cells["strategy"] == strategy)
+                         & (cells["variant"] == variant)]  # fmt: skip
+            first = matrices[next(r for r in rows["run_id"] if r in matrices)]
+            seeds = sum(r in matrices for r in rows["run_id"])
+            label = f"{stream}/{compare.group_label(strategy, variant)}"
+            files = Path(folder, run_id)
+            files.mkdir()
+            shutil.copy(page, files / "report.html")
+            curves = page.parent / f"{page.stem}_files" / f"curves-{report.slug(stream)}.png"
+            shutil.copy(curves, files / "average_accuracy.png")
+            matrix = {**first, "R": means[key].tolist(), "seeds": seeds}
+            (files / "accuracy_matrix.json").write_text(json.dumps(matrix))
+            plots.accuracy_heatmap(means[key], first["experiences"],
+                                   f"{label}: mean over {seeds} seeds",
+                                   files / "accuracy_matrix.png")  # fmt: skip
+            store.log_artifacts(run_id, str(files))
 
 
 @contextlib.contextmanager
@@ -321,11 +375,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import os
     import socket
     from pathlib import Path
-    from urllib.parse import quote
 
     import mlflow
 
-    from forgetless.experiments.tracking import grid_experiment
+    from forgetless.experiments.tracking import grid_experiment, share_charts_view
 
     uri = _readable_store(args.tracking_uri)
     served = uri.startswith(("http://", "https://"))
@@ -334,9 +387,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if args.grid_name:
         # MLflow 3 opens an experiment on its GenAI overview; its runs are one tab further.
         tab = "/runs" if int(mlflow.__version__.split(".")[0]) >= 3 else ""
-        url += f"#/experiments/{grid_experiment(uri, args.grid_name).experiment_id}{tab}"
-        charts = url + "?searchFilter=" + quote("tags.`forgetless.role` = 'cell'", safe="")
-        charts += "&compareRunsMode=CHART"
+        experiment_id = grid_experiment(uri, args.grid_name).experiment_id
+        url += f"#/experiments/{experiment_id}{tab}"
+        charts = f"{url}?{share_charts_view(uri, experiment_id)}"
     if served:
         print(f"{uri} is an MLflow server: its UI is at {url}", flush=True)
     else:
@@ -346,8 +399,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
                                   f"--port {args.port + 1}")  # fmt: skip
         print(f"MLflow UI on {uri}: {url}  (Ctrl-C to stop)", flush=True)
     if charts:
-        print(f"the cells' charts: {charts}\n  then Group by > forgetless.strategy for mean "
-              "and band over seeds (docs/reports.md)", flush=True)  # fmt: skip
+        print(f"the cells' charts by strategy (mean and band over seeds): {charts}", flush=True)
     if served:
         return 0
     # `mlflow server` is `mlflow ui` with --workers in every version; one worker and no

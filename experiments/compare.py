@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 
+import numpy as np
 import pandas as pd
 
 from forgetless.core.schema import ConfigError, suggest
@@ -264,6 +265,20 @@ def format_table(table: pd.DataFrame) -> str:
         text += "\n\nFLAGGED, ranked last whatever the sort (numbers not to be trusted):\n"
         text += "\n".join(f"  {line}" for line in flags)
     return text
+
+
+def mean_accuracy_matrices(
+    cells: pd.DataFrame, matrices: dict[str, np.ndarray]
+) -> dict[tuple[str, str, str], np.ndarray]:
+    """Per group (stream, strategy, variant), R averaged over its seeds: the accuracy matrix
+    its group run carries. `matrices` maps a cell's run id to its R; a cell without one is
+    left out, and a group without any has no entry."""
+    means = {}
+    for key, rows in cells.groupby(GROUP_KEYS, sort=False):
+        found = [matrices[run_id] for run_id in rows["run_id"] if run_id in matrices]
+        if found:
+            means[key] = np.mean(found, axis=0)
+    return means
 
 
 def log_seed_groups(grid_run: tracking.GridRun, grid_name: str) -> None:

@@ -210,6 +210,29 @@ def _describe_experiment(store: Store, experiment_id: str, grid_name: str) -> No
         f"`forgetless compare {grid_name}`, `forgetless report {grid_name}`."))  # fmt: skip
 
 
+# The charts view `forgetless ui` links to, saved as the MLflow UI saves a shared view: the
+# experiment tag `mlflow.sharedViewState.<key>`, opened by `?viewStateShareKey=<key>` (the
+# URL alone cannot carry grouping). The cells, grouped by strategy (each chart draws the
+# mean over seeds with a band), every group shown: by default the UI hides all runs but the
+# first ten, which in a grid are the neighbours of whichever ten come first.
+CHARTS_VIEW_KEY = "forgetless-by-strategy"
+CHARTS_VIEW = {
+    "searchFilter": f"tags.`{TAG}role` = 'cell'",
+    "groupBy": {"aggregateFunction": "average",
+                "groupByKeys": [{"mode": "tag", "groupByData": f"{TAG}strategy"}]},
+    "runsHiddenMode": "SHOW_ALL",
+    "useGroupedValuesInCharts": True,
+}  # fmt: skip
+
+
+def share_charts_view(uri: str, experiment_id: str) -> str:
+    """Save the charts view on the experiment (again, should a user have changed it); the
+    query string of the URL that opens it, on the runs page, in chart mode."""
+    Store(uri).set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{CHARTS_VIEW_KEY}",
+                                  json.dumps(CHARTS_VIEW))  # fmt: skip
+    return f"viewStateShareKey={CHARTS_VIEW_KEY}&compareRunsMode=CHART"
+
+
 def open_grid(uri: str, grid_name: str, n_cells: int, grid_source: dict[str, Any]) -> GridRun:
     """Create the store, the experiment and the parent run before any worker logs, and
     close the parent runs of drivers that stopped without closing theirs."""
@@ -241,19 +264,20 @@ def open_grid(uri: str, grid_name: str, n_cells: int, grid_source: dict[str, Any
             run_name=f"{grid_name} ({time.strftime('%Y-%m-%d %H:%M:%S')})",
             tags={f"{TAG}role": "grid", f"{TAG}grid": grid_name, f"{TAG}cells": str(n_cells),
                   f"{TAG}heartbeat": str(time.time()), f"{TAG}host": socket.gethostname(),
-                  f"{TAG}pid": str(os.getpid()), **_commit_tag(commit), **version_tags()},
+                  f"{TAG}pid": str(os.getpid()), **_commit_tag(commit)},
         )  # fmt: skip
         _ACTIVE_GRIDS.add(run.info.run_id)  # until its Heartbeat ends
     store.log_text(run.info.run_id, yaml.safe_dump(grid_source, sort_keys=False), "grid.yaml")
     return GridRun(uri, experiment_id, run.info.run_id, commit)
 
 
-# The packages a result depends on; the parent run carries `forgetless.version.<package>`.
+# The packages a result depends on; a FINISHED cell carries `forgetless.version.<package>`.
 VERSIONED = ["torch", "avalanche-lib", "transformers", "peft", "mlflow", "ray", "numpy"]
 
 
 def version_tags() -> dict[str, str]:
-    """The driver's package versions, so that a report can state what produced its numbers."""
+    """This process's package versions, so that a report can state what produced a cell's
+    numbers (on a cluster, the worker's, which may differ from the driver's)."""
     tags = {}
     for package in VERSIONED:
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -484,6 +508,40 @@ def _no_grid(grid_name: str, experiments: Iterable[str], uri: str) -> ConfigErro
     )
 
 
+def summary_runs(uri: str, grid_name: str) -> tuple[str, dict[tuple[str, str, str], str]]:
+    """The latest submission's parent run id, and the run id of each of its group runs by
+    (stream, strategy, variant)."""
+    experiment_id = grid_experiment(uri, grid_name).experiment_id
+    store = Store(uri)
+    latest = ["attributes.start_time DESC"]
+    (parent,) = store.search_runs([experiment_id], f"tags.`{TAG}role` = 'grid'", max_results=1,
+                                  order_by=latest)  # fmt: skip
+    query = (f"tags.`{TAG}role` = 'group' and "
+             f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")  # fmt: skip
+    groups = {
+        (r.data.tags[f"{TAG}stream"], r.data.tags[f"{TAG}strategy"], r.data.tags[f"{TAG}variant"]):
+        r.info.run_id
+        for r in _search_all(store, [experiment_id], query)
+    }  # fmt: skip
+    return parent.info.run_id, groups
+
+
+def read_accuracy_matrices(uri: str, run_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Each run's `accuracy_matrix.json` by run id; a run without one is left out."""
+    from mlflow.exceptions import MlflowException
+
+    store, found = Store(uri), {}
+    with tempfile.TemporaryDirectory() as folder:
+        for run_id in run_ids:
+            try:
+                path = store.download_artifacts(run_id, "accuracy_matrix.json", folder)
+            except MlflowException as e:
+                log.warning("run %s has no accuracy_matrix.json (%s)", run_id, e)
+                continue
+            found[run_id] = json.loads(Path(path).read_text())
+    return found
+
+
 def cell_runs(uri: str, grid_name: str, status: str | None = "FINISHED") -> list:
     experiment = grid_experiment(uri, grid_name)
     query = f"tags.`{TAG}role` = 'cell'"
@@ -501,6 +559,7 @@ class CellRecord:
     tags: dict[str, str]
     final: dict[str, float]  # the final metrics, keys with their `final/` prefix
     params: dict[str, str]
+    artifact_uri: str = ""  # where its files are (accuracy_matrix.json, stream_manifest.json)
 
 
 def read_cells(uri: str, grid_names: list[str]) -> list[CellRecord]:
@@ -534,6 +593,7 @@ def _search_cells(uri: str, grid_names: list[str]) -> list[CellRecord]:
             dict(run.data.tags),
             {k: v for k, v in run.data.metrics.items() if k.startswith("final/")},
             dict(run.data.params),
+            run.info.artifact_uri,
         )
         for run in _search_all(store, list(ids.values()), query)
     ]
@@ -561,10 +621,10 @@ def _read_sqlite_cells(path: Path, uri: str, grid_names: list[str]) -> list[Cell
             f"r.lifecycle_stage = 'active' AND t.key = '{TAG}role' AND t.value = 'cell'"
         )
         wanted = list(ids.values())
-        runs = db.execute(f"SELECT run_uuid, experiment_id FROM runs WHERE run_uuid IN ({cells}) "
-                          "ORDER BY start_time DESC, run_uuid", wanted).fetchall()  # fmt: skip
-        records = {run_id: CellRecord(names[str(experiment_id)], run_id, {}, {}, {})
-                   for run_id, experiment_id in runs}  # fmt: skip
+        runs = db.execute("SELECT run_uuid, experiment_id, artifact_uri FROM runs WHERE run_uuid "
+                          f"IN ({cells}) ORDER BY start_time DESC, run_uuid", wanted)  # fmt: skip
+        records = {run_id: CellRecord(names[str(experiment_id)], run_id, {}, {}, {}, artifacts)
+                   for run_id, experiment_id, artifacts in runs.fetchall()}  # fmt: skip
         for run_id, key, value in db.execute(
             f"SELECT run_uuid, key, value FROM tags WHERE run_uuid IN ({cells})", wanted
         ):
@@ -719,6 +779,7 @@ class CellRun:
 
         now = int(time.time() * 1000)
         self.metrics += [Metric(f"final/{k}", float(v), now, 0) for k, v in summary.items()]
+        self.tags.update(version_tags())
         self.flush()
         self._write_config(artifacts)
         self.store.log_artifacts(self.run_id, str(artifacts))

@@ -130,3 +130,48 @@ def test_mlflow_ui_started_by_forgetless_ui_shows_the_grid_runs(browser, finishe
     )
     cell.find_element(By.TAG_NAME, "button").click()  # expand the nested runs
     wait(browser, lambda d: set(children) <= linked_run_ids(d))
+
+
+@pytest.fixture(scope="module")
+def baselines_grid(make_grid, tmp_path_factory) -> tuple[str, str]:
+    """(tracking URI, grid name): naive, cumulative and rehearsal x 4 seeds, 12 cells. The
+    MLflow UI shows the first ten runs and hides the rest; ungrouped, those are the first
+    cells the grid created, naive's."""
+    from forgetless.experiments.runner import run_grid
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('baselines-grid') / 'mlflow.db'}"
+    rehearsal = {"name": "rehearsal", "buffer": {"size": 20}}
+    grid = make_grid(name="baselines", seeds=[0, 1, 2, 3],
+                     strategies=["naive", "cumulative", rehearsal])  # fmt: skip
+    assert {o.status for o in run_grid(grid, uri)} == {"FINISHED"}
+    return uri, grid.name
+
+
+def test_charts_link_of_forgetless_ui_shows_every_strategy_grouped(browser, baselines_grid, serve,
+                                                                    tmp_path):  # fmt: skip
+    uri, name = baselines_grid
+    command = [sys.executable, "-m", "forgetless.experiments.cli", "ui", name,
+               "--tracking-uri", uri, "--port", "{port}"]  # fmt: skip
+    _, stdout = serve(command, tmp_path)
+    printed = stdout.read_text()
+    match = re.search(r"the cells' charts by strategy \(mean and band over seeds\): (\S+)", printed)
+    assert match, printed
+    strategies = ["naive", "cumulative", "rehearsal"]
+
+    def page_text(driver) -> str:
+        return driver.execute_script("return document.body.innerText")
+
+    browser.get(match.group(1))
+    # Grouped by strategy: a group row per strategy, and a line per strategy in the charts
+    # (the legend of the first chart, accuracy on the first experience).
+    wait(browser, lambda d: all(f"Group: {s}" in page_text(d) for s in strategies))
+    wait(browser, lambda d: all(f"{s} (acc/exp_0)" in page_text(d) for s in strategies))
+    assert browser.execute_script("return new URLSearchParams(location.hash.split('?')[1])"
+                                  ".get('compareRunsMode')") == "CHART"  # fmt: skip
+    # Nothing hidden: every row's visibility toggle is on, groups and runs alike.
+    shown = browser.execute_script(
+        "return Array.from(document.querySelectorAll('input.is-visibility-toggle-checkbox'))"
+        ".map(i => i.checked);"
+    )
+    assert shown and all(shown), shown
+    assert "Unhide" not in page_text(browser)

@@ -7,20 +7,24 @@ waits for training.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
 import time
 
+import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from forgetless.experiments import tracking
 from forgetless.experiments.cli import main
-from forgetless.experiments.compare import compare_table
+from forgetless.experiments.compare import cell_frame, compare_table, mean_accuracy_matrices
 
 TAG = tracking.TAG
+PNG = b"\x89PNG\r\n\x1a\n"
 # grid -> (strategy, seed, final metrics, train.lr) of each FINISHED cell
 CELLS = {
     "alpha": [
@@ -165,3 +169,55 @@ def test_a_grid_is_named_by_its_yaml_file_too(store, tmp_path, capsys):
     assert "beta" in out and "cumulative" in out and "alpha" in out
     assert main(["compare", str(tmp_path / "missing.yaml"), "--tracking-uri", store]) == 2
     assert "missing.yaml: no such grid file" in capsys.readouterr().err
+
+
+def test_mean_accuracy_matrix_of_a_group_is_the_mean_of_its_seeds():
+    cells = pd.DataFrame({
+        "stream": ["s"] * 5, "strategy": ["naive", "naive", "rehearsal", "rehearsal", "lwf"],
+        "variant": ["-"] * 5, "seed": [0, 1, 0, 1, 0], "run_id": ["a", "b", "c", "d", "e"],
+    })  # fmt: skip
+    matrices = {"a": np.array([[1.0, 0.0], [0.2, 0.8]]), "b": np.array([[0.8, 0.0], [0.4, 0.6]]),
+                "c": np.array([[0.9, 0.1], [0.7, 0.9]])}  # fmt: skip
+    means = mean_accuracy_matrices(cells, matrices)
+    assert set(means) == {("s", "naive", "-"), ("s", "rehearsal", "-")}  # lwf: no matrix
+    np.testing.assert_allclose(means[("s", "naive", "-")], [[0.9, 0.0], [0.3, 0.7]])
+    np.testing.assert_allclose(means[("s", "rehearsal", "-")], matrices["c"])  # d has none
+
+
+def test_run_gives_parent_and_group_runs_the_report_and_mean_figures(write_grid, tmp_path,
+                                                                      capsys):  # fmt: skip
+    from forgetless.experiments.plots import accuracy_heatmap
+
+    grid = write_grid(seeds=[0, 1], strategies=["naive", "cumulative"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["run", str(tmp_path / f"{grid.name}.yaml"), "--tracking-uri", uri,
+                 "--no-ray"]) == 0  # fmt: skip
+    capsys.readouterr()
+    client = MlflowClient(uri)
+    parent, groups = tracking.summary_runs(uri, grid.name)
+    assert {path.path for path in client.list_artifacts(parent)} >= {
+        "report.html", "report.md", "report_files"}  # fmt: skip
+    figures = {path.path for path in client.list_artifacts(parent, "report_files")}
+    assert {"report_files/heatmaps-split_digits.png",
+            "report_files/curves-split_digits.png"} <= figures  # fmt: skip
+    assert sorted(groups) == [("split_digits", "cumulative", "-"), ("split_digits", "naive", "-")]
+    cells = cell_frame(uri, grid.name)
+    seeds_matrices = tracking.read_accuracy_matrices(uri, cells["run_id"])
+    for (stream, strategy, _), run_id in groups.items():
+        folder = tmp_path / run_id
+        folder.mkdir()
+        client.download_artifacts(run_id, "", str(folder))
+        assert {p.name for p in folder.iterdir()} == {
+            "report.html", "accuracy_matrix.json", "accuracy_matrix.png", "average_accuracy.png"}
+        assert (folder / "report.html").read_text().startswith("<!doctype html>")
+        assert (folder / "average_accuracy.png").read_bytes().startswith(PNG)
+        ids = cells.loc[cells["strategy"] == strategy, "run_id"]
+        expected = np.mean([seeds_matrices[r]["R"] for r in ids], axis=0)
+        logged = json.loads((folder / "accuracy_matrix.json").read_text())
+        np.testing.assert_allclose(logged["R"], expected)
+        assert logged["seeds"] == 2 and len(logged["experiences"]) == 2
+        # The heatmap is the mean matrix's: drawn again from the seeds' mean, the same bytes.
+        drawn = tmp_path / f"{strategy}.png"
+        accuracy_heatmap(expected, logged["experiences"], f"{stream}/{strategy}: mean over 2 "
+                         "seeds", drawn)  # fmt: skip
+        assert (folder / "accuracy_matrix.png").read_bytes() == drawn.read_bytes()
