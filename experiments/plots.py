@@ -2,21 +2,89 @@
 
 Drawn with matplotlib's object API (no pyplot state, safe in worker threads). A cell draws
 its heatmap once per run with a fixed layout, so it costs milliseconds, not a layout pass;
-the report's figures are few and use constrained layout. Every function takes plain
-numbers: reading MLflow is the caller's business.
+the report's figures are few and use constrained layout, laid out once and then saved as
+PNG, SVG and PDF. Every function takes plain numbers, one value per seed where a figure
+shows seeds: reading MLflow is the caller's business.
+
+Experiences are numbered from 0, as the MLflow step of the metrics logged after each one.
+Memory is shown in KB and MB of 1024 bytes.
 """
 
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
-# label -> (x, mean over seeds, std over seeds): one curve, shaded by its std.
-Curves = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+# label -> (x, values with one row per seed): one curve, the mean over seeds shaded by ± std.
+Curves = dict[str, tuple[np.ndarray, np.ndarray]]
+FORMATS = ("png", "svg", "pdf")
+EXPERIENCE_AXIS = "experience (MLflow step)"
+MARKERS = "osD^vP*Xhp<>"
+LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
+UNITS = [("MB", 1024.0**2), ("KB", 1024.0)]
+
+
+@dataclass(frozen=True)
+class Style:
+    """How one strategy is drawn in every figure of a report."""
+
+    color: tuple
+    marker: str
+    linestyle: str | tuple
+
+
+def styles(labels: list[str]) -> dict[str, Style]:
+    """A colour, a marker and a line style per strategy, the same in every figure.
+
+    Strategies that forget alike (naive, EWC, LwF) draw curves on top of each other: the
+    marker and the dash pattern tell them apart where colours overlap or print in grey.
+    """
+    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {
+        label: Style(cmap(i % cmap.N), MARKERS[i % len(MARKERS)], LINESTYLES[i % len(LINESTYLES)])
+        for i, label in enumerate(labels)
+    }
+
+
+def memory_text(value: float, std: float | None = None) -> str:
+    """Bytes as B, KB or MB (1024-based), the unit chosen by `value`; `std` in the same unit."""
+    if value != value:  # NaN: unknown
+        return "n/a"
+    name, scale = next(((n, s) for n, s in UNITS if abs(value) >= s), ("B", 1.0))
+    digits = 0 if scale == 1.0 else 1 if abs(value) < 100 * scale else 0
+    text = f"{value / scale:,.{digits}f}"
+    if std is not None and std == std:
+        text += f" ± {std / scale:,.{digits}f}"
+    return f"{text} {name}"
+
+
+def sample_std(values: np.ndarray) -> np.ndarray:
+    """The sample std over seeds (axis 0, ddof=1), as in the tables; zero for one seed."""
+    return values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])
+
+
+def render(fig: Figure) -> dict[str, bytes]:
+    """The figure as PNG, SVG and PDF. The constrained layout is solved once and then kept:
+    with a layout engine, every save would solve it again and draw the figure twice."""
+    fig.draw_without_rendering()
+    fig.set_layout_engine(None)
+    files = {}
+    for fmt in FORMATS:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, metadata=_NO_DATE[fmt])
+        files[fmt] = buffer.getvalue()
+    return files
+
+
+# Without a creation date, the same numbers give the same SVG and PDF bytes.
+_NO_DATE = {"png": None, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
 
 
 def accuracy_heatmap(R, names: list[str], title: str, path: Path) -> None:
@@ -30,97 +98,122 @@ def accuracy_heatmap(R, names: list[str], title: str, path: Path) -> None:
     fig.savefig(path)
 
 
-def _draw_matrix(ax, R, title: str):
+def _draw_matrix(
+    ax,
+    R,
+    title: str,
+    ticks: list[str] | None = None,
+    vmax: float = 1.0,
+    cmap: str = "viridis",
+    annotate: bool = True,
+):
+    """One matrix, with its values written in when `annotate` and it is small enough to read;
+    `ticks` name the experiences (default 0..T-1)."""
     R = np.asarray(R, dtype=float)
-    image = ax.imshow(R, vmin=0.0, vmax=1.0, cmap="viridis")
-    if len(R) <= 12:
+    image = ax.imshow(R, vmin=0.0, vmax=vmax, cmap=cmap)
+    if annotate and len(R) <= 12:
         for (i, j), value in np.ndenumerate(R):
-            color = "black" if value > 0.6 else "white"
+            color = "black" if value > 0.6 * vmax else "white"
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
-    ticks = range(len(R))
-    ax.set_xticks(ticks, [str(j) for j in ticks])
-    ax.set_yticks(ticks, [str(i) for i in ticks])
+    positions = range(len(R))
+    ticks = ticks or [str(i) for i in positions]
+    ax.set_xticks(positions, ticks, fontsize=7, rotation=90 if max(map(len, ticks)) > 3 else 0)
+    ax.set_yticks(positions, ticks, fontsize=7)
     ax.set_xlabel("scored on experience j", fontsize=8)
     ax.set_ylabel("trained through experience i", fontsize=8)
     ax.set_title(title, fontsize=8)
     return image
 
 
-def palette(labels: list[str]) -> dict[str, tuple]:
-    """One colour per strategy, the same in every figure of a report."""
-    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
-
-
-def heatmap_row(matrices: dict[str, np.ndarray], title: str) -> Figure:
-    """Accuracy matrices side by side on one colour scale, one panel per strategy."""
-    n = len(matrices)
-    rows = -(-n // 4)  # at most 4 panels a row, so each stays readable on a page
-    columns = -(-n // rows)
-    T = len(next(iter(matrices.values())))
-    side = 1.6 + 0.5 * T
-    fig = _figure((side * columns + 0.8, side * rows + 0.4))
-    axes = fig.subplots(rows, columns, squeeze=False).ravel()
-    for ax, (label, R) in zip(axes, matrices.items()):
-        image = _draw_matrix(ax, R, label)
-    for ax in axes[n:]:
-        ax.set_axis_off()
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label="accuracy")
+def heatmap_grid(
+    mean: dict[str, np.ndarray], std: dict[str, np.ndarray], ticks: list[str] | None, title: str
+) -> Figure:
+    """Per strategy its mean matrix over seeds and, below it, the std over seeds: the mean
+    panels share one colour scale (0 to 1), the std panels another (0 to the largest std),
+    so that a cell where seeds disagree stands out. Only the means are written in: the std
+    panels are read by colour, and text is most of what a figure costs to draw."""
+    n = len(mean)
+    blocks = -(-n // 4)  # at most 4 strategies a row, so each panel stays readable on a page
+    columns = -(-n // blocks)
+    T = len(next(iter(mean.values())))
+    side = 1.8 + 0.5 * T
+    fig = _figure((side * columns + 1.2, 2 * side * blocks + 0.4))
+    axes = fig.subplots(2 * blocks, columns, squeeze=False)
+    top = max(max(float(np.max(s)) for s in std.values()), 1e-3)
+    mean_axes, std_axes = [], []
+    for k, label in enumerate(mean):
+        row, column = 2 * (k // columns), k % columns
+        mean_image = _draw_matrix(axes[row, column], mean[label], f"{label}: mean", ticks)
+        std_image = _draw_matrix(axes[row + 1, column], std[label], f"{label}: std", ticks,
+                                 vmax=top, cmap="magma", annotate=False)  # fmt: skip
+        mean_axes.append(axes[row, column])
+        std_axes.append(axes[row + 1, column])
+    for ax in axes.ravel():
+        if ax not in mean_axes and ax not in std_axes:
+            ax.set_axis_off()
+    fig.colorbar(mean_image, ax=mean_axes, shrink=0.8, label="accuracy, mean")
+    fig.colorbar(std_image, ax=std_axes, shrink=0.8, label="accuracy, std over seeds")
     fig.suptitle(title, fontsize=10)
     return fig
 
 
-def curve_panels(
-    panels: dict[str, Curves], colors: dict[str, tuple], xlabel: str, title: str
-) -> Figure:
-    """One panel per metric, one line per strategy (mean over seeds, shaded ± std)."""
-    fig = _figure((4.6 * len(panels) + 1.4, 3.6))
+def curve_panels(panels: dict[str, Curves], styles: dict[str, Style], xlabel: str,
+                 title: str) -> Figure:  # fmt: skip
+    """One panel per metric, one line per strategy: the mean over seeds, shaded ± std, with
+    each seed's value as a small hollow marker beside it (strategies side by side, so the
+    seeds of curves that coincide do not hide each other)."""
+    fig = _figure((4.6 * len(panels) + 1.6, 3.8))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (metric, curves) in zip(axes, panels.items()):
-        for label, (x, mean, std) in curves.items():
-            ax.plot(x, mean, marker="o", markersize=3, color=colors[label], label=label)
-            ax.fill_between(x, mean - std, mean + std, color=colors[label], alpha=0.2, lw=0)
+        for k, (label, (x, values)) in enumerate(curves.items()):
+            style = styles[label]
+            mean, std = values.mean(axis=0), sample_std(values)
+            ax.plot(x, mean, color=style.color, marker=style.marker, markersize=4,
+                    linestyle=style.linestyle, label=label)  # fmt: skip
+            ax.fill_between(x, mean - std, mean + std, color=style.color, alpha=0.15, lw=0)
+            offset = 0.05 * (k - (len(curves) - 1) / 2)
+            for seed_values in values:
+                ax.scatter(x + offset, seed_values, s=10, marker=style.marker, alpha=0.6,
+                           facecolors="none", edgecolors=[style.color], linewidths=0.7)  # fmt: skip
         ax.set_xticks(x)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5),
+                    title="line: mean; hollow: seeds", title_fontsize=7)  # fmt: skip
     fig.suptitle(title, fontsize=10)
     return fig
 
 
 def trade_off(
-    points: dict[str, tuple[float, float, float, float]],
-    colors: dict[str, tuple],
+    points: dict[str, tuple[np.ndarray, np.ndarray]],
+    styles: dict[str, Style],
     xlabel: str,
     ylabel: str,
     title: str,
     better: str,
-    xscale: str = "linear",
+    memory_axis: bool = False,
 ) -> Figure:
-    """One point per strategy at (x mean, y mean) with error bars of ± std over seeds.
-
-    `better` names the corner where a strategy would rather be, e.g. "lower right".
+    """Per strategy, (x, y) of each seed as hollow markers and their mean with error bars of
+    ± std over seeds. `better` names the corner where a strategy would rather be, e.g.
+    "lower right". `memory_axis`: x is bytes, drawn symlog (so 0 bytes shows) in KB and MB.
     """
     fig = _figure((7.6, 4.4))
     ax = fig.add_subplot()
-    for label, (x, x_std, y, y_std) in points.items():
-        ax.errorbar(
-            x,
-            y,
-            xerr=x_std,
-            yerr=y_std,
-            fmt="o",
-            markersize=7,
-            capsize=3,
-            color=colors[label],
-            label=label,
-        )
-    if xscale == "symlog":  # 0 bytes is a real value (naive): linear below 1 kB, log above
-        ax.set_xscale("symlog", linthresh=1000)
-        top = max(1000.0, max(x + x_std for x, x_std, _, _ in points.values()))
-        ax.set_xticks([0] + [10.0**k for k in range(3, int(np.ceil(np.log10(top))) + 1)])
+    for label, (xs, ys) in points.items():
+        style = styles[label]
+        ax.errorbar(np.mean(xs), np.mean(ys), xerr=_std(xs), yerr=_std(ys), fmt=style.marker,
+                    markersize=7, capsize=3, color=style.color, label=label)  # fmt: skip
+        ax.scatter(xs, ys, s=18, marker=style.marker, facecolors="none",
+                   edgecolors=[style.color], alpha=0.7, linewidths=0.8)  # fmt: skip
+    if memory_axis:  # 0 bytes is a real value (naive): linear below 1 KB, log above
+        ax.set_xscale("symlog", linthresh=1024)
+        top = max(1024.0, max(float(np.max(xs)) for xs, _ in points.values()))
+        ticks = [0.0] + [1024.0 * 10**k for k in range(int(np.ceil(np.log10(top / 1024))) + 1)]
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: memory_text(v) if v else "0"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     vertical, horizontal = better.split()
     ax.text(
         0.98 if horizontal == "right" else 0.02,
@@ -132,7 +225,8 @@ def trade_off(
         ha=horizontal,
         va="bottom" if vertical == "lower" else "top",
     )
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5),
+              title="filled: mean ± std; hollow: seeds", title_fontsize=7)  # fmt: skip
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -141,20 +235,30 @@ def trade_off(
 
 
 def bars(
-    values: dict[str, tuple[float, float]], colors: dict[str, tuple], xlabel: str, title: str
+    values: dict[str, np.ndarray], styles: dict[str, Style], xlabel: str, title: str
 ) -> Figure:
-    """Horizontal bars, mean over seeds with a ± std whisker, one per strategy."""
+    """Horizontal bars, one per strategy: the mean over seeds with a ± std whisker, and
+    each seed's value as a hollow marker on its bar."""
     labels = list(values)
     fig = _figure((6.4, 0.9 + 0.45 * len(labels)))
     ax = fig.add_subplot()
-    means = [values[label][0] for label in labels]
-    stds = [values[label][1] for label in labels]
-    ax.barh(labels, means, xerr=stds, capsize=3, color=[colors[label] for label in labels])
+    means = [np.mean(values[label]) for label in labels]
+    stds = [_std(values[label]) for label in labels]
+    ax.barh(labels, means, xerr=stds, capsize=3, color=[styles[label].color for label in labels],
+            alpha=0.8)  # fmt: skip
+    for position, label in enumerate(labels):
+        seeds = np.asarray(values[label])
+        ax.scatter(seeds, np.full(len(seeds), position), s=18, marker=styles[label].marker,
+                   facecolors="none", edgecolors="black", linewidths=0.8, zorder=3)  # fmt: skip
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title, fontsize=10)
     return fig
+
+
+def _std(values: np.ndarray) -> float:
+    return float(sample_std(np.asarray(values, dtype=float)[:, None])[0])
 
 
 def _figure(size: tuple[float, float]) -> Figure:

@@ -3,33 +3,41 @@
 Built from MLflow alone (a local SQLite store or a server), on compare.py's frames, so
 its table is the table of `forgetless compare` and of the group runs: final metrics over
 seeds with the best per column marked, confidence intervals and paired tests over seeds,
-then the figures of plots.py. A flagged group (a cell tagged `forgetless.flag`, e.g. one that
-diverged to chance accuracy and so "forgets" nothing) is listed with its reasons, ranked
-last, never marked best and never named in the headline. HTML embeds its images, so the
-report is one file to send or attach; markdown writes them beside it, for papers and READMEs.
+the figures of plots.py, then the setup the runs recorded. A flagged group (a cell tagged
+`forgetless.flag`, e.g. one that diverged to chance accuracy and so "forgets" nothing) is
+listed with its reasons, ranked last, never marked best and never named in the headline.
+HTML embeds its PNGs, so the report is one file to send or attach; markdown links them, for
+READMEs. Both write every figure as PNG, SVG and PDF beside the report, and the final table
+as LaTeX (booktabs), for papers.
+
+Everything is read in a few batched calls: the cells with their metrics, tags and artifact
+locations at once (`tracking.read_cells`), then each file straight from its location; the
+per-step curves come from the accuracy matrices, not from metric histories. MLflow itself
+is imported only for a server's artifacts or an editing grid's histories: its import alone
+costs seconds.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 import re
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import pandas as pd
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-from scipy import stats
+from scipy import special
 
 from forgetless.core.schema import ConfigError
-from forgetless.experiments import compare, metrics, plots
+from forgetless.experiments import compare, metrics, plots, tracking
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,8 @@ REFERENCES = {"naive": "lower bound", "cumulative": "upper bound, joint training
 ORACLES = {"cumulative"}
 SIGNIFICANT = 0.05
 CONFIDENCE = 0.95
+COMMIT_TAG = "mlflow.source.git.commit"
+VERSION_TAG = f"{tracking.TAG}version."
 
 
 @dataclass
@@ -50,7 +60,10 @@ class Section:
     text: str
     table: pd.DataFrame | None = None  # as shown: text cells
     bold: pd.DataFrame | None = None  # same shape as `table`: True where a value is best
-    images: list[tuple[str, bytes]] = field(default_factory=list)  # (file stem, PNG)
+    # (file stem, {"png": ..., "svg": ..., "pdf": ...}): one figure in every format
+    images: list[tuple[str, dict[str, bytes]]] = field(default_factory=list)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)  # (caption, text cells)
+    code: str = ""  # preformatted text after the tables (the grid file)
 
 
 @dataclass
@@ -85,9 +98,8 @@ def build(
     cells = cells.assign(
         label=[compare.group_label(*k) for k in zip(cells.strategy, cells.variant)]
     )
-    colors = plots.palette(list(dict.fromkeys(table["label"])))
-    client = MlflowClient(uri)
-    matrices = accuracy_matrices(client, list(cells["run_id"]))
+    styles = plots.styles(list(dict.fromkeys(table["label"])))
+    recorded = read_recorded(uri, grid_name, cells)
 
     sections = [at_a_glance(table, seed_statistics(cells, "avg_acc"))]
     if (cells["flag"] != "").any():
@@ -96,10 +108,11 @@ def build(
     figures = {key: Section(key, title, text) for key, title, text in FIGURES}
     for stream, rows in table.groupby("stream", sort=False):
         stream_cells = cells[cells["stream"] == stream]
-        drawn = stream_figures(client, stream, rows, stream_cells, matrices, colors)
+        drawn = stream_figures(uri, stream, rows, stream_cells, recorded, styles)
         for key, fig in drawn.items():
-            figures[key].images.append((f"{key}-{slug(stream)}", png(fig)))
+            figures[key].images.append((f"{key}-{slug(stream)}", plots.render(fig)))
     sections += [s for s in figures.values() if s.images]
+    sections.append(setup_section(cells, recorded))
 
     seeds = sorted(cells["seed"].unique())
     meta = (
@@ -111,51 +124,142 @@ def build(
     return Report(grid_name, meta, sections, table.drop(columns="label"))
 
 
+@dataclass
+class Recorded:
+    """What the runs recorded beyond their final metrics, read once for figures and setup."""
+
+    matrices: dict[str, np.ndarray]  # cell run id -> R
+    manifests: dict[tuple[str, int], list[dict]]  # (stream, seed) -> the stream manifest
+    commits: dict[str, str]  # cell run id -> the git commit it ran ("" when not recorded)
+    versions: dict[str, str]  # package -> its version(s) over the cells
+    grid_file: str  # the grid as submitted (the newest cell's parent run's grid.yaml), or ""
+
+
+def read_recorded(uri: str, grid_name: str, cells: pd.DataFrame) -> Recorded:
+    """The cells' tags and files, and the grid file of their latest submission.
+
+    Tags and artifact locations come from `tracking.read_cells` (on a SQLite store, a few
+    queries without importing MLflow); the files are read in parallel, straight from a local
+    artifact store. A stream's manifest depends on the seed (its class order), not on the
+    strategy: one per (stream, seed). The grid file is the parent run's `grid.yaml`: its id
+    is the newest cell's `mlflow.parentRunId`, and MLflow keeps a run's files at
+    `<experiment location>/<run id>/artifacts`, beside its cells'.
+    """
+    records = {r.run_id: r for r in tracking.read_cells(uri, [grid_name])}
+    chosen = [records[r] for r in cells["run_id"] if r in records]
+    firsts = cells.drop_duplicates(["stream", "seed"])
+    firsts = firsts[firsts["run_id"].isin(records)]
+    wanted = [(r.artifact_uri, "accuracy_matrix.json") for r in chosen]
+    wanted += [(records[r].artifact_uri, "stream_manifest.json") for r in firsts["run_id"]]
+    newest = next((r for r in records.values() if r.run_id in set(cells["run_id"])), None)
+    parent = newest.tags.get("mlflow.parentRunId", "") if newest else ""
+    if parent and f"/{newest.run_id}/" in newest.artifact_uri:
+        wanted.append((newest.artifact_uri.replace(f"/{newest.run_id}/", f"/{parent}/"),
+                       "grid.yaml"))  # fmt: skip
+    texts = read_artifacts(uri, wanted)
+    matrices = {r.run_id: np.asarray(json.loads(t)["R"], dtype=float)
+                for r, t in zip(chosen, texts) if t is not None}  # fmt: skip
+    manifests = {(row.stream, row.seed): json.loads(t)["experiences"]
+                 for row, t in zip(firsts.itertuples(), texts[len(chosen) :])
+                 if t is not None}  # fmt: skip
+    grid_file = texts[-1] if len(wanted) > len(chosen) + len(firsts) else None
+    return Recorded(
+        matrices,
+        manifests,
+        {r.run_id: r.tags.get(COMMIT_TAG, "") for r in chosen},
+        _versions([r.tags for r in chosen]),
+        grid_file or "",
+    )
+
+
+def _versions(tags: list[dict[str, str]]) -> dict[str, str]:
+    """package -> its version, or each version with its number of cells when they differ."""
+    found: dict[str, list[str]] = {}
+    for run_tags in tags:
+        for key, value in run_tags.items():
+            if key.startswith(VERSION_TAG):
+                found.setdefault(key[len(VERSION_TAG) :], []).append(value)
+    return {
+        package: "; ".join(
+            v if len(set(values)) == 1 else f"{v} ({values.count(v)} cells)"
+            for v in dict.fromkeys(values)
+        )
+        for package, values in found.items()
+    }
+
+
+def read_artifacts(uri: str, wanted: list[tuple[str, str]]) -> list[str | None]:
+    """The text of each (run artifact URI, path in it); None, with a warning, for a file the
+    run does not have. A local artifact store (`file:` URIs, beside a SQLite store) is read
+    as files; any other is downloaded through MLflow, in parallel, as each file is a round
+    trip to the server."""
+
+    def read(index: int, root: str, path: str, folder: str) -> str | None:
+        try:
+            if urlparse(root).scheme in ("file", ""):
+                return Path(url2pathname(urlparse(root).path), path).read_text(encoding="utf-8")
+            from mlflow.artifacts import download_artifacts
+
+            target = Path(folder, str(index))
+            target.mkdir()
+            local = download_artifacts(artifact_uri=f"{root}/{path}", dst_path=str(target),
+                                       tracking_uri=uri)  # fmt: skip
+            return Path(local).read_text(encoding="utf-8")
+        except Exception as e:  # noqa: BLE001 - MLflow's or the file system's: left out
+            log.warning("%s/%s: not readable (%s); left out of the report", root, path, e)
+            return None
+
+    with tempfile.TemporaryDirectory() as folder, ThreadPoolExecutor(8) as pool:
+        jobs = [pool.submit(read, i, root, path, folder) for i, (root, path) in enumerate(wanted)]
+        return [job.result() for job in jobs]
+
+
 def stream_figures(
-    client: MlflowClient,
+    uri: str,
     stream: str,
     rows: pd.DataFrame,
     cells: pd.DataFrame,
-    matrices: dict[str, np.ndarray],
-    colors: dict,
+    recorded: Recorded,
+    styles: dict[str, plots.Style],
 ) -> dict[str, plots.Figure]:
     """The figures of one stream, keyed by the section they belong to."""
     order = list(rows["label"])
+    manifest = next((m for (s, _), m in sorted(recorded.manifests.items()) if s == stream), [])
     known = rows.dropna(subset=["memory_bytes_mean"])
     unknown = sorted(set(rows["label"]) - set(known["label"]))
     memory_title = f"{stream}: accuracy vs memory" + (
         f" (memory unknown, not drawn: {', '.join(unknown)})" if unknown else ""
     )
     figures = {
-        "curves": average_accuracy_figure(stream, cells, order, matrices, colors),
-        "heatmaps": heatmaps_figure(stream, cells, order, matrices),
+        "curves": average_accuracy_figure(stream, cells, order, recorded.matrices, styles),
+        "heatmaps": heatmaps_figure(stream, cells, order, recorded),
         "tradeoff": plots.trade_off(
-            points(rows, "learning_acc", "forgetting"),
-            colors,
+            seed_points(cells, order, "learning_acc", "forgetting"),
+            styles,
             "learning accuracy (plasticity)",
             "forgetting (lower is more stable)",
             f"{stream}: stability vs plasticity",
             better="lower right",
         ),
         "memory": plots.trade_off(
-            points(known, "memory_bytes", "avg_acc"),
-            colors,
-            "strategy memory beyond the model (bytes, symlog)",
+            seed_points(cells, list(known["label"]), "memory_bytes", "avg_acc"),
+            styles,
+            "strategy memory beyond the model (symlog)",
             "final average accuracy",
             memory_title,
             better="upper left",
-            xscale="symlog",
+            memory_axis=True,
         )
         if len(known)
         else None,
         "time": plots.bars(
-            {r.label: (r.train_time_s_mean, r.train_time_s_std) for r in rows.itertuples()},
-            colors,
+            {label: seed_values(cells, label, "train_time_s") for label in order},
+            styles,
             "training time per cell (s)",
             f"{stream}: training time",
         ),
+        "editing": editing_figure(uri, stream, cells, order, styles, manifest),
     }
-    figures["editing"] = editing_figure(client, stream, cells, order, colors)
     return {key: fig for key, fig in figures.items() if fig is not None}
 
 
@@ -164,15 +268,19 @@ FIGURES = [
     (
         "curves",
         "Average accuracy after every experience",
-        "A_i, the mean accuracy over the experiences seen so far, after training on each "
-        "experience: the line is the mean over seeds, the band ± one std. A strategy that "
-        "forgets falls away from the top as experiences accumulate.",
+        "A_i, the mean accuracy over the experiences seen so far, after training on "
+        "experience i (numbered from 0, as the MLflow step of the metrics logged after it): "
+        "the line is the mean over seeds, the band ± one sample std, each hollow marker one "
+        "seed. A strategy that forgets falls away from the top as experiences accumulate.",
     ),
     (
         "heatmaps",
         "Accuracy matrices",
         "R[i][j], the accuracy on experience j (column) after training through experience i "
-        "(row), averaged over seeds, one panel per strategy on one colour scale. The diagonal "
+        "(row), numbered from 0 as the MLflow steps; the axes name each experience's classes "
+        "when every seed saw them in the same order (else the Setup lists each seed's). Per "
+        "strategy the mean over seeds (one colour scale for all) and below it the sample std "
+        "over seeds (another scale): a bright std cell is where seeds disagree. The diagonal "
         "is how well each experience was learned; a dark area below it is forgetting.",
     ),
     (
@@ -180,20 +288,21 @@ FIGURES = [
         "Stability vs plasticity",
         "Learning accuracy (mean of the diagonal R[j][j]: how well each new experience is "
         "learned) against forgetting (mean drop from the best accuracy ever reached on an "
-        "experience). Error bars: ± std over seeds. Lower right is better.",
+        "experience): each seed hollow, the mean filled with ± std bars. Lower right is better.",
     ),
     (
         "memory",
         "Accuracy vs memory",
-        "What the final average accuracy costs in memory: the bytes a strategy holds beyond "
-        "the model (replay buffers, importance weights, old models). The axis is symlog so "
-        "0 bytes shows. Upper left is better.",
+        "What the final average accuracy costs in memory: what a strategy holds beyond the "
+        "model (replay buffers, importance weights, old models), in KB and MB of 1024 bytes. "
+        "The axis is symlog so 0 bytes shows. Each seed hollow, the mean filled with ± std "
+        "bars. Upper left is better.",
     ),
     (
         "time",
         "Training time",
         "Training time per cell, summed over experiences (evaluation excluded): mean over "
-        "seeds, whisker ± std.",
+        "seeds, whisker ± std, each seed a hollow marker.",
     ),
     (
         "editing",
@@ -201,7 +310,7 @@ FIGURES = [
         "After every edit batch, against the number of edits applied (from the stream "
         "manifest): reliability (the edit prompt gives the new target), generalization "
         "(paraphrases do) and locality (unrelated prompts keep their answers). Mean over "
-        "seeds, band ± std.",
+        "seeds, band ± std, each seed a hollow marker.",
     ),
 ]
 
@@ -243,14 +352,14 @@ def at_a_glance(table: pd.DataFrame, versus: pd.DataFrame | None = None) -> Sect
         if len(flagged):
             line += f". Flagged, so not ranked (see Flagged cells): {', '.join(flagged)}"
         lines.append(line + ".")
-    shown = compare.formatted(table)
+    shown = formatted(table)
     keys = [c for c in compare.GROUP_KEYS if c in shown]
     order = (
         table.assign(_flagged=table["flagged"] > 0)
         .sort_values(["stream", "_flagged", "forgetting_mean"], na_position="last")
         .index
     )
-    columns = keys + ["forgetting", "avg_acc", "memory_bytes", "train_time_s"]
+    columns = keys + ["forgetting", "avg_acc", "memory", "train_time_s"]
     columns += ["flag"] if "flag" in shown else []
     text = "\n\n".join(lines) + (
         "\n\nForgetting, least first (flagged groups last), beside its costs "
@@ -284,7 +393,21 @@ def _number(value: float, spec: str) -> str:
 
 def _bytes(value: float) -> str:
     """Memory in words: unknown is "n/a", never a 0 that reads as "holds nothing"."""
-    return "an unknown amount (n/a)" if pd.isna(value) else f"{value:,.0f} bytes"
+    return "an unknown amount (n/a)" if pd.isna(value) else plots.memory_text(value)
+
+
+def formatted(table: pd.DataFrame) -> pd.DataFrame:
+    """compare's text table with memory in B, KB or MB (a `memory` column), as the figures
+    show it; compare's terminal table and the CSV keep bytes."""
+    shown = compare.formatted(table)
+    if "memory_bytes" in shown:
+        shown["memory_bytes"] = [
+            plots.memory_text(mean, std if seeds > 1 else None)
+            for mean, std, seeds in zip(
+                table["memory_bytes_mean"], table["memory_bytes_std"], table["seeds"]
+            )
+        ]
+    return shown.rename(columns={"memory_bytes": "memory"})
 
 
 def flagged_section(cells: pd.DataFrame) -> Section:
@@ -309,9 +432,10 @@ def flagged_section(cells: pd.DataFrame) -> Section:
 
 
 def final_table(table: pd.DataFrame) -> Section:
-    shown = compare.formatted(table)
+    shown = formatted(table)
     bold = pd.DataFrame(False, index=shown.index, columns=shown.columns)
-    for metric in shown.columns:
+    for column in shown.columns:
+        metric = "memory_bytes" if column == "memory" else column
         if f"{metric}_mean" not in table:
             continue
         values = table[f"{metric}_mean"].round(12)
@@ -320,12 +444,13 @@ def final_table(table: pd.DataFrame) -> Section:
             "min" if metric in compare.LOWER_IS_BETTER else "max"
         )
         varies = values.groupby(table["stream"]).transform("nunique") > 1
-        bold[metric] = (ranked == best) & varies
+        bold[column] = (ranked == best) & varies
     text = (
         "Each cell's final metrics, mean ± sample std over seeds (ddof=1, n in the seeds "
         "column, as the group runs in MLflow carry it). Bold: the best value of its column "
         "within its stream (lowest forgetting, training time, memory and edit latency; "
-        "highest otherwise) among the unflagged groups; n/a: not known for that strategy. "
+        "highest otherwise) among the unflagged groups; n/a: not known for that strategy; "
+        "memory in KB and MB of 1024 bytes. "
         "Definitions in the README's Metrics section; bwt and fwt: backward and forward transfer. "
         "In a class-incremental stream fwt depends only on the untrained model (no strategy "
         "predicts a class before it has seen it), so it says nothing of the strategy there."
@@ -356,7 +481,8 @@ def seed_statistics(
         values = by_seed[key].dropna().to_numpy()
         n, mean, half = len(values), values.mean(), np.nan
         if n >= 2:
-            half = stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / np.sqrt(n)
+            t = special.stdtrit(n - 1, 0.5 + confidence / 2)  # Student's t quantile
+            half = t * values.std(ddof=1) / np.sqrt(n)
         rows.append(
             {
                 **dict(zip(compare.GROUP_KEYS, key)),
@@ -379,7 +505,7 @@ def seed_statistics(
         this, other = pairs.iloc[:, 0].to_numpy(), pairs.iloc[:, 1].to_numpy()
         diff = (this - other).mean() if len(pairs) else np.nan
         tested = len(pairs) >= 2 and np.ptp(this - other) > 1e-12
-        return len(pairs), diff, stats.ttest_rel(this, other).pvalue if tested else np.nan
+        return len(pairs), diff, paired_t_test(this - other) if tested else np.nan
 
     for _, group in frame.groupby("stream", sort=False):
         naive = group.index[group["strategy"] == "naive"]
@@ -398,6 +524,14 @@ def seed_statistics(
                 i, best_key
             )
     return frame
+
+
+def paired_t_test(differences: np.ndarray) -> float:
+    """The two-sided p-value of a paired t-test on these differences (scipy's ttest_rel),
+    from scipy.special: scipy.stats takes a second to import, for two formulas."""
+    n = len(differences)
+    t = differences.mean() / (differences.std(ddof=1) / np.sqrt(n))
+    return float(2 * special.stdtr(n - 1, -abs(t)))
 
 
 def statistics_section(cells: pd.DataFrame) -> Section:
@@ -442,22 +576,23 @@ def _p(p: float) -> str:
     return "–" if np.isnan(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def accuracy_matrices(client: MlflowClient, run_ids: list[str]) -> dict[str, np.ndarray]:
-    """run id -> R from the run's `accuracy_matrix.json`; a run without it is left out."""
-    matrices = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for run_id in run_ids:
-            target = Path(folder, run_id)
-            target.mkdir()
-            try:
-                path = client.download_artifacts(run_id, "accuracy_matrix.json", str(target))
-            except MlflowException as e:
-                log.warning(
-                    "run %s: no accuracy_matrix.json (%s); left out of the plots", run_id, e
-                )
-                continue
-            matrices[run_id] = np.asarray(json.loads(Path(path).read_text())["R"], dtype=float)
-    return matrices
+def seed_values(cells: pd.DataFrame, label: str, metric: str) -> np.ndarray:
+    """A group's final `metric`, one value per seed, in seed order."""
+    return cells.loc[cells["label"] == label].sort_values("seed")[metric].to_numpy(dtype=float)
+
+
+def seed_points(
+    cells: pd.DataFrame, order: list[str], x: str, y: str
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """label -> (x of each seed, y of each seed): what a trade-off plot draws."""
+    return {label: (seed_values(cells, label, x), seed_values(cells, label, y)) for label in order}
+
+
+def _group_matrices(
+    cells: pd.DataFrame, label: str, matrices: dict[str, np.ndarray]
+) -> list[np.ndarray]:
+    runs = cells.loc[cells["label"] == label].sort_values("seed")["run_id"]
+    return [matrices[r] for r in runs if r in matrices]
 
 
 def average_accuracy_figure(
@@ -465,57 +600,76 @@ def average_accuracy_figure(
     cells: pd.DataFrame,
     order: list[str],
     matrices: dict[str, np.ndarray],
-    colors: dict,
+    styles: dict[str, plots.Style],
 ) -> plots.Figure:
+    """A_i after each experience i, per seed, from the accuracy matrices (no metric history
+    to fetch: A_i is a function of R)."""
     curves = {}
     for label in order:
-        Rs = [matrices[r] for r in cells.loc[cells["label"] == label, "run_id"] if r in matrices]
+        Rs = _group_matrices(cells, label, matrices)
         if Rs:
             steps = np.array(
                 [[metrics.average_accuracy_after(R, i) for i in range(len(R))] for R in Rs]
             )
-            x = np.arange(1, steps.shape[1] + 1)
-            curves[label] = (x, steps.mean(axis=0), _sample_std(steps))
+            curves[label] = (np.arange(steps.shape[1]), steps)
     return plots.curve_panels(
-        {"average accuracy A_i": curves},
-        colors,
-        "experiences trained",
+        {"average accuracy A_i": curves}, styles, plots.EXPERIENCE_AXIS,
         f"{stream}: average accuracy",
-    )
+    )  # fmt: skip
 
 
 def heatmaps_figure(
-    stream: str, cells: pd.DataFrame, order: list[str], matrices: dict[str, np.ndarray]
+    stream: str, cells: pd.DataFrame, order: list[str], recorded: Recorded
 ) -> plots.Figure:
-    mean_R = {}
+    """Mean and sample std of R over seeds per strategy, the axes named by experience."""
+    mean_R, std_R = {}, {}
     for label in order:
-        Rs = [matrices[r] for r in cells.loc[cells["label"] == label, "run_id"] if r in matrices]
-        if Rs:
-            mean_R[label] = np.mean(Rs, axis=0)
-    seeds = cells["seed"].nunique()
-    return plots.heatmap_row(mean_R, f"{stream}: accuracy matrix R[i][j], mean over {seeds} seeds")
+        Rs = np.array(_group_matrices(cells, label, recorded.matrices))
+        if len(Rs):
+            mean_R[label], std_R[label] = Rs.mean(axis=0), plots.sample_std(Rs)
+    seeds = sorted(cells["seed"].unique())
+    title = f"{stream}: accuracy matrix R[i][j] over {len(seeds)} seeds"
+    return plots.heatmap_grid(mean_R, std_R, experience_ticks(recorded, stream, seeds), title)
 
 
-def points(rows: pd.DataFrame, x: str, y: str) -> dict[str, tuple[float, float, float, float]]:
-    return {
-        r["label"]: (r[f"{x}_mean"], r[f"{x}_std"], r[f"{y}_mean"], r[f"{y}_std"])
-        for _, r in rows.iterrows()
-    }
+def experience_ticks(recorded: Recorded, stream: str, seeds: list[int]) -> list[str] | None:
+    """'i: classes' per experience when every seed's manifest gives the same ones (a fixed
+    class order, or a stream whose experiences do not depend on the seed); None otherwise,
+    and the axes show the experience numbers alone."""
+    named = {tuple(_experience_name(e) for e in recorded.manifests.get((stream, s), []))
+             for s in seeds}  # fmt: skip
+    if len(named) != 1 or not next(iter(named)):
+        return None
+    return [f"{i}: {name}" for i, name in enumerate(next(iter(named)))]
+
+
+def _experience_name(experience: dict) -> str:
+    """Its classes when the manifest has them (e.g. '3,7'), else its name."""
+    classes = experience.get("original_classes", experience.get("classes"))
+    return ",".join(map(str, classes)) if classes else str(experience["name"])
 
 
 def editing_figure(
-    client: MlflowClient, stream: str, cells: pd.DataFrame, order: list[str], colors: dict
+    uri: str,
+    stream: str,
+    cells: pd.DataFrame,
+    order: list[str],
+    styles: dict[str, plots.Style],
+    manifest: list[dict],
 ) -> plots.Figure | None:
-    """Reliability, generalization and locality per edit batch, if the runs logged them."""
-    first = cells["run_id"].iloc[0]
-    if not client.get_metric_history(first, EDIT_METRICS[0]):
+    """Reliability, generalization and locality per edit batch, if the runs logged them (the
+    final metrics say so: a grid that does not edit costs no metric-history query)."""
+    if EDIT_METRICS[0] not in cells or cells[EDIT_METRICS[0]].isna().all():
         return None
-    edits = edits_applied(client, first)
+    from mlflow import MlflowClient  # here: importing MLflow costs seconds every report
+
+    client = MlflowClient(uri)
+    edits = edits_applied(manifest)
     panels: dict[str, plots.Curves] = {}
     for metric in EDIT_METRICS:
         curves = {}
         for label in order:
-            runs = cells.loc[cells["label"] == label, "run_id"]
+            runs = cells.loc[cells["label"] == label].sort_values("seed")["run_id"]
             histories = [
                 sorted((m.step, m.value) for m in client.get_metric_history(r, metric))
                 for r in runs
@@ -524,28 +678,69 @@ def editing_figure(
             if histories:
                 T = min(len(h) for h in histories)
                 values = np.array([h[:T] for h in histories])
-                x = edits[:T] if len(edits) >= T else np.arange(1, T + 1)
-                curves[label] = (x, values.mean(axis=0), _sample_std(values))
+                x = edits[:T] if len(edits) >= T else np.arange(T)
+                curves[label] = (x, values)
         if curves:
             panels[metric] = curves
-    return plots.curve_panels(panels, colors, "edits applied", f"{stream}: editing")
+    return plots.curve_panels(panels, styles, "edits applied", f"{stream}: editing")
 
 
-def edits_applied(client: MlflowClient, run_id: str) -> np.ndarray:
-    """Cumulative edit count after each experience, from the run's stream manifest."""
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            path = client.download_artifacts(run_id, "stream_manifest.json", folder)
-        except MlflowException:
-            return np.array([], dtype=int)
-        experiences = json.loads(Path(path).read_text())["experiences"]
-    return np.cumsum([e["train"] for e in experiences])
+def edits_applied(manifest: list[dict]) -> np.ndarray:
+    """Cumulative edit count after each experience, from a stream manifest."""
+    return np.cumsum([e["train"] for e in manifest]).astype(int)
 
 
-def png(fig: plots.Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+def setup_section(cells: pd.DataFrame, recorded: Recorded) -> Section:
+    """What the numbers came from, as the runs recorded it: the grid file as submitted, each
+    group's resolved settings (defaults filled in), the class order and test-set size of
+    every experience per seed, the git commit of the cells and the package versions."""
+    params = cells.filter(like="param:").rename(columns=lambda c: c[len("param:") :])
+    params = params.drop(columns=["seed"], errors="ignore")
+    constant = [c for c in params if params[c].nunique(dropna=False) == 1]
+    shared = [c for c in constant if not c.startswith("strategy.")]
+    common = pd.DataFrame({"setting": shared, "value": [str(params[c].iloc[0]) for c in shared]})
+    varying = [c for c in params if c not in shared]
+    groups = []
+    for (stream, label), rows in cells.groupby(["stream", "label"], sort=False):
+        first = params.loc[rows.index[0], varying]
+        settings = [f"{k}={v}" for k, v in first.items() if v == v and k != "strategy.name"]
+        groups.append({"stream": stream, "strategy": label, "settings": ", ".join(settings)})
+    experiences = []
+    for (stream, seed), manifest in sorted(recorded.manifests.items()):
+        row = {"stream": stream, "seed": str(seed)}
+        for e in manifest:
+            row[f"experience {e['index']}"] = f"{_experience_name(e)} ({e['test']} test)"
+        experiences.append(row)
+    commits = pd.Series([recorded.commits.get(r, "") for r in cells["run_id"]])
+    known = commits[commits != ""].value_counts()
+    commit_text = (
+        "; ".join(f"{c} ({n} of {len(cells)} cells)" for c, n in known.items())
+        if len(known)
+        else "not recorded (the cells did not run from a git checkout)"
+    )
+    if len(known) and known.sum() < len(cells):
+        commit_text += f"; not recorded for {len(cells) - known.sum()} cells"
+    versions = pd.DataFrame(
+        {"package": list(recorded.versions), "version": list(recorded.versions.values())}
+    )
+    text = (
+        f"Git commit (`{COMMIT_TAG}` of the cell runs): {commit_text}.\n\n"
+        "Package versions (`forgetless.version.*` of the latest submission's parent run): "
+        + ("see the table." if len(versions) else "not recorded (a grid run before forgetless "
+           "logged them).")
+        + "\n\nSettings are the cells' MLflow parameters, defaults filled in; the grid file "
+        "below is as submitted (the latest parent run's `grid.yaml`)."
+    )  # fmt: skip
+    tables = [
+        ("Settings of every cell", common),
+        ("Each strategy's settings beyond those", pd.DataFrame(groups)),
+        ("Each seed's experiences: classes (or name) and test-set size, numbered from 0 as "
+         "the MLflow steps", pd.DataFrame(experiences).fillna("")),
+    ]  # fmt: skip
+    if len(versions):
+        tables.append(("Package versions", versions))
+    grid_file = recorded.grid_file or "(not recorded: the parent run has no grid.yaml)"
+    return Section("setup", "Setup", text, tables=tables, code=grid_file)
 
 
 def slug(name: str) -> str:
@@ -559,13 +754,15 @@ p.meta { color: #666; font-size: 0.9em; } p { max-width: 70em; line-height: 1.4;
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
 th { background: #f4f4f4; } td.best { font-weight: bold; background: #e3f2e1; }
-img { max-width: 100%; margin: 0.5em 0; display: block; }
+img { max-width: 100%; margin: 0.5em 0 0; display: block; }
+p.files { font-size: 0.85em; margin: 0 0 1em; } pre { background: #f6f6f6; padding: 0.8em; }
 nav a { margin-right: 1em; }
 """
 
 
-def to_html(report: Report) -> str:
-    """One self-contained page: tables from pandas, PNGs embedded as base64."""
+def to_html(report: Report, files: str) -> str:
+    """One self-contained page: tables from pandas, PNGs embedded as base64, each linked to
+    its SVG and PDF in the folder `files` (relative to the page)."""
     title = f"forgetless report: {report.grid}"
     nav = " ".join(f'<a href="#{s.key}">{html.escape(s.title)}</a>' for s in report.sections)
     body = []
@@ -577,9 +774,16 @@ def to_html(report: Report) -> str:
             if s.bold is not None:
                 styler = styler.set_td_classes(s.bold.replace({True: "best", False: ""}))
             parts.append(styler.to_html(table_attributes=f'class="{s.key}"'))
+        for caption, table in s.tables:
+            parts.append(f"<h3>{html.escape(caption)}</h3>")
+            parts.append(table.to_html(index=False, classes=s.key, border=0))
+        if s.code:
+            parts.append(f"<pre>{html.escape(s.code)}</pre>")
         for name, data in s.images:
-            source = base64.b64encode(data).decode("ascii")
+            source = base64.b64encode(data["png"]).decode("ascii")
             parts.append(f'<img alt="{name}" src="data:image/png;base64,{source}">')
+            links = [f'<a href="{files}/{name}.{fmt}">{fmt.upper()}</a>' for fmt in data]
+            parts.append(f'<p class="files">{" · ".join(links)}</p>')
         body.append("\n".join(parts) + "</section>")
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -589,10 +793,10 @@ def to_html(report: Report) -> str:
     )
 
 
-def to_markdown(report: Report, images: Path, link: str) -> str:
-    """Markdown with pipe tables (best values in bold); the PNGs go to `images`, linked as
-    `link/<name>.png`, since READMEs and paper sources do not show embedded images."""
-    images.mkdir(parents=True, exist_ok=True)
+def to_markdown(report: Report, files: str) -> str:
+    """Markdown with pipe tables (best values in bold), each figure's PNG linked as
+    `files/<name>.png` with its SVG and PDF beside: READMEs and paper sources do not show
+    embedded images."""
     lines = [f"# forgetless report: {report.grid}", "", report.meta, ""]
     for s in report.sections:
         lines += [f"## {s.title}", "", s.text, ""]
@@ -601,23 +805,57 @@ def to_markdown(report: Report, images: Path, link: str) -> str:
             if s.bold is not None:
                 shown = shown.mask(s.bold, "**" + shown + "**")
             lines += [shown.to_markdown(index=False, disable_numparse=True), ""]
+        for caption, table in s.tables:
+            text = table.astype(str).to_markdown(index=False, disable_numparse=True)
+            lines += [f"### {caption}", "", text, ""]
+        if s.code:
+            lines += ["```yaml", s.code.rstrip("\n"), "```", ""]
         for name, data in s.images:
-            (images / f"{name}.png").write_bytes(data)
-            lines += [f"![{name}]({link}/{name}.png)", ""]
+            others = ", ".join(f"[{fmt.upper()}]({files}/{name}.{fmt})" for fmt in data)
+            lines += [f"![{name}]({files}/{name}.png)", "", others, ""]
     return "\n".join(lines)
 
 
-def write(report: Report, out: Path, fmt: str, csv: Path | None = None) -> None:
-    """The report as `fmt` ("html" or "markdown") at `out`, and its table as CSV if asked."""
-    if fmt == "html":
-        out.write_text(to_html(report), encoding="utf-8")
-    else:
-        folder = out.with_name(f"{out.stem}_files")
-        out.write_text(to_markdown(report, folder, folder.name), encoding="utf-8")
+def to_latex(report: Report) -> str:
+    """The final-metrics table as a LaTeX table with booktabs rules (\\toprule, \\midrule,
+    \\bottomrule: `\\usepackage{booktabs}`), the best values in bold, as in the report."""
+    section = next(s for s in report.sections if s.key == "table")
+    columns = list(section.table.columns)
+    numeric = [c not in compare.GROUP_KEYS + ["flag"] for c in columns]
+    styler = (
+        section.table.style.hide(axis="index")
+        .format(escape="latex", formatter=lambda text: str(text).replace(" ± ", r" $\pm$ "))
+        .format_index(escape="latex", axis=1)
+        .apply(lambda _: section.bold.replace({True: "font-weight: bold;", False: ""}), axis=None)
+    )
+    return styler.to_latex(
+        hrules=True,
+        convert_css=True,
+        column_format="".join("r" if n else "l" for n in numeric),
+        caption=f"forgetless grid {report.grid}: final metrics, mean $\\pm$ sample std over "
+        "seeds; best of each column and stream in bold.",
+        label=f"tab:{slug(report.grid)}",
+        position="t",
+    )
+
+
+def write(report: Report, out: Path, fmt: str, csv: Path | None = None) -> list[Path]:
+    """The report as `fmt` ("html" or "markdown") at `out`, every figure as PNG, SVG and PDF
+    in `<out stem>_files/`, the final table as LaTeX at `<out stem>.tex`, and the table as
+    CSV if asked. Returns the files written besides `out`."""
+    folder = out.with_name(f"{out.stem}_files")
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for section in report.sections:
+        for name, data in section.images:
+            for suffix, content in data.items():
+                written.append(folder / f"{name}.{suffix}")
+                written[-1].write_bytes(content)
+    page = to_html(report, folder.name) if fmt == "html" else to_markdown(report, folder.name)
+    out.write_text(page, encoding="utf-8")
+    written.append(out.with_suffix(".tex"))
+    written[-1].write_text(to_latex(report), encoding="utf-8")
     if csv:
         report.table.to_csv(csv, index=False)
-
-
-def _sample_std(values: np.ndarray) -> np.ndarray:
-    """The sample std over seeds (axis 0), as in the tables; zero band for one seed."""
-    return values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])
+        written.append(csv)
+    return written

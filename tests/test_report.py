@@ -72,14 +72,19 @@ def test_report_has_every_section_and_one_image_per_plot(finished_grid, tmp_path
     page = Page()
     page.feed(out.read_text())
     flagged = ["flagged"] if flagged_strategies(uri, name) else []
-    expected = ["glance", *flagged, "table", "statistics", *FIGURE_SECTIONS]
+    expected = ["glance", *flagged, "table", "statistics", *FIGURE_SECTIONS, "setup"]
     assert list(page.sections) == expected  # no editing section: these runs do not edit
     for key in FIGURE_SECTIONS:
         (source,) = page.sections[key]["img"]  # one stream: one image per plot
         prefix = "data:image/png;base64,"
         assert source.startswith(prefix)
         assert base64.b64decode(source[len(prefix) :]).startswith(PNG)
-    for key in ("glance", "table", "statistics"):
+        # Beside the page, linked from it, the same figure as SVG and PDF.
+        for suffix, magic in (("svg", b"<?xml"), ("pdf", b"%PDF")):
+            link = f"report_files/{key}-split_digits.{suffix}"
+            assert f'href="{link}"' in out.read_text()
+            assert (tmp_path / link).read_bytes().startswith(magic)
+    for key in ("glance", "table", "statistics", "setup"):
         assert page.sections[key]["img"] == []
     assert len(page.sections["table"]["tr"]) == 2  # naive, rehearsal
     assert len(page.sections["statistics"]["tr"]) == 4  # 2 strategies x (avg_acc, forgetting)
@@ -103,8 +108,11 @@ def test_markdown_table_numbers_equal_the_metrics_in_mlflow(finished_grid, tmp_p
         for metric in HEADLINE:
             mean = run.data.metrics[f"final/{metric}_mean"]
             std = run.data.metrics[f"final/{metric}_std"]
-            digits = 0 if metric == "memory_bytes" else 3
-            assert row[metric].strip("*") == f"{mean:.{digits}f} ± {std:.{digits}f}", metric
+            if metric == "memory_bytes":  # naive holds nothing; rehearsal tens of KB (1024 B)
+                kb = "0 ± 0 B" if mean == 0 else f"{mean / 1024:.1f} ± {std / 1024:.1f} KB"
+                assert row["memory"].strip("*") == kb
+                continue
+            assert row[metric].strip("*") == f"{mean:.3f} ± {std:.3f}", metric
         assert row["seeds"] == "2"
     # The best final accuracy of the unflagged groups is bold, and only there.
     flagged = flagged_strategies(uri, name)
@@ -116,7 +124,12 @@ def test_markdown_table_numbers_equal_the_metrics_in_mlflow(finished_grid, tmp_p
     # Every figure is a file beside the report, linked from it.
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(links) == len(FIGURE_SECTIONS)
-    assert all((out.parent / link).read_bytes().startswith(PNG) for link in links)
+    for link in links:
+        assert (out.parent / link).read_bytes().startswith(PNG)
+        for suffix, magic in ((".svg", b"<?xml"), (".pdf", b"%PDF")):
+            vector = Path(link).with_suffix(suffix).as_posix()
+            assert f"]({vector})" in text
+            assert (out.parent / vector).read_bytes().startswith(magic)
     # The CSV holds the unrounded numbers of the group runs.
     exported = pd.read_csv(csv).set_index("strategy")
     for run in groups:
@@ -250,13 +263,14 @@ def test_editing_section_plots_edit_metrics_against_the_number_of_edits(tracking
     built = report.build(tracking_uri, "report-editing")
     sections = {s.key: s for s in built.sections}
     assert [name for name, _ in sections["editing"].images] == ["editing-facts"]
-    assert sections["editing"].images[0][1].startswith(PNG)
+    assert sections["editing"].images[0][1]["png"].startswith(PNG)
     table = sections["table"].table.set_index("strategy")
     assert table.at["grace", "reliability"] == "0.700 ± 0.000"
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("report-editing")
-    run = client.search_runs([experiment.experiment_id])[0]
-    assert list(report.edits_applied(client, run.info.run_id)) == [4, 8, 12]
+    cells = cell_frame(tracking_uri, "report-editing")
+    recorded = report.read_recorded(tracking_uri, "report-editing", cells)
+    manifest = recorded.manifests[("facts", 0)]
+    assert [e["name"] for e in manifest] == ["edits_0", "edits_1", "edits_2"]
+    assert list(report.edits_applied(manifest)) == [4, 8, 12]
 
 
 def test_unknown_grid_names_the_grids_that_exist(finished_grid, capsys):
@@ -482,10 +496,189 @@ def test_unknown_memory_shows_as_na_never_as_zero(tracking_uri, tmp_path, capsys
     assert headline.startswith("digits: of the methods, avalanche.MER forgets least (0.100), "
                                "at an unknown "
                                "amount (n/a) of memory")  # fmt: skip
-    memory = sections["table"].table.set_index("strategy")["memory_bytes"]
+    memory = sections["table"].table.set_index("strategy")["memory"]
     assert (memory["avalanche.MER"], memory["half-known"], memory["naive"]) == (
         "n/a",
         "n/a",
-        "0 ± 0",
+        "0 ± 0 B",
     )
     assert sections["memory"].images  # drawn for the strategies whose memory is known
+
+
+def test_setup_section_states_the_grid_file_settings_experiences_commit_and_versions(
+    finished_grid,
+):
+    from importlib import metadata
+
+    from forgetless.streams.digits import read_digits
+
+    uri, name = finished_grid
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`forgetless.role` = 'grid'")
+    grid_file = Path(client.download_artifacts(parent.info.run_id, "grid.yaml")).read_text()
+    setup = {s.key: s for s in report.build(uri, name).sections}["setup"]
+
+    assert setup.code == grid_file and "name: finished" in setup.code
+    cells = client.search_runs([experiment.experiment_id], "tags.`forgetless.role` = 'cell'")
+    (commit,) = {run.data.tags["mlflow.source.git.commit"] for run in cells}
+    assert f"{commit} (4 of 4 cells)" in setup.text
+    tables = dict(setup.tables)
+    common = tables["Settings of every cell"].set_index("setting")["value"]
+    assert (common["train.lr"], common["model.hidden"], common["stream.n_experiences"]) == (
+        "0.05", "[32]", "2")  # fmt: skip
+    strategies = tables["Each strategy's settings beyond those"].set_index("strategy")
+    assert "strategy.buffer.size=50" in strategies.at["rehearsal", "settings"]
+    # The class order is fixed (0..9, 2 experiences of 5 classes); a test set holds a
+    # quarter (rounded down) of each class's images.
+    labels = read_digits()[1]
+    test_sizes = [sum(int((labels == c).sum()) // 4 for c in range(a, a + 5)) for a in (0, 5)]
+    experiences = next(t for caption, t in setup.tables if caption.startswith("Each seed's"))
+    assert list(experiences["seed"]) == ["0", "1"]
+    for row in experiences.itertuples():
+        assert (row[3], row[4]) == (f"0,1,2,3,4 ({test_sizes[0]} test)",
+                                    f"5,6,7,8,9 ({test_sizes[1]} test)")  # fmt: skip
+    versions = tables["Package versions"].set_index("package")["version"]
+    assert versions["torch"] == metadata.version("torch")
+    assert versions["mlflow"] == metadata.version("mlflow")
+
+
+def test_latex_table_has_booktabs_rules_and_the_numbers_of_mlflow(finished_grid, tmp_path):
+    uri, name = finished_grid
+    out = tmp_path / "paper.md"
+    assert main(["report", name, "--tracking-uri", uri, "--out", str(out)]) == 0
+    latex = (tmp_path / "paper.tex").read_text()
+    assert latex.index(r"\toprule") < latex.index(r"\midrule") < latex.index(r"\bottomrule")
+    body = latex.split(r"\midrule", 1)[1].split(r"\bottomrule", 1)[0]
+    rows = [[c.strip() for c in line.rstrip("\\ ").split("&")]
+            for line in body.strip().splitlines()]  # fmt: skip
+    header = latex.split(r"\toprule", 1)[1].split(r"\midrule", 1)[0].strip().rstrip("\\ ")
+    columns = [c.strip() for c in header.split("&")]
+    assert columns[:3] == ["stream", "strategy", r"avg\_acc"]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    groups = client.search_runs([experiment.experiment_id], "tags.`forgetless.role` = 'group'")
+    by_strategy = {row[1]: dict(zip(columns, row)) for row in rows}
+    assert set(by_strategy) == {"naive", "rehearsal"}
+    for run in groups:
+        row = by_strategy[run.data.tags["forgetless.strategy"]]
+        for metric in ("avg_acc", "forgetting"):
+            mean = run.data.metrics[f"final/{metric}_mean"]
+            std = run.data.metrics[f"final/{metric}_std"]
+            cell = row[metric.replace("_", r"\_")].removeprefix(r"\bfseries ")
+            assert cell == rf"{mean:.3f} $\pm$ {std:.3f}"
+
+
+def log_seed_matrices(uri: str, name: str, artifacts: Path, matrices: dict[str, list]) -> None:
+    """Cells of stream `digits` whose accuracy matrices and finals are given, one per seed,
+    with the manifest a split stream writes (classes in a fixed order)."""
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment(name, artifact_location=artifacts.as_uri())
+    manifest = {"experiences": [{"index": 0, "name": "classes_3_7", "train": 9, "test": 4,
+                                 "classes": [3, 7]},
+                                {"index": 1, "name": "classes_1_2", "train": 9, "test": 5,
+                                 "classes": [1, 2]}]}  # fmt: skip
+    for strategy, seeds in matrices.items():
+        for seed, R in enumerate(seeds):
+            run = client.create_run(experiment_id, tags={
+                "forgetless.role": "cell", "forgetless.stream": "digits",
+                "forgetless.strategy": strategy, "forgetless.seed": str(seed),
+                "forgetless.variant": "-", "forgetless.grid": name,
+            })  # fmt: skip
+            R = np.asarray(R)
+            final = {"avg_acc": R[-1].mean(), "learning_acc": np.diag(R).mean(),
+                     "forgetting": R[0, 0] - R[1, 0], "bwt": R[1, 0] - R[0, 0], "fwt": 0.0,
+                     "train_time_s": 1.0 + seed, "memory_bytes": 51200.0 * (seed + 1)}  # fmt: skip
+            steps = [Metric("avg_acc", float(R[i, : i + 1].mean()), 0, i) for i in range(2)]
+            finals = [Metric(f"final/{k}", float(v), 0, 0) for k, v in final.items()]
+            client.log_batch(run.info.run_id, metrics=steps + finals)
+            client.log_dict(run.info.run_id, {"experiences": ["classes_3_7", "classes_1_2"],
+                                              "R": R.tolist(), "baseline": [0, 0]},
+                            "accuracy_matrix.json")  # fmt: skip
+            client.log_dict(run.info.run_id, manifest, "stream_manifest.json")
+            client.set_terminated(run.info.run_id, "FINISHED")
+
+
+SEED_MATRICES = {
+    "naive": [[[0.9, 0.0], [0.1, 0.8]], [[0.8, 0.0], [0.3, 0.9]], [[1.0, 0.0], [0.2, 0.7]]],
+    "rehearsal": [[[0.9, 0.0], [0.6, 0.8]], [[0.9, 0.0], [0.7, 0.8]], [[0.9, 0.0], [0.8, 0.8]]],
+}
+
+
+@pytest.fixture
+def seed_grid(tracking_uri, tmp_path, request) -> tuple[str, str, report.Recorded, pd.DataFrame]:
+    name = f"seed-matrices-{request.node.name[-20:]}"
+    log_seed_matrices(tracking_uri, name, tmp_path, SEED_MATRICES)
+    cells = cell_frame(tracking_uri, name).assign(label=lambda c: c["strategy"])
+    return tracking_uri, name, report.read_recorded(tracking_uri, name, cells), cells
+
+
+def test_std_heatmap_is_the_sample_std_of_the_seeds_matrices(seed_grid):
+    uri, name, recorded, cells = seed_grid
+    fig = report.heatmaps_figure("digits", cells, ["naive", "rehearsal"], recorded)
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    # naive R[1][0] over seeds: 0.1, 0.3, 0.2 -> mean 0.2, sample std 0.1 (ddof=1).
+    std = panels["naive: std"].images[0].get_array()
+    assert std[1, 0] == pytest.approx(0.1)
+    assert np.allclose(std, np.std(SEED_MATRICES["naive"], axis=0, ddof=1))
+    assert np.allclose(panels["rehearsal: std"].images[0].get_array(),
+                       [[0.0, 0.0], [0.1, 0.0]])  # fmt: skip
+    assert np.allclose(panels["naive: mean"].images[0].get_array(), [[0.9, 0.0], [0.2, 0.8]])
+    # Every seed saw the classes in one order: the axes name them, numbered from 0.
+    ticks = [t.get_text() for t in panels["naive: mean"].get_xticklabels()]
+    assert ticks == ["0: 3,7", "1: 1,2"]
+
+
+def test_experiences_are_numbered_as_the_mlflow_steps_in_curves_and_heatmaps(seed_grid):
+    uri, name, recorded, cells = seed_grid
+    styles = report.plots.styles(["naive", "rehearsal"])
+    fig = report.average_accuracy_figure("digits", cells, ["naive", "rehearsal"],
+                                         recorded.matrices, styles)  # fmt: skip
+    (ax,) = fig.axes
+    client = MlflowClient(uri)
+    run_id = cells.loc[(cells["strategy"] == "naive") & (cells["seed"] == 0), "run_id"].item()
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "avg_acc"))
+    mean_line = next(line for line in ax.get_lines() if line.get_label() == "naive")
+    assert list(mean_line.get_xdata()) == [step for step, _ in history] == [0, 1]
+    assert ax.get_xlabel() == "experience (MLflow step)"
+    # The mean line over seeds; each seed's own values are drawn beside it.
+    per_seed = [[np.mean(R[0][:1]), np.mean(R[1])] for R in SEED_MATRICES["naive"]]
+    assert np.allclose(mean_line.get_ydata(), np.mean(per_seed, axis=0))
+    seed_points = [c.get_offsets()[:, 1] for c in ax.collections if c.get_offsets().size]
+    assert any(np.allclose(points, [v for _, v in history]) for points in seed_points)
+
+
+def test_plots_show_every_seed_and_tell_overlapping_strategies_apart(seed_grid):
+    uri, name, recorded, cells = seed_grid
+    labels = ["naive", "rehearsal", "ewc", "lwf", "si", "gem", "agem"]
+    styles = report.plots.styles(labels)
+    assert len({(s.marker, str(s.linestyle)) for s in styles.values()}) == len(labels)
+    points = report.seed_points(cells, ["naive", "rehearsal"], "learning_acc", "forgetting")
+    fig = report.plots.trade_off(points, styles, "x", "y", "t", better="lower right")
+    (ax,) = fig.axes
+    hollow = [c.get_offsets() for c in ax.collections if len(c.get_offsets()) == 3]
+    learning = [np.diag(R).mean() for R in np.asarray(SEED_MATRICES["rehearsal"])]
+    forgetting = [R[0][0] - R[1][0] for R in SEED_MATRICES["rehearsal"]]
+    assert any(np.allclose(h, np.column_stack([learning, forgetting])) for h in hollow)
+    markers = {line.get_marker() for line in ax.get_lines() if line.get_marker() != "None"}
+    assert markers >= {styles["naive"].marker, styles["rehearsal"].marker}
+
+
+def test_memory_reads_in_kb_and_mb_in_text_tables_and_axes(seed_grid):
+    uri, name, recorded, cells = seed_grid
+    assert report.plots.memory_text(0) == "0 B"
+    assert report.plots.memory_text(51200) == "50.0 KB"
+    assert report.plots.memory_text(3 * 1024**2, 0.5 * 1024**2) == "3.0 ± 0.5 MB"
+    assert report.plots.memory_text(float("nan")) == "n/a"
+    built = report.build(uri, name)
+    sections = {s.key: s for s in built.sections}
+    # Seeds hold 50, 100 and 150 KB: mean 100 KB, sample std 50 KB.
+    memory = sections["table"].table.set_index("strategy")["memory"]
+    assert memory["naive"] == "100 ± 50 KB"
+    assert "at 100 KB of memory" in sections["glance"].text
+    points = report.seed_points(cells, ["naive"], "memory_bytes", "avg_acc")
+    fig = report.plots.trade_off(points, report.plots.styles(["naive"]), "m", "a", "t",
+                                 better="upper left", memory_axis=True)  # fmt: skip
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks[0] == "0" and "100 KB" in ticks and "1,000 KB" in ticks
