@@ -151,8 +151,9 @@ def heatmap_grid(
     for ax in axes.ravel():
         if ax not in mean_axes and ax not in std_axes:
             ax.set_axis_off()
-    fig.colorbar(mean_image, ax=mean_axes, shrink=0.8, label="accuracy, mean")
-    fig.colorbar(std_image, ax=std_axes, shrink=0.8, label="accuracy, std over seeds")
+    fig.colorbar(mean_image, ax=mean_axes, shrink=0.8, label="accuracy, mean over seeds")
+    fig.colorbar(std_image, ax=std_axes, shrink=0.5, location="bottom", aspect=40,
+                 label="accuracy, sample std over seeds")  # fmt: skip
     fig.suptitle(title, fontsize=10)
     return fig
 
@@ -210,9 +211,12 @@ def trade_off(
     if memory_axis:  # 0 bytes is a real value (naive): linear below 1 KB, log above
         ax.set_xscale("symlog", linthresh=1024)
         top = max(1024.0, max(float(np.max(xs)) for xs, _ in points.values()))
-        ticks = [0.0] + [1024.0 * 10**k for k in range(int(np.ceil(np.log10(top / 1024))) + 1)]
+        ticks = [0.0]  # 1, 10, 100 KB, 1, 10, 100 MB, ... up to the largest value
+        while ticks[-1] < top:
+            k = len(ticks) - 1
+            ticks.append(1024.0 ** (1 + k // 3) * 10 ** (k % 3))
         ax.set_xticks(ticks)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: memory_text(v) if v else "0"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _round_memory(v)))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     vertical, horizontal = better.split()
     ax.text(
@@ -255,6 +259,11 @@ def bars(
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title, fontsize=10)
     return fig
+
+
+def _round_memory(value: float) -> str:
+    """A memory tick: "0", "10 KB", "1 MB" (no decimals on the round values ticks sit at)."""
+    return memory_text(value).replace(".0 ", " ") if value else "0"
 
 
 def _std(values: np.ndarray) -> float:

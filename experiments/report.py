@@ -704,7 +704,8 @@ def setup_section(cells: pd.DataFrame, recorded: Recorded) -> Section:
     for (stream, label), rows in cells.groupby(["stream", "label"], sort=False):
         first = params.loc[rows.index[0], varying]
         settings = [f"{k}={v}" for k, v in first.items() if v == v and k != "strategy.name"]
-        groups.append({"stream": stream, "strategy": label, "settings": ", ".join(settings)})
+        groups.append({"stream": stream, "strategy": label,
+                       "settings": ", ".join(settings) or "(none)"})  # fmt: skip
     experiences = []
     for (stream, seed), manifest in sorted(recorded.manifests.items()):
         row = {"stream": stream, "seed": str(seed)}
@@ -725,8 +726,8 @@ def setup_section(cells: pd.DataFrame, recorded: Recorded) -> Section:
     )
     text = (
         f"Git commit (`{COMMIT_TAG}` of the cell runs): {commit_text}.\n\n"
-        "Package versions (`forgetless.version.*` of the latest submission's parent run): "
-        + ("see the table." if len(versions) else "not recorded (a grid run before forgetless "
+        f"Package versions (`{VERSION_TAG}*` of the cell runs): "
+        + ("see the table." if len(versions) else "not recorded (cells run before forgetless "
            "logged them).")
         + "\n\nSettings are the cells' MLflow parameters, defaults filled in; the grid file "
         "below is as submitted (the latest parent run's `grid.yaml`)."
