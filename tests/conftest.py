@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -19,9 +20,10 @@ from forgetless.experiments.config import Grid, load_grid
 _names = itertools.count()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Threads only cost time on tiny models (ten times over on a busy machine)."""
+    """One torch thread for the whole session: the models here are tiny, and on two cores
+    shared with other work a second thread mostly spins, costing CPU time and wall time."""
     import torch
 
     threads = torch.get_num_threads()
@@ -43,9 +45,35 @@ def shared_cache(monkeypatch, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tracking_uri(tmp_path_factory) -> str:
+def empty_store(tmp_path_factory) -> Path:
+    """A SQLite file MLflow has created and migrated, once per session: creating a store runs
+    every schema migration, and a copy of this file is the same empty store at a fraction
+    of the cost."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="session")
+def new_store(empty_store, tmp_path_factory):
+    """new_store(folder=None, name="mlflow.db") -> the URI of a fresh SQLite store there
+    (default: a new temporary folder), a copy of the empty store. A test of how a store is
+    created opens its own URI instead."""
+
+    def make(folder: Path | None = None, name: str = "mlflow.db") -> str:
+        folder = folder or tmp_path_factory.mktemp("store")
+        shutil.copyfile(empty_store, folder / name)
+        return f"sqlite:///{folder / name}"
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(new_store) -> str:
     """A SQLite store shared by the session; each test uses its own grid name (experiment)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    return new_store()
 
 
 @pytest.fixture
@@ -87,12 +115,12 @@ def make_grid(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def finished_grid(make_grid, tmp_path_factory) -> tuple[str, str]:
+def finished_grid(make_grid, new_store) -> tuple[str, str]:
     """(tracking URI, grid name) of naive and rehearsal x 2 seeds x 2 experiences, run once
     into a store of its own: the grid the report, compare and browser tests read."""
     from forgetless.experiments.runner import run_grid
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('finished-grid') / 'mlflow.db'}"
+    uri = new_store()
     grid = make_grid(
         name="finished",
         seeds=[0, 1],

@@ -67,37 +67,38 @@ def store(tmp_path: Path, name: str) -> str:
 # --- 1. checkpoints belong to their store and run ----------------------------------------
 
 
-def test_the_same_grid_into_a_second_store_finishes_every_cell(write_grid, tmp_path):
+def test_the_same_grid_into_a_second_store_finishes_every_cell(write_grid, new_store, tmp_path):
+    a, b = new_store(tmp_path, "a.db"), new_store(tmp_path, "b.db")
     grid = write_grid(seeds=[0, 1], strategies=["naive", "rehearsal"])
-    assert {o.status for o in run_grid(grid, store(tmp_path, "a.db"))} == {"FINISHED"}
-    outcomes = run_grid(grid, store(tmp_path, "b.db"))
+    assert {o.status for o in run_grid(grid, a)} == {"FINISHED"}
+    outcomes = run_grid(grid, b)
     assert [o.status for o in outcomes] == ["FINISHED"] * 4
-    one_finished_run_per_cell(store(tmp_path, "b.db"), grid)
+    one_finished_run_per_cell(b, grid)
 
 
 def test_a_checkpoint_of_another_store_is_set_aside_and_the_cell_runs_anew(
-    write_grid, tmp_path, logged_matrix
+    write_grid, new_store, tmp_path, logged_matrix
 ):
+    a, b, c = (new_store(tmp_path, name) for name in ("a.db", "b.db", "c.db"))
     grid = write_grid(streams=FIVE)
     (cell,) = grid.cells
-    interrupted(grid, store(tmp_path, "a.db"), 2)
+    interrupted(grid, a, 2)
     path = checkpoint_path(grid.storage, cell)
     assert checkpoint.load(path)["next"] == 2
 
-    (outcome,) = run_grid(grid, store(tmp_path, "b.db"))
+    (outcome,) = run_grid(grid, b)
     assert outcome.status == "FINISHED"
     assert any("belongs to run" in n and path in n for n in outcome.notes), outcome.notes
     assert Path(path + ".stale").is_file()
     reference = write_grid(name=grid.name + "-ref", streams=FIVE)
-    run_grid(reference, store(tmp_path, "c.db"))
+    run_grid(reference, c)
     assert np.array_equal(
-        logged_matrix(store(tmp_path, "b.db"), grid.name, cell.hash),
-        logged_matrix(store(tmp_path, "c.db"), reference.name, cell.hash),
+        logged_matrix(b, grid.name, cell.hash), logged_matrix(c, reference.name, cell.hash)
     )
 
 
-def test_a_checkpoint_of_a_deleted_run_is_set_aside(write_grid, tmp_path):
-    uri = store(tmp_path, "a.db")
+def test_a_checkpoint_of_a_deleted_run_is_set_aside(write_grid, new_store, tmp_path):
+    uri = new_store(tmp_path, "a.db")
     grid = write_grid(streams=FIVE)
     interrupted(grid, uri, 2)
     (killed,) = runs_of(uri, grid.name)
@@ -113,8 +114,10 @@ def test_a_checkpoint_of_a_deleted_run_is_set_aside(write_grid, tmp_path):
 # --- 4. an unreadable checkpoint ------------------------------------------------------------
 
 
-def test_a_truncated_checkpoint_is_named_set_aside_and_the_cell_restarts(write_grid, tmp_path):
-    uri = store(tmp_path, "a.db")
+def test_a_truncated_checkpoint_is_named_set_aside_and_the_cell_restarts(
+    write_grid, new_store, tmp_path
+):
+    uri = new_store(tmp_path, "a.db")
     grid = write_grid(streams=FIVE)
     interrupted(grid, uri, 3)
     path = checkpoint_path(grid.storage, grid.cells[0])

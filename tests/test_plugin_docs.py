@@ -37,11 +37,11 @@ def example_module(tmp_path, monkeypatch) -> str:
 
 
 def test_plugins_page_example_finishes_a_grid_cell_as_module_colon_class(
-    example_module, write_grid, tmp_path
+    example_module, write_grid, tracking_uri
 ):
     name = f"{example_module}:ERACE"
     grid = write_grid(strategies=[{"name": name, "buffer": {"size": 50}, "replay_batch_size": 16}])
-    (outcome,) = run_grid(grid, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (outcome,) = run_grid(grid, tracking_uri)
     assert outcome.status == "FINISHED", outcome.error
     assert outcome.summary["memory_bytes"] > 0
 
