@@ -6,6 +6,8 @@ pandas, and for the report matplotlib and scipy) and the store's opening are par
 call. Each command runs `--rounds` times; the figure is the median, so one round slowed by
 another process on a shared machine does not decide it. The first round of each is run
 once before, untimed, so the operating system's file cache is warm for every timed round.
+On a shared machine the wall time grows with the load, so each command's CPU time (user +
+system, the process and its children) is reported beside it, and the load average.
 
 Without `--store`, the quickstart (grids/quickstart.yaml, 15 cells, --no-ray) first runs
 into a temporary store, which takes minutes; `--store sqlite:///PATH --grid NAME` reuses
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -68,18 +71,26 @@ def build_store(grid: dict, folder: Path) -> str:
     return uri
 
 
-def timed(command: list[str], folder: Path) -> tuple[float, str]:
-    """Wall seconds of one run of `command` and its stdout; a failure stops the benchmark."""
+def timed(command: list[str], folder: Path) -> tuple[float, float, str]:
+    """Wall and CPU seconds of one run of `command`, and its stdout; a failure stops the
+    benchmark."""
+    cpu_before = _children_cpu_s()
     started = time.perf_counter()
     done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-3000:]}")
-    return seconds, done.stdout
+    return seconds, _children_cpu_s() - cpu_before, done.stdout
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def measure(uri: str, grid_name: str, rounds: int, folder: Path) -> dict:
-    """Median and every round of compare and of report, each after one untimed warm-up."""
+    """Median and every round of compare and of report (wall seconds), and their median CPU
+    seconds, each after one untimed warm-up."""
     base = forgetless_command()
     commands = {
         "compare_s": [*base, "compare", grid_name, "--tracking-uri", uri],
@@ -88,12 +99,14 @@ def measure(uri: str, grid_name: str, rounds: int, folder: Path) -> dict:
     }
     result: dict = {}
     for key, command in commands.items():
-        _, stdout = timed(command, folder)
+        _, _, stdout = timed(command, folder)
         if key == "compare_s":
             result["compare_table"] = stdout.strip()
-        seconds = [timed(command, folder)[0] for _ in range(rounds)]
-        result[key] = round(statistics.median(seconds), 3)
-        result[f"{key.removesuffix('_s')}_rounds"] = [round(s, 3) for s in seconds]
+        wall, cpu, _ = zip(*(timed(command, folder) for _ in range(rounds)))
+        name = key.removesuffix("_s")
+        result[key] = round(statistics.median(wall), 3)
+        result[f"{name}_rounds"] = [round(s, 3) for s in wall]
+        result[f"{name}_cpu_s"] = round(statistics.median(cpu), 3)
     return result
 
 

@@ -125,7 +125,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_grid(grid, uri, executor, on_outcome=on_outcome)
     bar.close()
     if counts["FINISHED"] + counts["FAILED"]:  # this submission rebuilt the group runs
-        _log_summaries(uri, grid.name)
+        try:
+            _log_summaries(uri, grid.name)
+        except Exception as e:  # noqa: BLE001 - the cells' results are logged all the same
+            print(f"warning: the report was not added to the grid's runs ({type(e).__name__}: "
+                  f"{e}); `forgetless report {grid.name}` writes it", file=sys.stderr)  # fmt: skip
     print(format_table(compare_table(uri, grid.name)))
     print(f"\n{counts['FINISHED']} cells run, {counts['SKIPPED']} already finished, "
           f"{counts['FAILED']} failed.")  # fmt: skip
@@ -187,7 +191,8 @@ def _log_summaries(uri: str, grid_name: str) -> None:
             shutil.copy(page, files / "report.html")
             curves = page.parent / f"{page.stem}_files" / f"curves-{report.slug(stream)}.png"
             shutil.copy(curves, files / "average_accuracy.png")
-            matrix = {**first, "R": means[key].tolist(), "seeds": seeds}
+            matrix = {"experiences": first["experiences"], "R": means[key].tolist(),
+                      "score": first["score"], "seeds": seeds}  # fmt: skip
             (files / "accuracy_matrix.json").write_text(json.dumps(matrix))
             plots.accuracy_heatmap(means[key], first["experiences"],
                                    f"{label}: mean over {seeds} seeds",
