@@ -106,11 +106,13 @@ def build(
         sections.append(flagged_section(cells))
     sections += [final_table(table), statistics_section(cells)]
     figures = {key: Section(key, title, text) for key, title, text in FIGURES}
+    drawn = []  # (section key, file stem, figure)
     for stream, rows in table.groupby("stream", sort=False):
         stream_cells = cells[cells["stream"] == stream]
-        drawn = stream_figures(uri, stream, rows, stream_cells, recorded, styles)
-        for key, fig in drawn.items():
-            figures[key].images.append((f"{key}-{slug(stream)}", plots.render(fig)))
+        for key, fig in stream_figures(uri, stream, rows, stream_cells, recorded, styles).items():
+            drawn.append((key, f"{key}-{slug(stream)}", fig))
+    for (key, name, _), files in zip(drawn, plots.render_all([fig for *_, fig in drawn])):
+        figures[key].images.append((name, files))
     sections += [s for s in figures.values() if s.images]
     sections.append(setup_section(cells, recorded))
 
