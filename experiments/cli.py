@@ -153,6 +153,7 @@ def _log_summaries(uri: str, grid_name: str) -> None:
     averaged over seeds (JSON and heatmap) and its stream's average-accuracy curves, so that
     the MLflow UI holds what the report shows. A grid without a finished cell has none."""
     import json
+    import os
     import shutil
     import tempfile
     from pathlib import Path
@@ -161,10 +162,12 @@ def _log_summaries(uri: str, grid_name: str) -> None:
 
     from forgetless.experiments import compare, plots, report, tracking
 
-    cells = compare.cell_frame(uri, grid_name)
-    if cells.empty:
+    summary = tracking.summary_runs(uri, grid_name)
+    if summary is None:
         return
-    parent, groups = tracking.summary_runs(uri, grid_name)
+    parent, groups = summary
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    cells = compare.cell_frame(uri, grid_name)
     built = report.build(uri, grid_name)
     matrices = tracking.read_accuracy_matrices(uri, cells["run_id"])
     means = compare.mean_accuracy_matrices(

@@ -508,22 +508,21 @@ def _no_grid(grid_name: str, experiments: Iterable[str], uri: str) -> ConfigErro
     )
 
 
-def summary_runs(uri: str, grid_name: str) -> tuple[str, dict[tuple[str, str, str], str]]:
-    """The latest submission's parent run id, and the run id of each of its group runs by
-    (stream, strategy, variant)."""
+def summary_runs(uri: str, grid_name: str) -> tuple[str, dict[tuple[str, str, str], str]] | None:
+    """The run id of each of the grid's group runs by (stream, strategy, variant), and of
+    the parent run they nest under: the submission that last rebuilt them, which need not
+    be the latest (a driver that found every cell held by another has no groups). None
+    when the grid has no group run."""
     experiment_id = grid_experiment(uri, grid_name).experiment_id
-    store = Store(uri)
-    latest = ["attributes.start_time DESC"]
-    (parent,) = store.search_runs([experiment_id], f"tags.`{TAG}role` = 'grid'", max_results=1,
-                                  order_by=latest)  # fmt: skip
-    query = (f"tags.`{TAG}role` = 'group' and "
-             f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")  # fmt: skip
+    runs = _search_all(Store(uri), [experiment_id], f"tags.`{TAG}role` = 'group'")
+    if not runs:
+        return None
     groups = {
         (r.data.tags[f"{TAG}stream"], r.data.tags[f"{TAG}strategy"], r.data.tags[f"{TAG}variant"]):
         r.info.run_id
-        for r in _search_all(store, [experiment_id], query)
+        for r in runs
     }  # fmt: skip
-    return parent.info.run_id, groups
+    return runs[0].data.tags["mlflow.parentRunId"], groups
 
 
 def read_accuracy_matrices(uri: str, run_ids: Iterable[str]) -> dict[str, dict[str, Any]]:

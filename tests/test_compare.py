@@ -196,7 +196,7 @@ def test_run_gives_parent_and_group_runs_the_report_and_mean_figures(write_grid,
     client = MlflowClient(uri)
     parent, groups = tracking.summary_runs(uri, grid.name)
     assert {path.path for path in client.list_artifacts(parent)} >= {
-        "report.html", "report.md", "report_files"}  # fmt: skip
+        "grid.yaml", "report.html", "report.md", "report_files"}  # fmt: skip
     figures = {path.path for path in client.list_artifacts(parent, "report_files")}
     assert {"report_files/heatmaps-split_digits.png",
             "report_files/curves-split_digits.png"} <= figures  # fmt: skip
