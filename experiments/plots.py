@@ -107,6 +107,9 @@ def render_all(figures: list[Figure]) -> list[dict[str, bytes]]:
     forkable = "fork" in multiprocessing.get_all_start_methods()
     if workers < 2 or not forkable or threading.active_count() > 1:
         return [render(fig) for fig in figures]
+    # The vector backends load on first use, fontTools with them: once here, not per worker.
+    from matplotlib.backends import backend_pdf, backend_svg  # noqa: F401
+
     _INHERITED[:] = figures
     try:
         context = multiprocessing.get_context("fork")

@@ -823,8 +823,7 @@ def to_latex(report: Report) -> str:
     """The final-metrics table as a LaTeX table with booktabs rules (\\toprule, \\midrule,
     \\bottomrule: `\\usepackage{booktabs}`), the best values in bold, as in the report."""
     section = next(s for s in report.sections if s.key == "table")
-    columns = list(section.table.columns)
-    numeric = [c not in compare.GROUP_KEYS + ["flag"] for c in columns]
+    text_columns = compare.GROUP_KEYS + ["flag"]  # left-aligned; numbers right-aligned
     styler = (
         section.table.style.hide(axis="index")
         .format(escape="latex", formatter=lambda text: str(text).replace(" ± ", r" $\pm$ "))
@@ -834,7 +833,7 @@ def to_latex(report: Report) -> str:
     return styler.to_latex(
         hrules=True,
         convert_css=True,
-        column_format="".join("r" if n else "l" for n in numeric),
+        column_format="".join("l" if c in text_columns else "r" for c in section.table),
         caption=f"forgetless grid {report.grid}: final metrics, mean $\\pm$ sample std over "
         "seeds; best of each column and stream in bold.",
         label=f"tab:{slug(report.grid)}",
