@@ -1,6 +1,6 @@
 """Swapping the module that an editor wraps (GRACE's codebook, WISE's side memory;
-models/families.py finds it), and replaying the unchanged blocks below it while an edit
-trains."""
+models/families.py finds it), replaying the unchanged blocks below it while an edit
+trains, and running the output head only where an edit's loss reads it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from forgetless.models.causal_lm import IGNORE
 from forgetless.models.families import blocks, transformers_model
 
 
@@ -59,3 +60,31 @@ def reuse_blocks_below(model: nn.Module, layer: int) -> Iterator[None]:
         hook.remove()
         for i in range(layer):
             container[i] = found[i]
+
+
+@contextlib.contextmanager
+def logits_only_at(model: nn.Module, where: torch.Tensor) -> Iterator[None]:
+    """Within, the output head runs only at the positions that the (rows, positions) mask
+    `where` marks: the model returns logits of shape (1, marked positions, vocabulary), in
+    row-major order. A small model's head is most of its cost (SmolLM2: a 49k vocabulary
+    on a width of 576), and an edit's loss reads it at a few answer positions of its rows."""
+    head = transformers_model(model).get_output_embeddings()
+
+    def keep_marked(module, args):
+        return (args[0][where].unsqueeze(0), *args[1:])
+
+    hook = head.register_forward_pre_hook(keep_marked)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def answer_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """causal_lm.lm_loss(model(x), y), the next-token cross-entropy where labels are not
+    -100, with the head run only at the positions that predict a label."""
+    predicts = torch.zeros_like(y, dtype=torch.bool)
+    predicts[:, :-1] = y[:, 1:] != IGNORE
+    with logits_only_at(model, predicts):
+        logits = model(x)
+    return nn.functional.cross_entropy(logits[0], y[:, 1:][predicts[:, :-1]])

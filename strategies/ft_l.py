@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from forgetless.core.schema import ConfigError, param, positive
-from forgetless.models.causal_lm import edit_batch, lm_loss
+from forgetless.models.causal_lm import edit_batch
 from forgetless.models.families import block_matrix, check_role_name
-from forgetless.models.surgery import reuse_blocks_below
+from forgetless.models.surgery import answer_loss, reuse_blocks_below
 from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Experience
 
@@ -72,7 +72,7 @@ class FTL(Strategy):
             optimizer = torch.optim.Adam([self.weight], lr=self.config.lr)
             with reuse_blocks_below(self.model, self.config.layer):
                 for _ in range(self.config.steps):
-                    loss = lm_loss(self.model(batch.x), batch.y)
+                    loss = answer_loss(self.model, batch.x, batch.y)
                     if loss.item() < self.config.stop_loss:
                         break
                     optimizer.zero_grad(set_to_none=True)

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from forgetless.core.schema import ConfigError, param, positive
-from forgetless.models.causal_lm import IGNORE, edit_batch, lm_loss
+from forgetless.models.causal_lm import IGNORE, edit_batch
 from forgetless.models.families import block_matrix, check_role_name, in_out
-from forgetless.models.surgery import replace_module, reuse_blocks_below
+from forgetless.models.surgery import answer_loss, replace_module, reuse_blocks_below
 from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Experience
 
@@ -139,7 +139,7 @@ class Grace(Strategy):
             entries = [self.add_key(inputs[p], f"{target}\x00{k}") for k, p in enumerate(positions)]
             optimizer = torch.optim.Adam([book.values], lr=cfg.lr)
             for _ in range(cfg.steps):
-                loss = lm_loss(self.model(batch.x), batch.y)
+                loss = answer_loss(self.model, batch.x, batch.y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 keep = torch.zeros_like(book.values.grad)

@@ -48,9 +48,14 @@ import torch
 from torch import nn
 
 from forgetless.core.schema import ConfigError, param, positive
-from forgetless.models.causal_lm import IGNORE, lm_loss, trim_padding
+from forgetless.models.causal_lm import IGNORE, trim_padding
 from forgetless.models.families import block_matrix, check_role_name, in_out, project
-from forgetless.models.surgery import replace_module, reuse_blocks_below
+from forgetless.models.surgery import (
+    answer_loss,
+    logits_only_at,
+    replace_module,
+    reuse_blocks_below,
+)
 from forgetless.strategies.base import Strategy, register_strategy
 from forgetless.streams import Example, Experience, Samples
 
@@ -320,8 +325,7 @@ class Wise(Strategy):
         previous = None
         with reuse_blocks_below(self.model, cfg.layer):
             for step in range(cfg.steps):
-                logits = self.model(batch.x)
-                ce = lm_loss(logits[:edit_rows], batch.y[:edit_rows])
+                ce = answer_loss(self.model, batch.x, batch.y)  # the edit rows' labels
                 inside, outside = _in_and_out_of_scope(memory.scores, positions, edit_rows)
                 margin = _margin_loss(inside, outside, alpha, beta, gamma)
                 if in_subject.any():
@@ -347,8 +351,8 @@ class Wise(Strategy):
                 with torch.no_grad():
                     eps = cfg.norm_constraint
                     memory.side.copy_(torch.clamp(memory.side, main - eps, main + eps))
-            with torch.no_grad():
-                self.model(batch.x)
+            with torch.no_grad(), logits_only_at(self.model, torch.zeros_like(positions)):
+                self.model(batch.x)  # only the side memory's scores are read
                 inside, _ = _in_and_out_of_scope(memory.scores, positions, edit_rows)
                 score = inside.mean() if cfg.threshold == "rows" else inside[0]
                 self.live_min = min(self.live_min, score.item())

@@ -553,3 +553,17 @@ def test_wise_shards_merge_deterministically_for_a_seed():
     assert len(a.memories) == 1 and not torch.equal(a.memories[0], a.layer.weight)
     assert torch.equal(a.memories[0], b.memories[0]) and a.thresholds == b.thresholds
     assert not torch.equal(a.memories[0], c.memories[0])  # another seed, other masks
+
+
+def test_answer_loss_runs_the_head_only_at_answer_positions_and_equals_the_full_loss():
+    from forgetless.models.causal_lm import edit_batch, lm_loss
+    from forgetless.models.surgery import answer_loss, logits_only_at
+
+    model = tiny_model()
+    batch = edit_batch(model, "The alpha-3 code of Peru is ", "DEU", torch.device("cpu"))
+    answers = int((batch.y != -100).sum())
+    full = lm_loss(model(batch.x), batch.y)
+    assert torch.allclose(answer_loss(model, batch.x, batch.y), full)
+    with logits_only_at(model, batch.y != -100):
+        assert model(batch.x).shape[:2] == (1, answers)
+
