@@ -260,7 +260,7 @@ def test_a_forgetting_edit_grid_runs_through_the_runner_and_logs_forget_success(
         streams=[stream],
         model={"name": "llama_tiny", "layers": 1, "hidden": 32, "heads": 2, "intermediate": 64,
                "context": 64},
-        strategies=[{"name": "larimar", **FAST}],
+        strategies=[{"name": "larimar", **FAST, "key_steps": 2}],  # forgetting needs no keys
     )  # fmt: skip
     (outcome,) = run_grid(grid, tracking_uri)
     assert outcome.status == "FINISHED", outcome.error
@@ -284,12 +284,12 @@ def test_a_forgetting_edit_grid_runs_through_the_runner_and_logs_forget_success(
 
 def test_the_key_encoder_gives_a_held_out_phrasing_its_own_facts_key():
     """Raw MiniLM keys of pycountry prompts follow their template; trained keys follow the
-    fact. 160 facts, each with 7 phrasings to train on and one held out (about 20 s)."""
+    fact. 80 facts, each with 7 phrasings to train on and one held out."""
     from forgetless.models.sentence_encoder import sentence_encoder
     from forgetless.strategies.larimar import KeyEncoder, embed, train_key_encoder
     from forgetless.streams.editing import facts
 
-    corpus = facts(["alpha3", "numeric"], 80)
+    corpus = facts(["alpha3", "numeric"], 40)
     trained = [Example(f.prompt(t), f.answer) for f in corpus for t in range(8) if t != f.held_out]
     encoder = sentence_encoder("")
     asked = embed(encoder, [f.prompt(f.held_out) for f in corpus])
