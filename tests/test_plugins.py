@@ -33,6 +33,7 @@ def installed_der(tmp_path_factory):
     sys.modules.pop("forgetless_der", None)
 
 
+@pytest.mark.integration  # pip-installs the example plugin
 def test_entry_point_plugin_is_listed_and_runs_in_a_grid(installed_der, write_grid, tracking_uri):
     assert "der" in STRATEGIES.names()
     cls = strategy_class("der", "strategies[0]")
@@ -43,6 +44,7 @@ def test_entry_point_plugin_is_listed_and_runs_in_a_grid(installed_der, write_gr
     assert outcome.summary["memory_bytes"] > 0
 
 
+@pytest.mark.integration  # pip-installs the example plugin
 def test_module_colon_class_name_loads_the_plugin(installed_der, write_grid, tracking_uri):
     grid = write_grid(strategies=[{"name": "forgetless_der:DER", "buffer": {"bytes": 20000}}])
     (outcome,) = run_grid(grid, tracking_uri)
