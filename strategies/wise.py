@@ -8,7 +8,9 @@ A query uses a side memory iff its activation score Delta(x) = ||A(x) (W' - W)||
 averaged over the tokens (`score: max`: the largest token's, as EasyEdit past 100
 tokens), reaches the threshold learned from the edits (Eq. 3, 6: the
 smallest in-scope score seen, times `act_ratio`; an edit's score is the mean over its rows,
-the prompt and its prefixed copies, as EasyEdit's save_editing_activation). Each edit
+the prompt and its prefixed copies, as EasyEdit's save_editing_activation). Delta is
+Eq. 3 as the paper writes it: EasyEdit's euc applies the model's activation to both
+outputs first, ||act(A W') - act(A W)|| (SiLU for Llama), and forgetless does not. Each edit
 trains W' on the target tokens' loss plus the margin loss of Eq. 5 against irrelevant
 prompts (WISE: one; `negatives` of them, the latest given), over copies of the edit behind
 random prefixes. Knowledge sharding
