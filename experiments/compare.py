@@ -17,6 +17,7 @@ table is read without it (`tracking.read_cells`).
 from __future__ import annotations
 
 import difflib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -24,9 +25,14 @@ import pandas as pd
 from forgetless.core.schema import ConfigError, suggest
 from forgetless.experiments import tracking
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
 TAG = tracking.TAG
 GROUP_KEYS = ["stream", "strategy", "variant"]
 FLAG_TAG = f"{TAG}flag"
+# MLflow nests a run under the run this tag names: a cell under its group run.
+PARENT_TAG = "mlflow.parentRunId"
 # Columns of the cell frame that are neither metrics nor parameters.
 CELL_KEYS = ["grid"] + GROUP_KEYS + ["seed", "run_id", "flag"]
 HEADLINE = ["avg_acc", "learning_acc", "forgetting", "bwt", "fwt", "train_time_s", "memory_bytes"]
@@ -283,24 +289,62 @@ def mean_accuracy_matrices(
 
 def log_seed_groups(grid_run: tracking.GridRun, grid_name: str) -> None:
     """Replace the grid's group runs with fresh ones from every FINISHED cell (a flagged
-    group's run carries `forgetless.flag` too), and write the table with links to every
-    cell run as the parent run's description, so the parent run shows what the grid found
-    and leads to each of its cells."""
+    group's run carries `forgetless.flag` too), nest each cell run under its group run, and
+    write the table with links to every cell run as the parent run's description, so the
+    parent run shows what the grid found and leads to each of its cells.
+
+    The new groups exist and hold their cells before the old ones are deleted, so that an
+    interrupted rebuild leaves no cell nested under a deleted run; the next rebuild replaces
+    whatever groups it finds. A group run holds only numbers computed from its cells, which
+    keep everything they recorded, so deleting it loses nothing.
+    """
     from mlflow import MlflowClient
 
     client = MlflowClient(grid_run.tracking_uri)
-    old = client.search_runs([grid_run.experiment_id], f"tags.`{TAG}role` = 'group'")
-    for run in old:
-        client.delete_run(run.info.run_id)
+    old = {r.info.run_id for r in _group_runs(client, grid_run.experiment_id)}
     cells = cell_frame(grid_run.tracking_uri, grid_name)
-    if cells.empty:
-        return
-    table = aggregate(cells)
-    groups, configs = {}, {}
+    if not cells.empty:
+        table = aggregate(cells)
+        tracking.log_groups(grid_run, _group_values(table), _group_configs(cells))
+        new = {
+            tuple(run.data.tags.get(f"{TAG}{k}") for k in GROUP_KEYS): run.info.run_id
+            for run in _group_runs(client, grid_run.experiment_id)
+            if run.info.run_id not in old
+        }
+        # A group is missing only when another driver's rebuild deleted it meanwhile (a
+        # server store has no lock); that driver's groups then hold the cells.
+        flagged = table[table["flagged"] > 0]
+        for _, row in flagged.iterrows():
+            group = new.get(tuple(row[k] for k in GROUP_KEYS))
+            if group:
+                client.set_tag(group, FLAG_TAG, row["flag"][:5000])
+        for cell in cells.itertuples():
+            group = new.get(tuple(getattr(cell, k) for k in GROUP_KEYS))
+            if group:
+                client.set_tag(cell.run_id, PARENT_TAG, group)
+        client.set_tag(grid_run.parent_run_id, "mlflow.note.content",
+                       grid_note(grid_run.experiment_id, cells, table))  # fmt: skip
+    for run_id in old:
+        client.delete_run(run_id)
+
+
+def _group_runs(client: MlflowClient, experiment_id: str) -> list:
+    return client.search_runs([experiment_id], f"tags.`{TAG}role` = 'group'", max_results=5000)
+
+
+def _group_values(table: pd.DataFrame) -> dict[tuple[str, str, str], dict[str, float]]:
+    """Per group, its `<metric>_mean` and `_std` and its number of seeds."""
+    groups = {}
     for _, row in table.iterrows():
         key = tuple(row[k] for k in GROUP_KEYS)
         groups[key] = {c: row[c] for c in table.columns if c.endswith(("_mean", "_std"))}
         groups[key]["seeds"] = int(row["seeds"])
+    return groups
+
+
+def _group_configs(cells: pd.DataFrame) -> dict[tuple[str, str, str], dict[str, str]]:
+    """Per group, its first cell's parameters but the seed: what the group run carries."""
+    configs = {}
     for key, rows in cells.groupby(GROUP_KEYS, sort=False):
         first = rows.iloc[0]
         configs[key] = {
@@ -308,18 +352,7 @@ def log_seed_groups(grid_run: tracking.GridRun, grid_name: str) -> None:
             for c in rows.columns
             if c.startswith("param:") and c != "param:seed" and first[c] == first[c]
         }
-    tracking.log_groups(grid_run, groups, configs)
-    flagged = table[table["flagged"] > 0]
-    if len(flagged):
-        reasons = {tuple(r[k] for k in GROUP_KEYS): r["flag"] for _, r in flagged.iterrows()}
-        query = f"tags.`{TAG}role` = 'group'"
-        for run in client.search_runs([grid_run.experiment_id], query):
-            tags = run.data.tags
-            key = (tags.get(f"{TAG}stream"), tags.get(f"{TAG}strategy"), tags.get(f"{TAG}variant"))
-            if key in reasons:
-                client.set_tag(run.info.run_id, FLAG_TAG, reasons[key][:5000])
-    client.set_tag(grid_run.parent_run_id, "mlflow.note.content",
-                   grid_note(grid_run.experiment_id, cells, table))  # fmt: skip
+    return configs
 
 
 def grid_note(experiment_id: str, cells: pd.DataFrame, table: pd.DataFrame) -> str:

@@ -144,8 +144,8 @@ def read_recorded(uri: str, grid_name: str, cells: pd.DataFrame) -> Recorded:
     queries without importing MLflow); the files are read in parallel, straight from a local
     artifact store. A stream's manifest depends on the seed (its class order), not on the
     strategy: one per (stream, seed). The grid file is the parent run's `grid.yaml`: its id
-    is the newest cell's `mlflow.parentRunId`, and MLflow keeps a run's files at
-    `<experiment location>/<run id>/artifacts`, beside its cells'.
+    is the newest cell's `forgetless.driver` (its MLflow parent is its group run), and MLflow
+    keeps a run's files at `<experiment location>/<run id>/artifacts`, beside its cells'.
     """
     records = {r.run_id: r for r in tracking.read_cells(uri, [grid_name])}
     chosen = [records[r] for r in cells["run_id"] if r in records]
@@ -154,7 +154,7 @@ def read_recorded(uri: str, grid_name: str, cells: pd.DataFrame) -> Recorded:
     wanted = [(r.artifact_uri, "accuracy_matrix.json") for r in chosen]
     wanted += [(records[r].artifact_uri, "stream_manifest.json") for r in firsts["run_id"]]
     newest = next((r for r in records.values() if r.run_id in set(cells["run_id"])), None)
-    parent = newest.tags.get("mlflow.parentRunId", "") if newest else ""
+    parent = newest.tags.get(f"{tracking.TAG}driver", "") if newest else ""
     if parent and f"/{newest.run_id}/" in newest.artifact_uri:
         wanted.append((newest.artifact_uri.replace(f"/{newest.run_id}/", f"/{parent}/"),
                        "grid.yaml"))  # fmt: skip

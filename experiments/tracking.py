@@ -204,9 +204,9 @@ def _describe_experiment(store: Store, experiment_id: str, grid_name: str) -> No
     """Open the experiment in MLflow's model-training view, with a line on its layout."""
     store.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
     store.set_experiment_tag(experiment_id, "mlflow.note.content", (
-        f"forgetless grid `{grid_name}`: a parent run per submission (role grid), a run per "
-        "cell (stream x strategy x seed, role cell) nested under it, and a group run per "
-        "configuration with mean and std over seeds (role group). Terminal: "
+        f"forgetless grid `{grid_name}`: a parent run per submission (role grid), under it a "
+        "group run per configuration with mean and std over seeds (role group), and under "
+        "each group its seeds' finished cell runs (role cell). Terminal: "
         f"`forgetless compare {grid_name}`, `forgetless report {grid_name}`."))  # fmt: skip
 
 
@@ -214,14 +214,26 @@ def _describe_experiment(store: Store, experiment_id: str, grid_name: str) -> No
 # experiment tag `mlflow.sharedViewState.<key>`, opened by `?viewStateShareKey=<key>` (the
 # URL alone cannot carry grouping). The cells, grouped by strategy (each chart draws the
 # mean over seeds with a band), every group shown: by default the UI hides all runs but the
-# first ten, which in a grid are the neighbours of whichever ten come first.
+# first ten, which in a grid are the neighbours of whichever ten come first. Sorted by
+# name, not by date: only a date sort makes the UI add the cells' parents, the group runs,
+# whose strategy tag would put them in the groups. Sections in this order, `final/avg_acc`
+# and the `avg_acc` curve first in theirs; the UI adds every other chart behind them.
 CHARTS_VIEW_KEY = "forgetless-by-strategy"
 CHARTS_VIEW = {
     "searchFilter": f"tags.`{TAG}role` = 'cell'",
+    "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
     "groupBy": {"aggregateFunction": "average",
                 "groupByKeys": [{"mode": "tag", "groupByData": f"{TAG}strategy"}]},
     "runsHiddenMode": "SHOW_ALL",
     "useGroupedValuesInCharts": True,
+    "isAccordionReordered": True,
+    "compareRunSections": [{"uuid": name, "name": name, "display": True, "isReordered": True}
+                           for name in ("final", "Model metrics", "acc")],
+    "compareRunCharts": [{"uuid": key, "type": kind, "metricKey": key, "displayName": "avg_acc",
+                          "metricSectionId": section, "isGenerated": True, "deleted": False,
+                          "runsCountToCompare": 100}
+                         for key, kind, section in (("final/avg_acc", "BAR", "final"),
+                                                    ("avg_acc", "LINE", "Model metrics"))],
 }  # fmt: skip
 
 

@@ -112,9 +112,10 @@ def test_mlflow_ui_started_by_forgetless_ui_shows_the_grid_runs(browser, finishe
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     runs = client.search_runs([experiment.experiment_id])
-    (parent,) = [r for r in runs if r.data.tags["forgetless.role"] == "grid"]
-    children = [r.info.run_id for r in runs if r is not parent]
-    assert len(children) == 6  # 4 cells and 2 seed groups
+    by_role = {role: [r.info.run_id for r in runs if r.data.tags["forgetless.role"] == role]
+               for role in ("grid", "group", "cell")}  # fmt: skip
+    (parent,) = by_role["grid"]
+    assert len(by_role["group"]) == 2 and len(by_role["cell"]) == 4
 
     def linked_run_ids(driver) -> set[str]:
         hrefs = driver.execute_script(
@@ -122,14 +123,25 @@ def test_mlflow_ui_started_by_forgetless_ui_shows_the_grid_runs(browser, finishe
         )
         return {href.rsplit("/runs/", 1)[1].split("?")[0] for href in hrefs}
 
+    def expand(run_id: str) -> None:
+        """Click the expander of the run's row: its nested runs appear below it."""
+        name_cell = browser.find_element(
+            By.XPATH, '//*[@role="gridcell"][@col-id="attributes.`Run Name`"]'
+            f'[.//a[contains(@href, "/runs/{run_id}")]]',
+        )  # fmt: skip
+        name_cell.find_element(By.TAG_NAME, "button").click()
+
     browser.get(match.group(1))
-    # The runs table shows the grid's parent run; its cells are nested under it.
-    wait(browser, lambda d: parent.info.run_id in linked_run_ids(d))
-    cell = browser.find_element(
-        By.CSS_SELECTOR, '[role="gridcell"][col-id="attributes.`Run Name`"]'
-    )
-    cell.find_element(By.TAG_NAME, "button").click()  # expand the nested runs
-    wait(browser, lambda d: set(children) <= linked_run_ids(d))
+    # The runs table shows the grid's parent run, the seed groups nested under it, and each
+    # group's cells nested under the group.
+    wait(browser, lambda d: parent in linked_run_ids(d))
+    assert not set(by_role["group"] + by_role["cell"]) & linked_run_ids(browser)
+    expand(parent)
+    wait(browser, lambda d: set(by_role["group"]) <= linked_run_ids(d))
+    assert not set(by_role["cell"]) & linked_run_ids(browser)
+    for group in by_role["group"]:
+        expand(group)
+    wait(browser, lambda d: set(by_role["cell"]) <= linked_run_ids(d))
 
 
 @pytest.fixture(scope="module")
@@ -161,11 +173,26 @@ def test_charts_link_of_forgetless_ui_shows_every_strategy_grouped(browser, base
     def page_text(driver) -> str:
         return driver.execute_script("return document.body.innerText")
 
+    def first_chart(driver) -> str:
+        return driver.execute_script(
+            "const card = document.querySelector("
+            "'[data-testid=experiment-view-compare-runs-card]'); return card ? card.innerText : '';"
+        )
+
     browser.get(match.group(1))
-    # Grouped by strategy: a group row per strategy, and a line per strategy in the charts
-    # (the legend of the first chart, accuracy on the first experience).
+    # Grouped by strategy: a group row per strategy holding its four seeds' cells (not the
+    # group runs they nest under), and the first chart, final average accuracy, has a bar
+    # per strategy.
     wait(browser, lambda d: all(f"Group: {s}" in page_text(d) for s in strategies))
-    wait(browser, lambda d: all(f"{s} (acc/exp_0)" in page_text(d) for s in strategies))
+    wait(browser, lambda d: first_chart(d).startswith("final/avg_acc"))
+    legend = first_chart(browser).splitlines()
+    assert all(s in legend for s in strategies), legend
+    assert "12 matching runs" in page_text(browser)
+    sections = browser.execute_script(
+        "return Array.from(document.querySelectorAll("
+        "'[data-testid=experiment-view-compare-runs-section-header]')).map(h => h.innerText);"
+    )
+    assert [s.split()[0] for s in sections[:3]] == ["final", "Model", "acc"], sections
     assert browser.execute_script("return new URLSearchParams(location.hash.split('?')[1])"
                                   ".get('compareRunsMode')") == "CHART"  # fmt: skip
     # Nothing hidden: every row's visibility toggle is on, groups and runs alike.

@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,8 +37,12 @@ CELLS = {
     "beta": [
         ("rehearsal", 0, {"avg_acc": 0.70, "forgetting": 0.30, "memory_bytes": 200.0}, "0.1"),
         ("rehearsal", 1, {"avg_acc": 0.74, "forgetting": 0.26, "memory_bytes": 200.0}, "0.1"),
-        ("cumulative", 0, {"avg_acc": 0.95, "forgetting": 0.02, "memory_bytes": math.nan},
-         "0.1"),  # fmt: skip
+        (
+            "cumulative",
+            0,
+            {"avg_acc": 0.95, "forgetting": 0.02, "memory_bytes": math.nan},
+            "0.1",
+        ),  # fmt: skip
     ],
 }
 
@@ -84,8 +89,13 @@ def store(tmp_path_factory) -> str:
 def comparable(cells: list[tracking.CellRecord]) -> list[tuple]:
     """Records as tuples, NaN as a string (NaN is unequal to itself)."""
     return [
-        (c.grid, c.run_id, c.tags, {k: "nan" if math.isnan(v) else v for k, v in c.final.items()},
-         c.params)  # fmt: skip
+        (
+            c.grid,
+            c.run_id,
+            c.tags,
+            {k: "nan" if math.isnan(v) else v for k, v in c.final.items()},
+            c.params,
+        )  # fmt: skip
         for c in cells
     ]
 
@@ -208,7 +218,11 @@ def test_run_gives_parent_and_group_runs_the_report_and_mean_figures(write_grid,
         folder.mkdir()
         client.download_artifacts(run_id, "", str(folder))
         assert {p.name for p in folder.iterdir()} == {
-            "report.html", "accuracy_matrix.json", "accuracy_matrix.png", "average_accuracy.png"}
+            "report.html",
+            "accuracy_matrix.json",
+            "accuracy_matrix.png",
+            "average_accuracy.png",
+        }
         assert (folder / "report.html").read_text().startswith("<!doctype html>")
         assert (folder / "average_accuracy.png").read_bytes().startswith(PNG)
         ids = cells.loc[cells["strategy"] == strategy, "run_id"]
@@ -221,3 +235,66 @@ def test_run_gives_parent_and_group_runs_the_report_and_mean_figures(write_grid,
         accuracy_heatmap(expected, logged["experiences"], f"{stream}/{strategy}: mean over 2 "
                          "seeds", drawn)  # fmt: skip
         assert (folder / "accuracy_matrix.png").read_bytes() == drawn.read_bytes()
+
+
+def runs_by_role(uri: str, grid_name: str) -> dict[str, list]:
+    """The grid's runs by `forgetless.role`, deleted ones under `<role> (deleted)`."""
+    from mlflow.entities import ViewType
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(grid_name)
+    found: dict[str, list] = {}
+    for run in client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL):
+        role = run.data.tags[f"{TAG}role"]
+        found.setdefault(role if run.info.lifecycle_stage == "active" else f"{role} (deleted)",
+                         []).append(run)  # fmt: skip
+    return found
+
+
+def assert_tree(runs: dict[str, list], parent_id: str) -> None:
+    """parent -> group -> cells, as the MLflow UI nests them: every group under `parent_id`,
+    every cell under the live group of its stream, strategy and variant."""
+    key_tags = [f"{TAG}stream", f"{TAG}strategy", f"{TAG}variant"]
+    groups = {tuple(g.data.tags[k] for k in key_tags): g for g in runs["group"]}
+    assert len(groups) == len(runs["group"])
+    assert {g.data.tags["mlflow.parentRunId"] for g in groups.values()} == {parent_id}
+    for cell in runs["cell"]:
+        group = groups[tuple(cell.data.tags[k] for k in key_tags)]
+        assert cell.data.tags["mlflow.parentRunId"] == group.info.run_id, cell.info.run_name
+
+
+def test_cells_nest_under_their_group_run_and_move_to_the_rebuilt_one(write_grid, tmp_path,
+                                                                       capsys):  # fmt: skip
+    from forgetless.experiments import report
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    grid = write_grid(seeds=[0, 1], strategies=["naive", "cumulative"])
+    command = ["run", str(tmp_path / f"{grid.name}.yaml"), "--tracking-uri", uri, "--no-ray"]
+    assert main(command) == 0
+    first = runs_by_role(uri, grid.name)
+    (parent,) = first["grid"]
+    assert len(first["cell"]) == 4 and len(first["group"]) == 2
+    assert_tree(first, parent.info.run_id)
+
+    # A third seed: the four finished cells are skipped, the groups rebuilt under the new
+    # submission, and every cell moves under its new group; the old groups are deleted.
+    write_grid(name=grid.name, seeds=[0, 1, 2], strategies=["naive", "cumulative"])
+    capsys.readouterr()
+    assert main(command) == 0
+    assert "2 cells run, 4 already finished, 0 failed" in capsys.readouterr().out
+    second = runs_by_role(uri, grid.name)
+    (resubmission,) = [p for p in second["grid"] if p.info.run_id != parent.info.run_id]
+    assert len(second["cell"]) == 6 and len(second["group"]) == 2
+    assert {c.info.run_id for c in first["cell"]} < {c.info.run_id for c in second["cell"]}
+    assert {g.info.run_id for g in second["group (deleted)"]} == {
+        g.info.run_id for g in first["group"]}  # fmt: skip
+    assert {g.data.tags[f"{TAG}seeds"] for g in second["group"]} == {"3"}
+    assert_tree(second, resubmission.info.run_id)
+    # Which submission ran a cell stays on it, and the report finds the grid file by it.
+    drivers = {c.info.run_id: c.data.tags[f"{TAG}driver"] for c in second["cell"]}
+    assert sorted(drivers.values()) == sorted([parent.info.run_id] * 4
+                                              + [resubmission.info.run_id] * 2)  # fmt: skip
+    grid_file = MlflowClient(uri).download_artifacts(resubmission.info.run_id, "grid.yaml",
+                                                     str(tmp_path))  # fmt: skip
+    recorded = report.read_recorded(uri, grid.name, cell_frame(uri, grid.name))
+    assert recorded.grid_file == Path(grid_file).read_text()
