@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="html (images embedded) or markdown (images in OUT_files/); "
                         "default from --out's suffix, else html")  # fmt: skip
     report.add_argument("--csv", help="also write the final-metrics table to this CSV file")
+    report.add_argument("--formats", default="png,svg,pdf",
+                        help="the figures' files, comma-separated, of png, svg and pdf "
+                        "(default all three; the page shows the PNG, always written)")  # fmt: skip
 
     ui = commands.add_parser("ui", help="start the MLflow UI on the grid's store, print its URL")
     ui.add_argument("grid_name", nargs="?", help="print the URL of this grid's experiment")
@@ -151,14 +154,14 @@ def _log_summaries(uri: str, grid_name: str) -> None:
     """Give the submission's parent run the report (HTML, and markdown with its figures
     beside it) and each of its group runs the report page, its accuracy matrix
     averaged over seeds (JSON and heatmap) and its stream's average-accuracy curves, so that
-    the MLflow UI holds what the report shows. A grid without a finished cell has none."""
+    the MLflow UI holds what the report shows. A grid without a finished cell has none.
+    The figures are PNG only (`forgetless report` adds SVG and PDF for papers), and the
+    matrices are the ones the report read."""
     import json
     import os
     import shutil
     import tempfile
     from pathlib import Path
-
-    import numpy as np
 
     from forgetless.experiments import compare, plots, report, tracking
 
@@ -167,12 +170,9 @@ def _log_summaries(uri: str, grid_name: str) -> None:
         return
     parent, groups = summary
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    cells = compare.cell_frame(uri, grid_name)
-    built = report.build(uri, grid_name)
-    matrices = tracking.read_accuracy_matrices(uri, cells["run_id"])
-    means = compare.mean_accuracy_matrices(
-        cells, {run_id: np.asarray(m["R"], dtype=float) for run_id, m in matrices.items()}
-    )
+    built = report.build(uri, grid_name, formats=["png"])
+    cells, files = built.cells, built.recorded.matrix_files
+    means = compare.mean_accuracy_matrices(cells, built.recorded.matrices)
     store = tracking.Store(uri)
     with tempfile.TemporaryDirectory() as folder:
         page = Path(folder, "report", "report.html")
@@ -186,21 +186,21 @@ def _log_summaries(uri: str, grid_name: str) -> None:
             stream, strategy, variant = key
             rows = cells[(cells["stream"] == stream) & (cells["strategy"] == strategy)
                          & (cells["variant"] == variant)]  # fmt: skip
-            first = matrices[next(r for r in rows["run_id"] if r in matrices)]
-            seeds = sum(r in matrices for r in rows["run_id"])
+            first = files[next(r for r in rows["run_id"] if r in files)]
+            seeds = sum(r in files for r in rows["run_id"])
             label = f"{stream}/{compare.group_label(strategy, variant)}"
-            files = Path(folder, run_id)
-            files.mkdir()
-            shutil.copy(page, files / "report.html")
+            group_files = Path(folder, run_id)
+            group_files.mkdir()
+            shutil.copy(page, group_files / "report.html")
             curves = page.parent / f"{page.stem}_files" / f"curves-{report.slug(stream)}.png"
-            shutil.copy(curves, files / "average_accuracy.png")
+            shutil.copy(curves, group_files / "average_accuracy.png")
             matrix = {"experiences": first["experiences"], "R": means[key].tolist(),
                       "score": first["score"], "seeds": seeds}  # fmt: skip
-            (files / "accuracy_matrix.json").write_text(json.dumps(matrix))
+            (group_files / "accuracy_matrix.json").write_text(json.dumps(matrix))
             plots.accuracy_heatmap(means[key], first["experiences"],
                                    f"{label}: mean over {seeds} seeds",
-                                   files / "accuracy_matrix.png")  # fmt: skip
-            store.log_artifacts(run_id, str(files))
+                                   group_files / "accuracy_matrix.png")  # fmt: skip
+            store.log_artifacts(run_id, str(group_files))
 
 
 @contextlib.contextmanager
@@ -359,24 +359,44 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    import gc
     import os
     from pathlib import Path
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from forgetless.experiments import report
 
+    gc.freeze()  # the modules just imported are never garbage: no collection scans them again
     fmt = args.format or ("markdown" if (args.out or "").endswith(".md") else "html")
     out = Path(args.out or f"{args.grid_name}-report.{'md' if fmt == 'markdown' else 'html'}")
+    formats = _figure_formats(args.formats)
     uri = _readable_store(args.tracking_uri)
-    built = report.build(uri, args.grid_name, args.stream, args.strategy, _where(args.where))
-    report.write(built, out, fmt, Path(args.csv) if args.csv else None)
-    print(f"wrote {out}" + (f" and {args.csv}" if args.csv else ""))
+    built = report.build(uri, args.grid_name, args.stream, args.strategy, _where(args.where),
+                         formats)  # fmt: skip
+    page, folder, *others = report.write(built, out, fmt, Path(args.csv) if args.csv else None)
+    figures = sum(len(section.images) for section in built.sections)
+    print(f"wrote {page}")
     for section in built.sections:
         print(f"  {section.title}" + (f": {len(section.images)} figure(s)" if section.images
                                       else ""))  # fmt: skip
+    print(f"wrote {folder}/: {figures} figure(s) as {', '.join(f.upper() for f in formats)}")
+    for path in others:
+        print(f"wrote {path}")
     if fmt == "html":
         print(f"open it in a browser: {out.resolve().as_uri()}")
     return 0
+
+
+def _figure_formats(text: str) -> list[str]:
+    """`--formats png,svg` as a list, PNG first: the page shows it, so it is always written."""
+    from forgetless.experiments.plots import FORMATS
+
+    asked = [f.strip().lower() for f in text.split(",") if f.strip()]
+    unknown = [f for f in asked if f not in FORMATS]
+    if unknown:
+        raise ConfigError(f"--formats: {', '.join(unknown)} is not a figure format; give a "
+                          f"comma-separated list of {', '.join(FORMATS)}")  # fmt: skip
+    return ["png", *dict.fromkeys(f for f in asked if f != "png")]
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

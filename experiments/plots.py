@@ -1,9 +1,10 @@
 """Figures made with matplotlib (headless): a cell's accuracy-matrix heatmap and the report's.
 
 Drawn with matplotlib's object API (no pyplot state, safe in worker threads). A cell draws
-its heatmap once per run with a fixed layout, so it costs milliseconds, not a layout pass;
-the report's figures are few and use constrained layout, laid out once and then saved as
-PNG, SVG and PDF. Every function takes plain numbers, one value per seed where a figure
+its heatmap once per run with a fixed layout, and so does the report's grid of heatmaps, its
+largest figure: no layout pass measures their texts before they are drawn. The report's
+other figures use constrained layout, solved once and then saved in each format asked
+(PNG, SVG, PDF). Every function takes plain numbers, one value per seed where a figure
 shows seeds: reading MLflow is the caller's business.
 
 Experiences are numbered from 0, as the MLflow step of the metrics logged after each one.
@@ -16,6 +17,7 @@ import io
 import multiprocessing
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,15 +76,16 @@ def sample_std(values: np.ndarray) -> np.ndarray:
     return values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])
 
 
-def render(fig: Figure) -> dict[str, bytes]:
-    """The figure as PNG, SVG and PDF. The constrained layout is solved once and then kept:
-    with a layout engine, every save would solve it again and draw the figure twice. SVG
-    keeps its text as text (editable in a paper's figure, and faster to write)."""
-    fig.get_layout_engine().execute(fig)
-    fig.set_layout_engine(None)
+def render(fig: Figure, formats: Sequence[str] = FORMATS) -> dict[str, bytes]:
+    """The figure in each of `formats` (of FORMATS). A layout engine is solved once and then
+    dropped: kept, every save would solve it again and draw the figure twice. SVG keeps its
+    text as text (editable in a paper's figure, and faster to write)."""
+    if fig.get_layout_engine() is not None:
+        fig.get_layout_engine().execute(fig)
+        fig.set_layout_engine(None)
     files = {}
     with rc_context({"svg.fonttype": "none"}):
-        for fmt in FORMATS:
+        for fmt in formats:
             buffer = io.BytesIO()
             fig.savefig(buffer, format=fmt, metadata=_NO_DATE[fmt])
             files[fmt] = buffer.getvalue()
@@ -94,33 +97,40 @@ _NO_DATE = {"png": None, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
 _INHERITED: list[Figure] = []  # what forked workers render: inherited, never pickled
 
 
-def render_all(figures: list[Figure]) -> list[dict[str, bytes]]:
-    """`render` of each figure, in worker processes when there are cores for them.
+def render_all(figures: list[Figure], formats: Sequence[str] = FORMATS) -> list[dict[str, bytes]]:
+    """`render` of each figure, in worker processes when there are idle cores for them.
 
     Drawing is most of a report's time and each figure draws alone. The workers are forked,
     so they inherit the figures instead of receiving them pickled, and only from a process
     with no other thread running (a fork copies no thread, and a lock another thread held
-    would stay held in the child); elsewhere the figures render here, one after another.
+    would stay held in the child). Workers cost CPU of their own (start, copied pages,
+    results sent back), so they run only while a core beyond this process is idle (the
+    load average over the last minute below the cores less one): on a busy machine they
+    would wait for the same cores. Elsewhere the figures render here, one after another.
     """
-    workers = min(len(figures), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                  else os.cpu_count() or 1)  # fmt: skip
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = min(len(figures), cores or 1)
+    idle = os.getloadavg()[0] < workers - 1 if hasattr(os, "getloadavg") else False
     forkable = "fork" in multiprocessing.get_all_start_methods()
-    if workers < 2 or not forkable or threading.active_count() > 1:
-        return [render(fig) for fig in figures]
+    if workers < 2 or not idle or not forkable or threading.active_count() > 1:
+        return [render(fig, formats) for fig in figures]
     # The vector backends load on first use, fontTools with them: once here, not per worker.
-    from matplotlib.backends import backend_pdf, backend_svg  # noqa: F401
+    if "pdf" in formats:
+        from matplotlib.backends import backend_pdf  # noqa: F401
+    if "svg" in formats:
+        from matplotlib.backends import backend_svg  # noqa: F401
 
     _INHERITED[:] = figures
     try:
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            return list(pool.map(_render_inherited, range(len(figures))))
+            return list(pool.map(_render_inherited, range(len(figures)), [formats] * len(figures)))
     finally:
         _INHERITED.clear()
 
 
-def _render_inherited(index: int) -> dict[str, bytes]:
-    return render(_INHERITED[index])
+def _render_inherited(index: int, formats: Sequence[str]) -> dict[str, bytes]:
+    return render(_INHERITED[index], formats)
 
 
 def accuracy_heatmap(R, names: list[str], title: str, path: Path) -> None:
@@ -157,7 +167,7 @@ def _draw_matrix(
     ax.set_yticks(positions, ticks, fontsize=7)
     ax.set_xlabel("scored on experience j", fontsize=8)
     ax.set_ylabel("trained through experience i", fontsize=8)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=8, y=1.0)  # a set height: not placed clear of top ticks
     return image
 
 
@@ -165,32 +175,55 @@ def heatmap_grid(
     mean: dict[str, np.ndarray], std: dict[str, np.ndarray], ticks: list[str] | None, title: str
 ) -> Figure:
     """Per strategy its mean matrix over seeds and, below it, the std over seeds: the mean
-    panels share one colour scale (0 to 1), the std panels another (0 to the largest std),
-    so that a cell where seeds disagree stands out. Only the means are written in: the std
-    panels are read by colour, and text is most of what a figure costs to draw."""
+    panels share one colour scale (0 to 1, its bar on the right), the std panels another
+    (0 to the largest std, its bar at the bottom), so that a cell where seeds disagree
+    stands out. Only the means are written in: the std panels are read by colour, and text
+    is most of what a figure costs to draw.
+
+    The panels sit at fixed places, sized from the tick labels' length: a layout engine
+    would measure every text of this, the largest figure, once more before drawing it.
+    """
     n = len(mean)
     blocks = -(-n // 4)  # at most 4 strategies a row, so each panel stays readable on a page
     columns = -(-n // blocks)
     T = len(next(iter(mean.values())))
-    side = 1.8 + 0.5 * T
-    fig = _figure((side * columns + 1.2, 2 * side * blocks + 0.4))
-    axes = fig.subplots(2 * blocks, columns, squeeze=False)
+    names = ticks or [str(i) for i in range(T)]
+    rotated = max(map(len, names)) > 3
+    label = 7 / 72 * 0.62 * max(map(len, names)) + 0.1  # inches a tick label takes
+    side = 0.5 * T + 0.9  # a panel's side, inches
+    left, across = 0.75 + label, 0.3 + label + side  # y label, tick labels, panel, gap
+    below = 0.45 + (label if rotated else 0.15)  # tick labels and the x label under a panel
+    down = 0.3 + side + below  # title, panel, what is below it
+    width, height = left + columns * across + 0.9, 0.5 + 2 * blocks * down + 0.8
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+
+    def place(row: int, column: int):
+        x0 = left + column * across
+        y0 = height - 0.5 - row * down - 0.3 - side
+        return fig.add_axes((x0 / width, y0 / height, side / width, side / height))
+
     top = max(max(float(np.max(s)) for s in std.values()), 1e-3)
-    mean_axes, std_axes = [], []
-    for k, label in enumerate(mean):
+    for k, label_name in enumerate(mean):
         row, column = 2 * (k // columns), k % columns
-        mean_image = _draw_matrix(axes[row, column], mean[label], f"{label}: mean", ticks)
-        std_image = _draw_matrix(axes[row + 1, column], std[label], f"{label}: std", ticks,
+        mean_axes, std_axes = place(row, column), place(row + 1, column)
+        mean_image = _draw_matrix(mean_axes, mean[label_name], f"{label_name}: mean", ticks)
+        std_image = _draw_matrix(std_axes, std[label_name], f"{label_name}: std", ticks,
                                  vmax=top, cmap="magma", annotate=False)  # fmt: skip
-        mean_axes.append(axes[row, column])
-        std_axes.append(axes[row + 1, column])
-    for ax in axes.ravel():
-        if ax not in mean_axes and ax not in std_axes:
-            ax.set_axis_off()
-    fig.colorbar(mean_image, ax=mean_axes, shrink=0.8, label="accuracy, mean over seeds")
-    fig.colorbar(std_image, ax=std_axes, shrink=0.5, location="bottom", aspect=40,
+        if column:  # the rows are named once, left of the first column
+            for ax in (mean_axes, std_axes):
+                ax.tick_params(labelleft=False)
+                ax.set_ylabel("")
+    panels_right = left + columns * across - 0.3 - label
+    low = 0.8 + below  # the lowest panel's bottom; the highest's top is 0.8 from the top
+    bar = fig.add_axes(((panels_right + 0.2) / width, low / height, 0.15 / width,
+                        (height - 0.8 - low) / height))  # fmt: skip
+    fig.colorbar(mean_image, cax=bar, label="accuracy, mean over seeds")
+    bar = fig.add_axes((left / width, 0.55 / height, 0.5 * (panels_right - left) / width,
+                        0.12 / height))  # fmt: skip
+    fig.colorbar(std_image, cax=bar, orientation="horizontal",
                  label="accuracy, sample std over seeds")  # fmt: skip
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1 - 0.15 / height)
     return fig
 
 

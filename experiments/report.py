@@ -7,14 +7,16 @@ the figures of plots.py, then the setup the runs recorded. A flagged group (a ce
 `forgetless.flag`, e.g. one that diverged to chance accuracy and so "forgets" nothing) is
 listed with its reasons, ranked last, never marked best and never named in the headline.
 HTML embeds its PNGs, so the report is one file to send or attach; markdown links them, for
-READMEs. Both write every figure as PNG, SVG and PDF beside the report, and the final table
-as LaTeX (booktabs), for papers.
+READMEs. Both write every figure as PNG, SVG and PDF beside the report (the formats asked
+for: the grid's runs in MLflow carry the PNG alone), and the final table as LaTeX
+(booktabs), for papers.
 
 Everything is read in a few batched calls: the cells with their metrics, tags and artifact
 locations at once (`tracking.read_cells`), then each file straight from its location; the
 per-step curves come from the accuracy matrices, not from metric histories. MLflow itself
 is imported only for a server's artifacts or an editing grid's histories: its import alone
-costs seconds.
+costs seconds; scipy not at all (Student's t for whole degrees of freedom is a short closed
+form).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import base64
 import html
 import json
 import logging
+import math
 import re
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +38,6 @@ from urllib.request import url2pathname
 
 import numpy as np
 import pandas as pd
-from scipy import special
 
 from forgetless.core.schema import ConfigError
 from forgetless.experiments import compare, metrics, plots, tracking
@@ -72,6 +75,8 @@ class Report:
     meta: str
     sections: list[Section]
     table: pd.DataFrame  # numeric: what `--csv` writes
+    cells: pd.DataFrame  # the cells reported on, one row each (compare.cell_frame's, labelled)
+    recorded: Recorded  # their accuracy matrices and the files the Setup section read
 
 
 def build(
@@ -80,8 +85,11 @@ def build(
     streams: list[str] | None = None,
     strategies: list[str] | None = None,
     where: dict[str, str] | None = None,
+    formats: Sequence[str] = plots.FORMATS,
 ) -> Report:
-    """Read the grid's finished cells and make every section of the report."""
+    """Read the grid's finished cells and make every section of the report, each figure in
+    `formats` (PNG, which the page shows, first): a paper wants SVG and PDF beside it, the
+    grid's runs in MLflow only the PNG."""
     cells = compare.cell_frame(uri, grid_name)
     if cells.empty:
         raise ConfigError(
@@ -101,17 +109,19 @@ def build(
     styles = plots.styles(list(dict.fromkeys(table["label"])))
     recorded = read_recorded(uri, grid_name, cells)
 
-    sections = [at_a_glance(table, seed_statistics(cells, "avg_acc"))]
+    tested = {metric: seed_statistics(cells, metric) for metric in TESTED}
+    sections = [at_a_glance(table, tested["avg_acc"])]
     if (cells["flag"] != "").any():
         sections.append(flagged_section(cells))
-    sections += [final_table(table), statistics_section(cells)]
+    sections += [final_table(table), statistics_section(tested)]
     figures = {key: Section(key, title, text) for key, title, text in FIGURES}
     drawn = []  # (section key, file stem, figure)
     for stream, rows in table.groupby("stream", sort=False):
         stream_cells = cells[cells["stream"] == stream]
         for key, fig in stream_figures(uri, stream, rows, stream_cells, recorded, styles).items():
             drawn.append((key, f"{key}-{slug(stream)}", fig))
-    for (key, name, _), files in zip(drawn, plots.render_all([fig for *_, fig in drawn])):
+    rendered = plots.render_all([fig for *_, fig in drawn], formats)
+    for (key, name, _), files in zip(drawn, rendered):
         figures[key].images.append((name, files))
     sections += [s for s in figures.values() if s.images]
     sections.append(setup_section(cells, recorded))
@@ -123,13 +133,14 @@ def build(
         f"seeds {', '.join(map(str, seeds))}. Store: {uri}. "
         f"Made {time.strftime('%Y-%m-%d %H:%M')}."
     )
-    return Report(grid_name, meta, sections, table.drop(columns="label"))
+    return Report(grid_name, meta, sections, table.drop(columns="label"), cells, recorded)
 
 
 @dataclass
 class Recorded:
     """What the runs recorded beyond their final metrics, read once for figures and setup."""
 
+    matrix_files: dict[str, dict]  # cell run id -> its accuracy_matrix.json (R, experiences, score)
     matrices: dict[str, np.ndarray]  # cell run id -> R
     manifests: dict[tuple[str, int], list[dict]]  # (stream, seed) -> the stream manifest
     commits: dict[str, str]  # cell run id -> the git commit it ran ("" when not recorded)
@@ -159,14 +170,14 @@ def read_recorded(uri: str, grid_name: str, cells: pd.DataFrame) -> Recorded:
         wanted.append((newest.artifact_uri.replace(f"/{newest.run_id}/", f"/{parent}/"),
                        "grid.yaml"))  # fmt: skip
     texts = read_artifacts(uri, wanted)
-    matrices = {r.run_id: np.asarray(json.loads(t)["R"], dtype=float)
-                for r, t in zip(chosen, texts) if t is not None}  # fmt: skip
+    matrix_files = {r.run_id: json.loads(t) for r, t in zip(chosen, texts) if t is not None}
     manifests = {(row.stream, row.seed): json.loads(t)["experiences"]
                  for row, t in zip(firsts.itertuples(), texts[len(chosen) :])
                  if t is not None}  # fmt: skip
     grid_file = texts[-1] if len(wanted) > len(chosen) + len(firsts) else None
     return Recorded(
-        matrices,
+        matrix_files,
+        {run_id: np.asarray(file["R"], dtype=float) for run_id, file in matrix_files.items()},
         manifests,
         {r.run_id: r.tags.get(COMMIT_TAG, "") for r in chosen},
         _versions([r.tags for r in chosen]),
@@ -483,7 +494,7 @@ def seed_statistics(
         values = by_seed[key].dropna().to_numpy()
         n, mean, half = len(values), values.mean(), np.nan
         if n >= 2:
-            t = special.stdtrit(n - 1, 0.5 + confidence / 2)  # Student's t quantile
+            t = student_t_quantile(confidence, n - 1)
             half = t * values.std(ddof=1) / np.sqrt(n)
         rows.append(
             {
@@ -502,12 +513,15 @@ def seed_statistics(
     frame["best"], frame["pairs"], frame["diff"], frame["p_value"] = "", 0, np.nan, np.nan
     frame["naive_diff"], frame["naive_p"] = np.nan, np.nan
 
+    columns = {key: by_seed[key].to_numpy(dtype=float) for key in by_seed.columns}
+
     def paired(i: int, key: tuple) -> tuple[int, float, float]:
-        pairs = by_seed[[tuple(frame.loc[i, compare.GROUP_KEYS]), key]].dropna()
-        this, other = pairs.iloc[:, 0].to_numpy(), pairs.iloc[:, 1].to_numpy()
-        diff = (this - other).mean() if len(pairs) else np.nan
-        tested = len(pairs) >= 2 and np.ptp(this - other) > 1e-12
-        return len(pairs), diff, paired_t_test(this - other) if tested else np.nan
+        this, other = columns[tuple(frame.loc[i, compare.GROUP_KEYS])], columns[key]
+        both = ~np.isnan(this) & ~np.isnan(other)
+        differences = this[both] - other[both]
+        diff = differences.mean() if len(differences) else np.nan
+        tested = len(differences) >= 2 and np.ptp(differences) > 1e-12
+        return len(differences), diff, paired_t_test(differences) if tested else np.nan
 
     for _, group in frame.groupby("stream", sort=False):
         naive = group.index[group["strategy"] == "naive"]
@@ -529,17 +543,51 @@ def seed_statistics(
 
 
 def paired_t_test(differences: np.ndarray) -> float:
-    """The two-sided p-value of a paired t-test on these differences (scipy's ttest_rel),
-    from scipy.special: scipy.stats takes a second to import, for two formulas."""
+    """The two-sided p-value of a paired t-test on these differences (scipy's ttest_rel)."""
     n = len(differences)
     t = differences.mean() / (differences.std(ddof=1) / np.sqrt(n))
-    return float(2 * special.stdtr(n - 1, -abs(t)))
+    return 1.0 - _t_central_mass(float(t), n - 1)
 
 
-def statistics_section(cells: pd.DataFrame) -> Section:
+def student_t_quantile(confidence: float, dof: int) -> float:
+    """The t whose interval [-t, t] holds `confidence` of Student's t with `dof` degrees of
+    freedom (the 0.975 quantile for 95%), by bisection on the angle of `_t_central_mass`."""
+    low, high = 0.0, math.pi / 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        if _t_central_mass(math.tan(middle) * math.sqrt(dof), dof) < confidence:
+            low = middle
+        else:
+            high = middle
+    return math.tan((low + high) / 2) * math.sqrt(dof)
+
+
+def _t_central_mass(t: float, dof: int) -> float:
+    """P(|T| <= |t|) for Student's t with a whole number `dof` of degrees of freedom, in closed
+    form (Abramowitz and Stegun 26.7.3 and 26.7.4): a seed count is whole, and scipy, which
+    computes it for any degrees of freedom, is a fifth of the report's import time."""
+    theta = math.atan(abs(t) / math.sqrt(dof))
+    sin, cos2 = math.sin(theta), math.cos(theta) ** 2
+    if dof % 2 == 0:  # sin θ (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ... up to cos^(dof-2) θ)
+        term = total = 1.0
+        for k in range(2, dof, 2):
+            term *= (k - 1) / k * cos2
+            total += term
+        return sin * total
+    total = 0.0  # 2/π (θ + sin θ (cos θ + 2/3 cos³θ + ... up to cos^(dof-2) θ)); θ alone for 1
+    if dof > 1:
+        term = total = math.sqrt(cos2)
+        for k in range(3, dof, 2):
+            term *= (k - 1) / k * cos2
+            total += term
+    return 2 / math.pi * (theta + sin * total)
+
+
+def statistics_section(tested: dict[str, pd.DataFrame]) -> Section:
+    """The `seed_statistics` of each TESTED metric as one table."""
     rows = []
-    for metric in TESTED:
-        for r in seed_statistics(cells, metric).itertuples():
+    for metric, statistics in tested.items():
+        for r in statistics.itertuples():
             label = compare.group_label(r.strategy, r.variant)
             is_best = r.best == label
             shown = f"{label} ({REFERENCES[r.strategy]})" if r.strategy in REFERENCES else label
@@ -580,7 +628,14 @@ def _p(p: float) -> str:
 
 def seed_values(cells: pd.DataFrame, label: str, metric: str) -> np.ndarray:
     """A group's final `metric`, one value per seed, in seed order."""
-    return cells.loc[cells["label"] == label].sort_values("seed")[metric].to_numpy(dtype=float)
+    return cells[metric].to_numpy(dtype=float)[_seed_order(cells, label)]
+
+
+def _seed_order(cells: pd.DataFrame, label: str) -> np.ndarray:
+    """The positions of a group's cells in `cells`, in seed order: in numpy, as the figures
+    ask for it dozens of times and a pandas selection and sort costs a hundred times more."""
+    (rows,) = np.nonzero(cells["label"].to_numpy() == label)
+    return rows[np.argsort(cells["seed"].to_numpy()[rows], kind="stable")]
 
 
 def seed_points(
@@ -593,7 +648,7 @@ def seed_points(
 def _group_matrices(
     cells: pd.DataFrame, label: str, matrices: dict[str, np.ndarray]
 ) -> list[np.ndarray]:
-    runs = cells.loc[cells["label"] == label].sort_values("seed")["run_id"]
+    runs = cells["run_id"].to_numpy()[_seed_order(cells, label)]
     return [matrices[r] for r in runs if r in matrices]
 
 
@@ -842,21 +897,20 @@ def to_latex(report: Report) -> str:
 
 
 def write(report: Report, out: Path, fmt: str, csv: Path | None = None) -> list[Path]:
-    """The report as `fmt` ("html" or "markdown") at `out`, every figure as PNG, SVG and PDF
-    in `<out stem>_files/`, the final table as LaTeX at `<out stem>.tex`, and the table as
-    CSV if asked. Returns the files written besides `out`."""
+    """The report as `fmt` ("html" or "markdown") at `out`, every figure in each format it was
+    rendered in (PNG, SVG, PDF) in `<out stem>_files/`, the final table as LaTeX at
+    `<out stem>.tex`, and the table as CSV if asked. Returns what it wrote: the page, the
+    figures' folder, the LaTeX table and the CSV."""
     folder = out.with_name(f"{out.stem}_files")
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
     for section in report.sections:
         for name, data in section.images:
             for suffix, content in data.items():
-                written.append(folder / f"{name}.{suffix}")
-                written[-1].write_bytes(content)
+                (folder / f"{name}.{suffix}").write_bytes(content)
     page = to_html(report, folder.name) if fmt == "html" else to_markdown(report, folder.name)
     out.write_text(page, encoding="utf-8")
-    written.append(out.with_suffix(".tex"))
-    written[-1].write_text(to_latex(report), encoding="utf-8")
+    out.with_suffix(".tex").write_text(to_latex(report), encoding="utf-8")
+    written = [out, folder, out.with_suffix(".tex")]
     if csv:
         report.table.to_csv(csv, index=False)
         written.append(csv)

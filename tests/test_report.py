@@ -91,6 +91,21 @@ def test_report_has_every_section_and_one_image_per_plot(finished_grid, tmp_path
     assert "forgets least" in out.read_text()
 
 
+def test_report_writes_the_formats_asked_and_prints_every_file(finished_grid, tmp_path, capsys):
+    uri, name = finished_grid
+    out = tmp_path / "paper.md"
+    argv = ["report", name, "--tracking-uri", uri, "--out", str(out), "--formats", "png,svg"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for path in (out, tmp_path / "paper_files", tmp_path / "paper.tex"):
+        assert path.exists() and f"wrote {path}" in printed
+    figures = list((tmp_path / "paper_files").iterdir())
+    assert {p.suffix for p in figures} == {".png", ".svg"}  # no PDF: not asked
+    assert len(figures) == 2 * len(FIGURE_SECTIONS)
+    assert main([*argv[:-1], "png,gif"]) == 2
+    assert "--formats: gif is not a figure format" in capsys.readouterr().err
+
+
 def test_markdown_table_numbers_equal_the_metrics_in_mlflow(finished_grid, tmp_path):
     uri, name = finished_grid
     out, csv = tmp_path / "report.md", tmp_path / "table.csv"
@@ -178,6 +193,18 @@ def test_seed_statistics_match_values_computed_by_hand():
     forgetting = report.seed_statistics(cells, "forgetting").set_index("strategy")
     assert list(forgetting.index[:1]) == ["a"] and set(forgetting["best"]) == {"a"}
     assert forgetting.at["b", "diff"] == pytest.approx(0.10)
+
+
+def test_t_quantile_and_paired_p_value_equal_scipy_for_every_seed_count():
+    rng = np.random.default_rng(0)
+    for seeds in range(2, 21):  # degrees of freedom 1 to 19, odd and even closed forms
+        assert report.student_t_quantile(0.95, seeds - 1) == pytest.approx(
+            scipy_stats.t.ppf(0.975, seeds - 1), rel=1e-9
+        )
+        differences = rng.normal(0.3, 1.0, seeds)
+        assert report.paired_t_test(differences) == pytest.approx(
+            scipy_stats.ttest_1samp(differences, 0.0).pvalue, rel=1e-7
+        )
 
 
 def test_seed_statistics_never_take_a_flagged_group_as_the_best():
