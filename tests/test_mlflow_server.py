@@ -59,9 +59,13 @@ def test_grid_logged_over_http_reads_back_through_the_rest_api(server, served_gr
     assert {role: len(r) for role, r in by_role.items()} == {"grid": 1, "cell": 4, "group": 2}
     ((parent, _),) = by_role["grid"]
     parent_id = parent["info"]["run_id"]
+    # parent run -> one group run per strategy -> its seeds' cell runs
+    groups = {tags["forgetless.strategy"]: run["info"]["run_id"] for run, tags in by_role["group"]}
+    assert len(groups) == 2
     for run, tags in by_role["cell"] + by_role["group"]:
-        assert tags["mlflow.parentRunId"] == parent_id
         assert run["info"]["status"] == "FINISHED"
+        role, strategy = tags["forgetless.role"], tags["forgetless.strategy"]
+        assert tags["mlflow.parentRunId"] == (parent_id if role == "group" else groups[strategy])
     for run, tags in by_role["cell"]:
         assert all(f"forgetless.{tag}" in tags for tag in CONTRACT_TAGS)
         params = {p["key"]: p["value"] for p in run["data"]["params"]}

@@ -42,10 +42,15 @@ def test_grid_runs_and_reads_back_under_the_mlflow_contract(write_grid, tracking
     assert parent.info.status == "FINISHED"
     cells = runs["cell"]
     assert len(cells) == 4
+    # parent run -> one group run per strategy -> its seeds' cell runs
+    groups = {run.data.tags["forgetless.strategy"]: run for run in runs["group"]}
+    assert sorted(groups) == ["naive", "rehearsal"]
+    assert all(g.data.tags["mlflow.parentRunId"] == parent.info.run_id for g in groups.values())
     client = MlflowClient(tracking_uri)
     for run in cells:
         assert run.info.status == "FINISHED"
-        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        group = groups[run.data.tags["forgetless.strategy"]]
+        assert run.data.tags["mlflow.parentRunId"] == group.info.run_id
         for tag in CONTRACT_TAGS:
             assert f"forgetless.{tag}" in run.data.tags
         assert run.data.params["train.lr"] == "0.05"
