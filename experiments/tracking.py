@@ -537,22 +537,6 @@ def summary_runs(uri: str, grid_name: str) -> tuple[str, dict[tuple[str, str, st
     return runs[0].data.tags["mlflow.parentRunId"], groups
 
 
-def read_accuracy_matrices(uri: str, run_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """Each run's `accuracy_matrix.json` by run id; a run without one is left out."""
-    from mlflow.exceptions import MlflowException
-
-    store, found = Store(uri), {}
-    with tempfile.TemporaryDirectory() as folder:
-        for run_id in run_ids:
-            try:
-                path = store.download_artifacts(run_id, "accuracy_matrix.json", folder)
-            except MlflowException as e:
-                log.warning("run %s has no accuracy_matrix.json (%s)", run_id, e)
-                continue
-            found[run_id] = json.loads(Path(path).read_text())
-    return found
-
-
 def cell_runs(uri: str, grid_name: str, status: str | None = "FINISHED") -> list:
     experiment = grid_experiment(uri, grid_name)
     query = f"tags.`{TAG}role` = 'cell'"
