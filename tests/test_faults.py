@@ -280,7 +280,7 @@ def test_ctrl_c_says_one_line_exits_130_and_marks_running_cells_killed(make_grid
     grid, driver = start_driver(make_grid, tmp_path, uri)
     driver.send_signal(signal.SIGINT)
     out, err = driver.communicate(timeout=60)
-    assert driver.returncode == 130
+    assert driver.returncode == 130, f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
     assert "Traceback" not in err
     assert "interrupted" in err
     statuses = {r.info.status for r in runs_of(uri, grid.name)}
