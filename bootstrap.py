@@ -125,9 +125,10 @@ def main() -> int:
     install_browser()
     install_data()
     # Everything but the reproductions (slow), which live in benchmarks/: the integration
-    # tests that the default `pytest` leaves out included.
-    code = subprocess.call([str(PYTHON), "-m", "pytest", "-m", "not slow", *rest], cwd=ROOT,
-                           env=env)  # fmt: skip
+    # tests that the default `pytest` leaves out included, in one process (they start Ray
+    # heads, servers and browsers of their own).
+    code = subprocess.call([str(PYTHON), "-m", "pytest", "-m", "not slow", "-n", "0", *rest],
+                           cwd=ROOT, env=env)  # fmt: skip
     if code == PYTEST_NO_TESTS:
         print("pytest collected no tests: that is a failure here", file=sys.stderr)
         return 1

@@ -97,15 +97,20 @@ def _order(uri: str, name: str) -> list[str]:
     return [r.data.tags["forgetless.strategy"] for r in groups]
 
 
+def forgetless_ui(serve, uri: str, name: str, tmp_path) -> tuple[str, str]:
+    """`forgetless ui NAME` served on a free port: its base URL and what it printed."""
+    command = [sys.executable, "-m", "forgetless.experiments.cli", "ui", name,
+               "--tracking-uri", uri, "--port", "{port}"]  # fmt: skip
+    base, stdout = serve(command, tmp_path)
+    return base, stdout.read_text()
+
+
 def test_mlflow_ui_started_by_forgetless_ui_shows_the_grid_runs(browser, finished_grid, serve,
                                                                 tmp_path):  # fmt: skip
     from selenium.webdriver.common.by import By
 
     uri, name = finished_grid
-    command = [sys.executable, "-m", "forgetless.experiments.cli", "ui", name,
-               "--tracking-uri", uri, "--port", "{port}"]  # fmt: skip
-    base, stdout = serve(command, tmp_path)
-    printed = stdout.read_text()
+    base, printed = forgetless_ui(serve, uri, name, tmp_path)
     match = re.search(r"MLflow UI on \S+: (\S+)", printed)
     assert match and match.group(1).startswith(base + "/#/experiments/"), printed
 
@@ -162,10 +167,7 @@ def baselines_grid(make_grid, tmp_path_factory) -> tuple[str, str]:
 def test_charts_link_of_forgetless_ui_shows_every_strategy_grouped(browser, baselines_grid, serve,
                                                                     tmp_path):  # fmt: skip
     uri, name = baselines_grid
-    command = [sys.executable, "-m", "forgetless.experiments.cli", "ui", name,
-               "--tracking-uri", uri, "--port", "{port}"]  # fmt: skip
-    _, stdout = serve(command, tmp_path)
-    printed = stdout.read_text()
+    _, printed = forgetless_ui(serve, uri, name, tmp_path)
     match = re.search(r"the cells' charts by strategy \(mean and band over seeds\): (\S+)", printed)
     assert match, printed
     strategies = ["naive", "cumulative", "rehearsal"]

@@ -477,17 +477,22 @@ def test_report_never_names_a_flagged_group_best_and_lists_its_cells(diverged_gr
     assert len(page.sections["flagged"]["tr"]) == 2
 
 
+def create_cell_run(client: MlflowClient, experiment_id: str, name: str, strategy: str, seed: int):
+    """A cell run of stream `digits` with the contract's tags, through MLflow's API."""
+    return client.create_run(experiment_id, tags={
+        "forgetless.role": "cell", "forgetless.stream": "digits",
+        "forgetless.strategy": strategy, "forgetless.seed": str(seed),
+        "forgetless.variant": "-", "forgetless.grid": name,
+    })  # fmt: skip
+
+
 def log_cells(uri: str, name: str, artifacts: Path, finals: dict[str, list[dict]]) -> None:
     """Cell runs logged with MLflow's API: per strategy, one dict of final metrics per seed."""
     client = MlflowClient(uri)
     experiment_id = client.create_experiment(name, artifact_location=artifacts.as_uri())
     for strategy, seeds in finals.items():
         for seed, final in enumerate(seeds):
-            run = client.create_run(experiment_id, tags={
-                "forgetless.role": "cell", "forgetless.stream": "digits",
-                "forgetless.strategy": strategy, "forgetless.seed": str(seed),
-                "forgetless.variant": "-", "forgetless.grid": name,
-            })  # fmt: skip
+            run = create_cell_run(client, experiment_id, name, strategy, seed)
             metrics = [Metric(f"final/{k}", v, 0, 0) for k, v in final.items()]
             client.log_batch(run.info.run_id, metrics=metrics)
             R = [[final["avg_acc"], 0.0], [final["avg_acc"], final["avg_acc"]]]
@@ -607,11 +612,7 @@ def log_seed_matrices(uri: str, name: str, artifacts: Path, matrices: dict[str, 
                                  "classes": [1, 2]}]}  # fmt: skip
     for strategy, seeds in matrices.items():
         for seed, R in enumerate(seeds):
-            run = client.create_run(experiment_id, tags={
-                "forgetless.role": "cell", "forgetless.stream": "digits",
-                "forgetless.strategy": strategy, "forgetless.seed": str(seed),
-                "forgetless.variant": "-", "forgetless.grid": name,
-            })  # fmt: skip
+            run = create_cell_run(client, experiment_id, name, strategy, seed)
             R = np.asarray(R)
             final = {"avg_acc": R[-1].mean(), "learning_acc": np.diag(R).mean(),
                      "forgetting": R[0, 0] - R[1, 0], "bwt": R[1, 0] - R[0, 0], "fwt": 0.0,
