@@ -91,11 +91,10 @@ def _children_cpu_s() -> float:
 def measure(uri: str, grid_name: str, rounds: int, folder: Path) -> dict:
     """Median and every round of compare and of report (wall seconds), and their median CPU
     seconds, each after one untimed warm-up."""
-    base = forgetless_command()
+    base, page = forgetless_command(), str(folder / "report.html")
     commands = {
         "compare_s": [*base, "compare", grid_name, "--tracking-uri", uri],
-        "report_s": [*base, "report", grid_name, "--tracking-uri", uri,
-                     "--out", str(folder / "report.html")],  # fmt: skip
+        "report_s": [*base, "report", grid_name, "--tracking-uri", uri, "--out", page],
     }
     result: dict = {}
     for key, command in commands.items():
@@ -135,10 +134,16 @@ def main() -> None:
             "targets": TARGETS,
             "targets_met": {k: result[k] <= v for k, v in TARGETS.items()},
             "table_rows": max(0, len(table.split("\n\n")[0].splitlines()) - 1),
-            "load_average": {"before": [round(x, 2) for x in load_before],
-                             "after": [round(x, 2) for x in load_after]},  # fmt: skip
-            "config": {"store": uri if args.store else "built", "grid": grid_name,
-                       "rounds": rounds, "cpus": os.cpu_count()},  # fmt: skip
+            "load_average": {
+                "before": [round(x, 2) for x in load_before],
+                "after": [round(x, 2) for x in load_after],
+            },
+            "config": {
+                "store": uri if args.store else "built",
+                "grid": grid_name,
+                "rounds": rounds,
+                "cpus": os.cpu_count(),
+            },
             "smoke": args.smoke,
         }
     )

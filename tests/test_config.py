@@ -138,8 +138,8 @@ def test_unknown_train_key_lists_the_allowed_keys(load):
     refuses(
         load,
         "train: unknown key 'learning_rate'; allowed keys: accumulate, batch_size, clip_norm, "
-        "decay, epochs, eval_batch_size, lr, momentum, num_workers, optimizer, precision, warmup_steps, "
-        "weight_decay",
+        "decay, epochs, eval_batch_size, lr, momentum, num_workers, optimizer, precision, "
+        "warmup_steps, weight_decay",
         train={"learning_rate": 0.1},
     )
 

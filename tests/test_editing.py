@@ -566,4 +566,3 @@ def test_answer_loss_runs_the_head_only_at_answer_positions_and_equals_the_full_
     assert torch.allclose(answer_loss(model, batch.x, batch.y), full)
     with logits_only_at(model, batch.y != -100):
         assert model(batch.x).shape[:2] == (1, answers)
-
