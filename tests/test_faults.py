@@ -258,14 +258,20 @@ def test_a_server_outage_keeps_what_trained_and_logs_it_on_resubmission(
 # --- 10. Ctrl-C and a killed driver -------------------------------------------------------
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_driver(make_grid, tmp_path: Path, uri: str):
     grid = make_grid(streams=FIVE, seeds=[0, 1], train={"epochs": 5, "batch_size": 32,
                                                         "lr": 0.05})  # fmt: skip
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid.source))
+    # As from a terminal: a job started in the background (`nohup ... &`) inherits SIGINT
+    # ignored, and Python then keeps it ignored, so Ctrl-C would never reach the driver.
     driver = subprocess.Popen([*CLI, "run", str(path), "--no-ray", "--tracking-uri", uri],
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)  # fmt: skip
+                              text=True, preexec_fn=default_sigint)  # fmt: skip
     target = checkpoint_path(grid.storage, grid.cells[0])
     deadline = time.monotonic() + 120
     while not Path(target).exists():
