@@ -150,15 +150,23 @@ def noting(executor, folder: Path, storage: str, barrier: int = 0):
                 "start": time.time(),
             }
             path = os.path.join(where, f"{cell.hash}-{uuid.uuid4().hex}.json")
-            with open(path, "w") as out:
-                json.dump(note, out)
+
+            def write_note() -> None:
+                # Whole or not at all: the test reads these files while attempts write them.
+                with open(path + ".partial", "w") as out:
+                    json.dump(note, out)
+                os.replace(path + ".partial", path)
+
+            def started() -> int:
+                return sum(name.endswith(".json") for name in os.listdir(where))
+
+            write_note()
             deadline = time.time() + 120
-            while barrier and len(os.listdir(where)) < barrier and time.time() < deadline:
+            while barrier and started() < barrier and time.time() < deadline:
                 time.sleep(0.05)
             outcome = fn(cell, device, threads)
             note["end"] = time.time()
-            with open(path, "w") as out:
-                json.dump(note, out)
+            write_note()
             return outcome
 
         return executor(cells, attempt)
