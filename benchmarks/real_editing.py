@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from forgetless.experiments.config import grid_from_dict
 from forgetless.experiments.runner import run_grid
@@ -133,7 +134,17 @@ def main() -> None:
     parser.add_argument("--edits", type=int, default=10, help="T of the sequential run (0: none)")
     parser.add_argument("--methods", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--smoke", action="store_true", help="tiny random Llama, 2 edits")
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="METHOD.KEY=VALUE",
+        help="change a method's setting, e.g. wise.center=true (the value is YAML)",
+    )  # fmt: skip
     args = parser.parse_args()
+    for change in args.set:
+        key, _, value = change.partition("=")
+        method, _, field = key.partition(".")
+        if method not in STRATEGIES or not field or not value:
+            parser.error(f"--set {change}: expected METHOD.KEY=VALUE, METHOD in {list(STRATEGIES)}")
+        STRATEGIES[method][field] = yaml.safe_load(value)
     for method in set(STRATEGIES) - set(args.methods):
         del STRATEGIES[method]
     torch.set_num_threads(1)
@@ -148,6 +159,7 @@ def main() -> None:
         if sequential is not None:
             result[f"T{args.edits}"] = sequential
     result["model"] = MODEL["name"] if not args.smoke else "tiny random llama"
+    result["settings"] = args.set
     result["smoke"] = args.smoke
     print(json.dumps(result))
 

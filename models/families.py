@@ -118,6 +118,18 @@ def family_of(model: nn.Module) -> tuple[Family | None, str | None]:
     return family_for(model_type), model_type
 
 
+def ffn_activation(model: nn.Module) -> nn.Module:
+    """The model's FFN activation as its config names it (`hidden_act`, GPT-2's and GPT-J's
+    `activation_function`), from transformers' ACT2FN."""
+    from transformers.activations import ACT2FN
+
+    config = getattr(transformers_model(model), "config", None)
+    name = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
+    if name is None:
+        raise ConfigError("the model's config names no FFN activation (hidden_act)")
+    return ACT2FN[name]
+
+
 def modules_with_parameters(model: nn.Module) -> str:
     """`name (Type)` of every module holding parameters of its own, for error messages."""
     has = sorted({f"{name.rsplit('.', 1)[-1]} ({type(m).__name__})"

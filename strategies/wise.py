@@ -10,7 +10,7 @@ tokens), reaches the threshold learned from the edits (Eq. 3, 6: the
 smallest in-scope score seen, times `act_ratio`; an edit's score is the mean over its rows,
 the prompt and its prefixed copies, as EasyEdit's save_editing_activation). Delta is
 Eq. 3 as the paper writes it: EasyEdit's euc applies the model's activation to both
-outputs first, ||act(A W') - act(A W)|| (SiLU for Llama), and forgetless does not. Each edit
+outputs first, ||act(A W') - act(A W)|| (SiLU for Llama), which `activated: true` does. Each edit
 trains W' on the target tokens' loss plus the margin loss of Eq. 5 against irrelevant
 prompts (WISE: one; `negatives` of them, the latest given), over copies of the edit behind
 random prefixes. Knowledge sharding
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,7 +52,13 @@ from torch import nn
 
 from forgetless.core.schema import ConfigError, param, positive
 from forgetless.models.causal_lm import IGNORE, trim_padding
-from forgetless.models.families import block_matrix, check_role_name, in_out, project
+from forgetless.models.families import (
+    block_matrix,
+    check_role_name,
+    ffn_activation,
+    in_out,
+    project,
+)
 from forgetless.models.surgery import (
     answer_loss,
     logits_only_at,
@@ -96,9 +103,16 @@ class SideMemory(nn.Module):
     Weights keep the layer's own layout (`project`: (out, in) for a Linear, (in, out) for
     GPT-2's Conv1D)."""
 
-    def __init__(self, layer: nn.Module, statistic: str = "mean", select: str = "score") -> None:
+    def __init__(
+        self,
+        layer: nn.Module,
+        statistic: str = "mean",
+        select: str = "score",
+        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.layer = layer
+        self.activation = activation
         self.statistic = statistic
         self.select = select
         self.side = nn.Parameter(layer.weight.detach().clone())
@@ -112,11 +126,17 @@ class SideMemory(nn.Module):
         self.train_positions: torch.Tensor | None = None  # while editing: where W' answers
         self.register_buffer("center", torch.zeros(in_out(layer)[0]))
 
-    def token_score(self, change: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """||(x - c)(W' - W)|| at each token from change = x (W' - W), the memory's change of
-        the output, with c the `center` (zero unless `center: true`): centring subtracts
-        c (W' - W), one vector, so a memory costs one matmul, not two."""
-        return (change - project(self.layer, self.center.to(change.dtype), delta)).norm(dim=-1)
+    def token_score(
+        self, main: torch.Tensor, change: torch.Tensor, delta: torch.Tensor
+    ) -> torch.Tensor:
+        """||(x - c)(W' - W)|| at each token from main = x W and change = x (W' - W), with c
+        the `center` (zero unless `center: true`): centring subtracts c (W' - W), one vector,
+        so a memory costs one matmul, not two. With an `activation` (EasyEdit's euc),
+        ||act(x W + (x - c)(W' - W)) - act(x W)||."""
+        change = change - project(self.layer, self.center.to(change.dtype), delta)
+        if self.activation is None:
+            return change.norm(dim=-1)
+        return (self.activation(main + change) - self.activation(main)).norm(dim=-1)
 
     def score(self, token_scores: torch.Tensor) -> torch.Tensor:
         """Delta at each position: the mean (or the largest) of the token scores so far."""
@@ -130,7 +150,7 @@ class SideMemory(nn.Module):
         if self.editing:  # training: the side memory answers where routing must send the
             # answer to it (the positions that predict it), and its scores are kept
             delta = self.side - self.layer.weight
-            self.token_scores = self.token_score(project(self.layer, x, delta), delta)
+            self.token_scores = self.token_score(main, project(self.layer, x, delta), delta)
             self.scores = self.score(self.token_scores)
             new = project(self.layer, x, self.side, self.layer.bias)
             return torch.where(self.train_positions.unsqueeze(-1), new, main)
@@ -141,7 +161,7 @@ class SideMemory(nn.Module):
                 continue
             delta = weight.to(x.dtype) - self.layer.weight
             change = project(self.layer, x, delta)
-            score = self.score(self.token_score(change, delta))
+            score = self.score(self.token_score(main, change, delta))
             key = score / threshold if self.select == "ratio" else score
             use = (score >= threshold) & (key > best)
             out = torch.where(use.unsqueeze(-1), main + change, out)
@@ -209,6 +229,11 @@ class WiseConfig:
         "score (x - c)(W' - W) with c the mean layer input over the first edit's rows: small "
         "models' inputs share one large direction that no margin can separate (not in WISE)",
     )
+    activated: bool = param(
+        False,
+        "score ||act(x W') - act(x W)|| with the model's FFN activation (SiLU for Llama), as "
+        "EasyEdit's euc does; the paper's Eq. 3 has no activation",
+    )
 
     def validate(self, where: str) -> None:
         for name in ("lr", "steps", "act_ratio", "save_freq", "merge_freq", "negatives"):
@@ -246,7 +271,8 @@ class Wise(Strategy):
         )
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.memory = SideMemory(layer, self.config.score, self.config.select)
+        activation = ffn_activation(self.model) if self.config.activated else None
+        self.memory = SideMemory(layer, self.config.score, self.config.select, activation)
         replace_module(self.model, layer, self.memory)
         self.edits = 0
         self.live_min = float("inf")  # smallest in-scope score of the live memory's edits

@@ -398,6 +398,31 @@ def test_side_memory_scores_the_mean_or_the_largest_token_so_far():
     assert largest.tolist() == [[1.0, 3.0, 3.0, 3.0]]
 
 
+def test_side_memory_scores_the_centred_input_and_the_activated_outputs_by_hand():
+    from forgetless.strategies.wise import SideMemory
+
+    layer = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(2))
+    memory = SideMemory(layer)
+    with torch.no_grad():
+        memory.side.copy_(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))  # W' - W = diag(2, 0)
+    x = torch.tensor([[[1.0, 5.0]]])
+    main, delta = layer(x), memory.side - layer.weight
+    change = x @ delta.T  # (2, 0)
+    assert memory.token_score(main, change, delta).item() == 2.0  # ||x (W' - W)||
+    memory.center.copy_(torch.tensor([0.5, 0.0]))  # (x - c)(W' - W) = (1, 0)
+    assert memory.token_score(main, change, delta).item() == 1.0
+    memory.center.zero_()
+    memory.activation = torch.nn.functional.relu
+    x = torch.tensor([[[-1.0, 5.0]]])  # x W = (-1, 5), x W' = (-3, 5): relu equal, score 0
+    main, change = layer(x), x @ delta.T
+    assert memory.token_score(main, change, delta).item() == 0.0
+    x = torch.tensor([[[1.0, 5.0]]])  # relu(3, 5) - relu(1, 5) = (2, 0)
+    main, change = layer(x), x @ delta.T
+    assert memory.token_score(main, change, delta).item() == 2.0
+
+
 def test_side_memory_gives_a_query_two_memories_fire_on_the_largest_score_or_ratio():
     from forgetless.strategies.wise import SideMemory
 
