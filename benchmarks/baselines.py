@@ -20,9 +20,12 @@ averaged over seeds, and the sum of avalanche's `train` calls.
 The rehearsal reference row runs avalanche-lib's Replay with the same memory (500) and
 setting; `rehearsal_vs_avalanche_replay_speedup` is its time over forgetless rehearsal's.
 
-Run: `.venv/bin/python benchmarks/baselines.py` (about an hour on 2 CPU cores; `--rows`
-picks some). `--smoke` runs every row at toy sizes in about a minute: its figures measure
-nothing. The last line printed is one JSON object.
+Run: `.venv/bin/python benchmarks/baselines.py`; `--rows` picks some. Every run (each seed
+of each row, and each plain avalanche-lib run) is a one-core task of a local Ray cluster
+with `--workers` of them at once, one per core by default, as `forgetless run` schedules
+cells; `--workers 1` runs them one after another in this process. `--smoke` runs every
+row at toy sizes in about a minute: its figures measure nothing. The last line printed is
+one JSON object.
 """
 
 from __future__ import annotations
@@ -30,19 +33,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import yaml
 from torch import nn
 
+from forgetless.experiments.cluster import connect, ray_executor
 from forgetless.experiments.config import grid_from_dict
-from forgetless.experiments.runner import run_grid
+from forgetless.experiments.runner import local_executor, run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 GRIDS = ROOT / "grids" / "baselines"
@@ -88,9 +94,12 @@ def _name(spec) -> str:
     return spec if isinstance(spec, str) else spec["name"]
 
 
-def run_forgetless(data: dict, uri: str) -> tuple[list[float], list[float]]:
-    """(final/avg_acc per seed, train seconds per seed)."""
-    outcomes = run_grid(grid_from_dict(data), uri)
+def run_forgetless(data: dict, uri: str, workers: int) -> tuple[list[float], list[float]]:
+    """(final/avg_acc per seed, train seconds per seed); with several workers, the seeds are
+    cells of a local Ray cluster, one core each, as `forgetless run` schedules them."""
+    grid = grid_from_dict(data)
+    executor = ray_executor(grid.resources, len(grid.cells)) if workers > 1 else local_executor
+    outcomes = run_grid(grid, uri, executor)
     failed = [o.error for o in outcomes if o.status != "FINISHED"]
     if failed:
         raise RuntimeError(f"{data['name']}: {failed}")
@@ -137,7 +146,7 @@ def multihead_mlp(hidden: list[int]) -> nn.Module:
     return MultiHeadMLP()
 
 
-def run_avalanche(data: dict, root: str) -> tuple[float, float]:
+def run_avalanche(data: dict, root: str, threads: int = 1) -> tuple[float, float]:
     """(average accuracy over experiences, train seconds) of the row in plain avalanche-lib,
     seed 0, with its own loop."""
     import avalanche.training as training
@@ -157,6 +166,7 @@ def run_avalanche(data: dict, root: str) -> tuple[float, float]:
             params["mem_size"] = spec["buffer"]["size"]
     else:
         name = name.removeprefix("avalanche.")
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     if stream["name"] == "permuted_mnist":
         benchmark = PermutedMNIST(stream["n_experiences"], seed=0, dataset_root=root)
@@ -196,39 +206,63 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--no-avalanche", action="store_true", help="skip the plain runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1,
+        help="runs at once, one core each, on a local Ray cluster (default: one per core; "
+        "1: everything in this process, one after another)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     seeds = [0] if args.smoke else list(range(args.seeds))
     rows = [r for r in ROWS if not args.rows or r[0] in args.rows]
-    out = []
+    if args.workers > 1:
+        connect(None)
     with tempfile.TemporaryDirectory() as folder:
         uri = f"sqlite:///{folder}/mlflow.db"
         mnist_root = None
         if not args.no_avalanche:
             mnist_root = write_torchvision_mnist(Path(folder, "mnist"), args.smoke)
-        for name, file, strategy, target in rows:
-            data = grid_data(file, strategy, args.smoke, seeds, f"{folder}/runs")
-            accs, times = run_forgetless(data, uri)
-            row = {
-                "name": name, "target": target,
-                "mean": statistics.fmean(accs),
-                "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "seconds": statistics.fmean(times), "avalanche_seconds": None,
-                "avalanche_acc": None, "seeds": len(accs),
-            }  # fmt: skip
-            if mnist_root is not None:
-                row["avalanche_acc"], row["avalanche_seconds"] = run_avalanche(data, mnist_root)
-            print(f"{name}: {json.dumps(row)}", file=sys.stderr, flush=True)
-            out.append(row)
+        datas = [grid_data(file, strategy, args.smoke, seeds, f"{folder}/runs")
+                 for _, file, strategy, _ in rows]  # fmt: skip
+        # Every run is a task for the pool: the rows' grids (one thread each hands its cells
+        # to Ray) and the plain avalanche-lib runs, so that no core waits for a row to end.
+        with ThreadPoolExecutor(max(1, args.workers) * len(rows)) as pool:
+            ours = [pool.submit(run_forgetless, data, uri, args.workers) for data in datas]
+            plain = [pool.submit(plain_run, data, mnist_root, args.workers, args.threads)
+                     if mnist_root else None for data in datas]  # fmt: skip
+            out = []
+            for (name, _, _, target), mine, theirs in zip(rows, ours, plain):
+                accs, times = mine.result()
+                row = {
+                    "name": name, "target": target,
+                    "mean": statistics.fmean(accs),
+                    "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                    "seconds": statistics.fmean(times), "avalanche_seconds": None,
+                    "avalanche_acc": None, "seeds": len(accs),
+                }  # fmt: skip
+                if theirs is not None:
+                    row["avalanche_acc"], row["avalanche_seconds"] = theirs.result()
+                print(f"{name}: {json.dumps(row)}", file=sys.stderr, flush=True)
+                out.append(row)
     rehearsal = next((r for r in out if r["name"] == "rehearsal_split_mnist_class"), None)
     speedup = None
     if rehearsal and rehearsal["avalanche_seconds"]:
         speedup = rehearsal["avalanche_seconds"] / rehearsal["seconds"]
     print(json.dumps({"rows": out, "rehearsal_vs_avalanche_replay_speedup": speedup,
-                      "smoke": args.smoke}))  # fmt: skip
+                      "workers": args.workers, "smoke": args.smoke}))  # fmt: skip
     return 0
+
+
+def plain_run(data: dict, root: str, workers: int, threads: int) -> tuple[float, float]:
+    """run_avalanche here, or with several workers as a one-core task of the Ray pool."""
+    if workers <= 1:
+        return run_avalanche(data, root, threads)
+    import ray
+
+    task = ray.remote(num_cpus=1)(run_avalanche)
+    return ray.get(task.remote(data, root, threads))
 
 
 if __name__ == "__main__":

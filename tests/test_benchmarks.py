@@ -197,7 +197,7 @@ def test_partial_tuning_smoke(smoke):
 
 def test_baselines_smoke(smoke):
     result = smoke.result("baselines")
-    assert set(result) == {"rows", "rehearsal_vs_avalanche_replay_speedup", "smoke"}
+    assert set(result) == {"rows", "rehearsal_vs_avalanche_replay_speedup", "workers", "smoke"}
     names = [row["name"] for row in result["rows"]]
     assert names and len(set(names)) == len(names) and "rehearsal_split_mnist_class" in names
     for row in result["rows"]:
@@ -208,6 +208,7 @@ def test_baselines_smoke(smoke):
         assert positive(row["seconds"]) and positive(row["avalanche_seconds"])
         assert row["seeds"] == 1 and row["std"] == 0
     assert positive(result["rehearsal_vs_avalanche_replay_speedup"])
+    assert result["workers"] == (os.cpu_count() or 1)  # the Ray pool, on this machine's cores
     assert result["smoke"] is True
 
 
