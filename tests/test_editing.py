@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from shared_data import SHARED_DATA
 from torch import nn
 
 from forgetless.core.schema import ConfigError, parse
@@ -30,7 +31,6 @@ from forgetless.streams.editing import (
     pycountry_edits,
 )
 
-DATA = "/work/shared/data"
 SMALL = {"subjects": 12, "edits": 4, "edits_per_experience": 2, "locality": 4, "reserve": 2}
 
 
@@ -112,14 +112,14 @@ def test_an_empty_target_is_refused_and_overlapping_locality_dropped(caplog):
 
 
 def test_load_zsre_and_counterfact_read_the_real_samples():
-    requests, locality = load_zsre(f"{DATA}/zsre/zsre_mend_train.sample.json")
+    requests, locality = load_zsre(f"{SHARED_DATA}/zsre/zsre_mend_train.sample.json")
     assert len(requests) == len(locality) == 60
     assert requests[0] == EditRequest(
         "UniFirst", "zsre", "What is the product made by UniFirst?", "unmanned aircraft",
         "uniform", ("What will be the product of UniFirst?",),
     )  # fmt: skip
     assert locality[0].answer == "Walter Sobchak"
-    requests, locality = load_counterfact(f"{DATA}/counterfact/counterfact-edit.sample.json")
+    requests, locality = load_counterfact(f"{SHARED_DATA}/counterfact/counterfact-edit.sample.json")
     assert len(requests) == 60
     assert (requests[0].target, requests[0].original) == ("English", "French")
     assert locality[0] == Example("Michel Rocard is a native speaker of", "French")

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers as T
 import yaml
+from shared_data import SHARED_DATA
 
 from forgetless.core.schema import ConfigError
 from forgetless.experiments.cli import main as cli
@@ -19,7 +20,7 @@ from forgetless.experiments.config import grid_from_dict, load_grid
 from forgetless.models.causal_lm import bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-ZSRE = ROOT.parent / "shared" / "data" / "zsre" / "zsre_mend_train.sample.json"
+ZSRE = SHARED_DATA / "zsre" / "zsre_mend_train.sample.json"
 SAMPLE_RECORDS = 60
 SPECIAL = {"vocab_size": 300, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None}
 TINY = {

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
+from shared_data import SHARED_DATA
 from torch import nn
 
 from forgetless.core.schema import ConfigError
@@ -30,8 +31,7 @@ from forgetless.models.families import (
 from forgetless.strategies.hft import transformer_blocks
 from forgetless.strategies.lora import target_modules
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-ZSRE = DATA / "zsre" / "zsre_mend_train.sample.json"
+ZSRE = SHARED_DATA / "zsre" / "zsre_mend_train.sample.json"
 WIDTH, FFN, LAYERS, CONTEXT = 16, 32, 2, 256
 SPECIAL = {"vocab_size": 300, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None}
 LLAMA_LIKE = {"hidden_size": WIDTH, "intermediate_size": FFN, "num_hidden_layers": LAYERS,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_data import SHARED_DATA, needs_shared_data
 
 from forgetless.core.schema import ConfigError
 from forgetless.experiments.config import build_params, grid_from_dict
@@ -29,11 +30,6 @@ from forgetless.streams import Example, Experience, Stream, build_stream
 from forgetless.streams.instructions import InstructionsConfig, task_split
 from forgetless.streams.task_files import METRICS, TRACE_METRICS, read_task_file
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(
-    not SHARED_DATA.is_dir(),
-    reason=f"the real format samples are not at {SHARED_DATA} (CI puts ../shared beside the clone)",
-)
 FOMC_TRAIN = SHARED_DATA / "trace" / "FOMC.train.sample.json"
 FOMC_TEST = SHARED_DATA / "trace" / "FOMC.test.sample.json"
 SST2 = SHARED_DATA / "superni" / "task363_sst2_polarity_classification.sample.json"
@@ -133,7 +129,7 @@ def test_jsonl_task_files_carry_no_generation_metrics(tmp_path):
     assert read_task_file(path).metrics == ()
 
 
-@needs_shared
+@needs_shared_data
 def test_real_samples_bring_their_benchmarks_metrics():
     assert read_task_file(FOMC_TRAIN).metrics == ("accuracy",)
     sst2 = read_task_file(SST2)
@@ -142,7 +138,7 @@ def test_real_samples_bring_their_benchmarks_metrics():
     assert sst2.references == [i["output"] for i in raw["Instances"]]
 
 
-@needs_shared
+@needs_shared_data
 def test_trace_own_test_file_is_the_test_set_in_file_order_for_every_seed():
     task = {"train": str(FOMC_TRAIN), "test": str(FOMC_TEST)}
     raw = json.loads(FOMC_TEST.read_text(encoding="utf-8"))
@@ -228,7 +224,7 @@ def test_generated_answers_are_the_models_greedy_decoding_of_each_prompt():
     assert answers == expected
 
 
-@needs_shared
+@needs_shared_data
 def test_trace_and_superni_cells_log_their_scores_per_experience():
     grid = instruction_grid(
         [{"train": str(FOMC_TRAIN), "test": str(FOMC_TEST)}, str(SST2)], test_size=3

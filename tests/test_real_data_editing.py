@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from shared_data import SHARED_DATA
 
 from forgetless.core.schema import ConfigError
 from forgetless.experiments.cli import main as cli
@@ -21,9 +22,8 @@ from forgetless.experiments.evaluate import score_edits
 from forgetless.experiments.runner import build_cell, run_grid
 from forgetless.models.causal_lm import IGNORE
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-ZSRE = DATA / "zsre" / "zsre_mend_train.sample.json"
-COUNTERFACT = DATA / "counterfact" / "counterfact-edit.sample.json"
+ZSRE = SHARED_DATA / "zsre" / "zsre_mend_train.sample.json"
+COUNTERFACT = SHARED_DATA / "counterfact" / "counterfact-edit.sample.json"
 MODEL = {"name": "llama_tiny", "layers": 3, "hidden": 32, "heads": 2, "intermediate": 64,
          "context": 256}  # fmt: skip
 LARIMAR = {"name": "larimar", "slots": 8, "steps": 2, "key_steps": 2, "batch_size": 4,

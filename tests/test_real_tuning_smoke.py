@@ -16,19 +16,19 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from rouge_score import rouge_scorer
+from shared_data import needs_shared_data
 
 from forgetless.experiments import evaluate
 from forgetless.experiments.config import grid_from_dict
 from forgetless.experiments.runner import run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 SST2 = "task363_sst2_polarity_classification.sample"
 SCORES = {SST2: {"exact_match", "rougeL", "exact_match_norm"}, "FOMC": {"exact_match", "accuracy"}}
 
 
 @pytest.mark.integration  # a fresh Python that imports torch and MLflow and runs three grids
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"no samples at {SHARED_DATA}")
+@needs_shared_data
 def test_real_tuning_smoke_prints_each_method_s_scores_after_each_task(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FORGETLESS_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(

@@ -9,18 +9,13 @@ import re
 from pathlib import Path
 
 import pytest
+from shared_data import SHARED_DATA, needs_shared_data
 
 from forgetless.core.schema import ConfigError
 from forgetless.experiments.config import build_params, grid_from_dict
 from forgetless.streams import Example, build_stream
 from forgetless.streams.instructions import InstructionsConfig
 from forgetless.streams.task_files import TEMPLATE, load_task_file
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(
-    not SHARED_DATA.is_dir(),
-    reason=f"the real format samples are not at {SHARED_DATA} (CI puts ../shared beside the clone)",
-)
 
 
 def jsonl(path: Path, records: list) -> Path:
@@ -176,7 +171,7 @@ def test_superni_non_string_output_names_the_instance(tmp_path):
 # --- the real samples ---------------------------------------------------------------------
 
 
-@needs_shared
+@needs_shared_data
 def test_real_trace_fomc_sample_loads_as_prompt_answer_examples():
     path = SHARED_DATA / "trace" / "FOMC.train.sample.json"
     examples = load_task_file(path)
@@ -188,7 +183,7 @@ def test_real_trace_fomc_sample_loads_as_prompt_answer_examples():
     assert {e.answer for e in examples} <= {"dovish", "hawkish", "neutral"}
 
 
-@needs_shared
+@needs_shared_data
 def test_real_superni_sample_joins_the_definition_into_the_prompt():
     path = SHARED_DATA / "superni" / "task363_sst2_polarity_classification.sample.json"
     raw = json.loads(path.read_text(encoding="utf-8"))
