@@ -203,7 +203,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="toy sizes: checks the path only")
     parser.add_argument("--rows", nargs="*", help="run only these rows (names as printed)")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds run")
     parser.add_argument("--no-avalanche", action="store_true", help="skip the plain runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
@@ -215,7 +215,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
-    seeds = [0] if args.smoke else list(range(args.seeds))
+    seeds = [0] if args.smoke else args.seeds
     rows = [r for r in ROWS if not args.rows or r[0] in args.rows]
     if args.workers > 1:
         connect(None)
