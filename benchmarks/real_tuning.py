@@ -102,8 +102,8 @@ def run(method: str, folder: str) -> dict:
         }
     final = {k: round(v, 4) for k, v in outcome.summary.items() if k in BENCHMARK_SCORES}
     result = {"tasks": tasks, "final": final,
-              "train_seconds": round(outcome.summary["train_time_s"], 1),
-              "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1)}  # fmt: skip
+              "train_seconds": round(outcome.summary["train_time_s"], 3),
+              "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3)}  # fmt: skip
     logging.warning("%s done in %.0f s: %s", method, seconds, result)
     return result
 

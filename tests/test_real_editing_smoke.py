@@ -24,7 +24,8 @@ def test_real_editing_smoke_prints_every_method_s_scores_for_t1_and_t2(tmp_path)
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["smoke"] is True and set(result) == {"T1", "T2", "model", "smoke"}
+    assert result["smoke"] is True and set(result) == {"T1", "T2", "model", "settings", "smoke"}
+    assert result["settings"] == []  # no --set: every method ran with the benchmark's defaults
     for t, cells in (("T1", 2), ("T2", 1)):
         assert set(result[t]) == {"ft_l", "grace", "wise"}
         for method, scores in result[t].items():
