@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import random
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -53,19 +54,23 @@ def seed_everything(seed: int) -> None:
 
 
 def save(location: str, state: dict[str, Any]) -> None:
-    """Write atomically to a local path or a URI (s3://, gs://, ... through pyarrow.fs)."""
+    """Write atomically to a local path or a URI (s3://, gs://, ... through pyarrow.fs).
+
+    The temporary file is named for this writer: two drivers probing one storage at once
+    must not rename each other's file away."""
+    suffix = f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     if "://" in location:
         fs, path = pyarrow.fs.FileSystem.from_uri(location)
         buffer = io.BytesIO()
         torch.save(state, buffer)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path + ".tmp") as out:
+        with fs.open_output_stream(path + suffix) as out:
             out.write(buffer.getvalue())
-        fs.move(path + ".tmp", path)
+        fs.move(path + suffix, path)
         return
     path = Path(location)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + suffix)
     torch.save(state, tmp)
     os.replace(tmp, path)
 

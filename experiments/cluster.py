@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -221,10 +222,20 @@ def ray_executor(resources: Resources, cells: int, on_running: Callable[[int], N
                         cell.hash, cell.label(), "FAILED", error=reason[:2000], recorded=False
                     )
         finally:  # Ctrl-C or a driver that stops reading: no cell goes on without it
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            cancel(list(pending))
 
     return execute
+
+
+def cancel(refs: list, patience_s: float = 10.0) -> None:
+    """Force-cancel tasks until each has ended. On a loaded machine a cancel can be lost
+    (a task started seconds after it, seen in tests/test_cluster.py), so it is repeated
+    for what has not ended, at most `patience_s` seconds."""
+    deadline = time.monotonic() + patience_s
+    while refs and time.monotonic() < deadline:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        _, refs = ray.wait(refs, num_returns=len(refs), timeout=1.0)
 
 
 def _slots(resources: Resources) -> int:

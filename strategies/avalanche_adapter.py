@@ -45,7 +45,7 @@ class AvalancheStrategy(Strategy):
         super().__init__(model, config, train, stream)
         from avalanche.benchmarks.scenarios import benchmark_from_datasets
         from avalanche.benchmarks.scenarios.task_aware import with_task_labels
-        from avalanche.training.plugins import EvaluationPlugin
+        from avalanche.training.plugins import EvaluationPlugin, SynapticIntelligencePlugin
 
         self.benchmark = benchmark_from_datasets(
             train=[_as_avalanche(e.train) for e in stream],
@@ -66,6 +66,9 @@ class AvalancheStrategy(Strategy):
             evaluator=EvaluationPlugin(loggers=[]),
             **dataclasses.asdict(config),
         )
+        for plugin in self.inner.plugins:
+            if type(plugin) is SynapticIntelligencePlugin:
+                plugin.__class__ = _synaptic_intelligence_that_copies()
 
     def train(self, experience: Experience) -> None:
         self.inner.train(self.benchmark.train_stream[experience.index], num_workers=0)
@@ -96,7 +99,7 @@ class AvalancheStrategy(Strategy):
             return float("nan")
         seen = {id(self.inner), id(self.inner.evaluator), id(self.model)}
         # The model's weights and gradients, which every strategy holds: plugins keep views
-        # of them (SI's old_theta, new_theta and grad on CPU), which cost nothing more.
+        # of them (SI's new_theta and grad on CPU), which cost nothing more.
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         model_storage = {t.data_ptr() for t in [*self.model.state_dict().values(), *grads]}
         held = [p for p in self.inner.plugins if p is not self.inner.evaluator]
@@ -119,6 +122,34 @@ PLUGIN_WRAPPERS = {
     "avalanche.training.supervised.strategy_wrappers_online",
 }
 _NO_DATA = (type(None), bool, int, float, complex, str, torch.device, torch.dtype, torch.Size)
+
+
+@functools.cache
+def _synaptic_intelligence_that_copies() -> type:
+    """avalanche-lib's SI plugin with the weights it records copied, not viewed.
+
+    avalanche-lib 0.6.0 records weights as `param.detach().cpu().flatten()`. On a GPU that is
+    a copy; on the CPU it is a view of the live parameter, so the anchor of the penalty and
+    the weights before each step move with the model: the path integral and the penalty
+    stay 0, and SI trains as naive. This class (swapped onto the plugin SynapticIntelligence
+    makes, its state kept) copies the two that must not move, on every device.
+    """
+    from avalanche.training.plugins import SynapticIntelligencePlugin
+
+    def own(params: dict) -> None:
+        for param in params.values():
+            param.data = param.data.clone()
+
+    class SynapticIntelligenceThatCopies(SynapticIntelligencePlugin):
+        def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+            super().before_training_exp(strategy, **kwargs)
+            own(self.ewc_data[0])  # the weights the penalty pulls towards
+
+        def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+            super().before_training_iteration(strategy, **kwargs)
+            own(self.syn_data["old_theta"])  # the weights before this step
+
+    return SynapticIntelligenceThatCopies
 
 
 def _as_avalanche(samples):
@@ -159,8 +190,9 @@ def _held_bytes(obj: Any, seen: set[int], counted: set[int], depth: int = 0) -> 
         return sum(_held_bytes(v, seen, counted, depth + 1) for v in obj)
     if isinstance(obj, (DataLoader, Iterator, enum.Enum, type)) or inspect.isroutine(obj):
         return 0  # loaders and iterators read data counted where it is held; code; names
-    if type(obj).__module__.startswith("avalanche") and hasattr(obj, "__dict__"):
-        return _held_bytes(vars(obj), seen, counted, depth + 1)  # storage policies, ParamData
+    avalanche_made = any(c.__module__.startswith("avalanche") for c in type(obj).__mro__)
+    if avalanche_made and hasattr(obj, "__dict__"):  # storage policies, ParamData, plugins
+        return _held_bytes(vars(obj), seen, counted, depth + 1)
     return float("nan")  # something the walk cannot measure: unknown, never 0
 
 

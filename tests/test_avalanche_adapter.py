@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
+import torch
 
 from forgetless.core.schema import ConfigError
 from forgetless.experiments.config import grid_from_dict
@@ -35,9 +37,9 @@ MEMORY_BYTES = {
     "Replay": lambda i, seen: 20 * (SAMPLE + 4),  # mem_size 20, shared over experiences
     "EWC": lambda i, seen: (i + 1) * 2 * P * 4,  # importances and parameters per experience
     "LwF": lambda i, seen: P * 4,  # the previous model
-    # parameters at the start of the experience, importances, trajectory and its sum; its
-    # old_theta, new_theta and grad are views of the model's own tensors on CPU
-    "SynapticIntelligence": lambda i, seen: 4 * P * 4,
+    # parameters at the start of the experience and before each step, importances,
+    # trajectory and its sum; its new_theta and grad are views of the model's own tensors
+    "SynapticIntelligence": lambda i, seen: 5 * P * 4,
     # 20 patterns per experience, and G: one gradient row per earlier experience
     "GEM": lambda i, seen: (i + 1) * 20 * SAMPLE + i * P * 4,
     # 20 patterns per experience, and the reference gradient once it has a memory
@@ -95,6 +97,39 @@ def test_avalanche_memory_that_cannot_be_counted_is_nan_not_zero():
     strategy.train(stream.experiences[0])
     strategy.inner.plugins[0].opaque = object()
     assert math.isnan(strategy.memory_bytes())
+
+
+def test_synaptic_intelligence_importance_is_the_path_integral_of_its_step_by_hand():
+    """One SGD step of size lr over the whole experience: the path integral is
+    -g * (-lr * g), so avalanche's importance is clamp(lr g^2 / ((lr g)^2 + eps), 0.001).
+    avalanche-lib 0.6.0 on the CPU alone gives 0 (its recorded weights are views of the
+    live ones); the adapter's copies give the integral."""
+    lr, eps = 1e-3, 10.0
+    grid = grid_from_dict({
+        "name": "avalanche-si",
+        "streams": [{"name": "split_digits", "n_experiences": 5}],
+        "model": {"name": "mlp", "hidden": [32]},
+        "train": {"epochs": 1, "batch_size": 1000, "lr": lr, "momentum": 0.0},
+        "strategies": [{"name": "avalanche.SynapticIntelligence", "si_lambda": 1.0, "eps": eps}],
+    })  # fmt: skip
+    stream, strategy = build_cell(grid.cells[0], "cpu")
+    first = stream.experiences[0]
+    start = copy.deepcopy(strategy.model)
+    torch.nn.functional.cross_entropy(start(first.train.x), first.train.y).backward()
+    strategy.train(first)
+    (plugin,) = [p for p in strategy.inner.plugins if hasattr(p, "ewc_data")]
+    anchor, importance = plugin.ewc_data
+    for name, param in start.named_parameters():
+        before, g = param.detach().flatten(), param.grad.flatten()
+        step = (before - lr * g) - before  # in float32, as the optimizer moved it
+        expected = torch.clamp(-g * step / (step**2 + eps), max=0.001)
+        assert expected.max() > 0
+        # g summed in another order than avalanche's batch: float32 rounding apart
+        torch.testing.assert_close(importance[name].data, expected, rtol=2e-3, atol=1e-12)
+        # the anchor is now the weights after the experience, a copy of them
+        after = dict(strategy.model.named_parameters())[name]
+        assert torch.equal(anchor[name].data, after.detach().flatten())
+        assert anchor[name].data.data_ptr() != after.data_ptr()
 
 
 def test_avalanche_parameters_are_validated_against_its_signature():
