@@ -40,7 +40,7 @@ def stop_cluster(folder: str, port: int) -> None:
     processes |= {child for p in list(processes) for child in p.children(recursive=True)}
     for p in processes:
         p.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=20)
+    _, alive = psutil.wait_procs(processes, timeout=5)  # some ignore SIGTERM for good
     for p in alive:
         p.kill()
 
