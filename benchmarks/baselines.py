@@ -95,11 +95,13 @@ def _name(spec) -> str:
 
 
 def run_forgetless(data: dict, uri: str, workers: int) -> tuple[list[float], list[float]]:
-    """(final/avg_acc per seed, train seconds per seed); with several workers, the seeds are
-    cells of a local Ray cluster, one core each, as `forgetless run` schedules them."""
+    """(final/avg_acc per seed, train seconds per seed), in the grid's seed order; with
+    several workers, the seeds are cells of a local Ray cluster, one core each, as
+    `forgetless run` schedules them."""
     grid = grid_from_dict(data)
     executor = ray_executor(grid.resources, len(grid.cells)) if workers > 1 else local_executor
-    outcomes = run_grid(grid, uri, executor)
+    order = {cell.hash: i for i, cell in enumerate(grid.cells)}
+    outcomes = sorted(run_grid(grid, uri, executor), key=lambda o: order[o.cell_hash])
     failed = [o.error for o in outcomes if o.status != "FINISHED"]
     if failed:
         raise RuntimeError(f"{data['name']}: {failed}")
@@ -247,6 +249,7 @@ def main() -> int:
                     "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                     "seconds": statistics.fmean(times) if times else None,
                     "avalanche_seconds": None, "avalanche_acc": None, "seeds": len(accs),
+                    "per_seed": dict(zip(map(str, seeds), accs)),
                 }  # fmt: skip
                 if theirs is not None:
                     row["avalanche_acc"], row["avalanche_seconds"] = theirs.result()

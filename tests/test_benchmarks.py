@@ -202,11 +202,11 @@ def test_baselines_smoke(smoke):
     assert names and len(set(names)) == len(names) and "rehearsal_split_mnist_class" in names
     for row in result["rows"]:
         assert set(row) == {"name", "target", "mean", "std", "seconds", "avalanche_seconds",
-                            "avalanche_acc", "seeds"}, row  # fmt: skip
+                            "avalanche_acc", "seeds", "per_seed"}, row  # fmt: skip
         assert score(row["mean"]) and score(row["avalanche_acc"]), row["name"]
         assert row["target"] is None or score(row["target"])
         assert positive(row["seconds"]) and positive(row["avalanche_seconds"])
-        assert row["seeds"] == 1 and row["std"] == 0
+        assert row["seeds"] == 1 and row["std"] == 0 and row["per_seed"] == {"0": row["mean"]}
     assert positive(result["rehearsal_vs_avalanche_replay_speedup"])
     assert result["workers"] == (os.cpu_count() or 1)  # the Ray pool, on this machine's cores
     assert result["smoke"] is True
