@@ -96,6 +96,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)
+    # `kill`, a scheduler's time limit or a closed session end a run as Ctrl-C does: its
+    # cells marked KILLED and its Ray tasks cancelled, not left running without a driver.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     counts = dict.fromkeys(("FINISHED", "FAILED", "SKIPPED", "HELD", "UNLOGGED"), 0)
     running = [0]
     bar = tqdm(total=len(grid.cells), desc=grid.name, unit="cell", file=sys.stderr)

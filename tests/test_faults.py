@@ -281,10 +281,13 @@ def start_driver(make_grid, tmp_path: Path, uri: str):
 
 
 @pytest.mark.integration  # drives the CLI in subprocesses
-def test_ctrl_c_says_one_line_exits_130_and_marks_running_cells_killed(make_grid, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_says_one_line_exits_130_and_marks_cells_killed(
+    make_grid, tmp_path, stop
+):
     uri = store(tmp_path, "a.db")
     grid, driver = start_driver(make_grid, tmp_path, uri)
-    driver.send_signal(signal.SIGINT)
+    driver.send_signal(stop)
     out, err = driver.communicate(timeout=60)
     assert driver.returncode == 130, f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
     assert "Traceback" not in err
