@@ -223,6 +223,9 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     seeds = [0] if args.smoke else args.seeds
+    unknown = set(args.rows or ()) - {r[0] for r in ROWS}
+    if unknown:
+        parser.error(f"--rows: no row {sorted(unknown)}; the rows: {[r[0] for r in ROWS]}")
     rows = [r for r in ROWS if not args.rows or r[0] in args.rows]
     if args.workers > 1:
         connect(None)

@@ -126,7 +126,10 @@ def ffn_activation(model: nn.Module) -> nn.Module:
     config = getattr(transformers_model(model), "config", None)
     name = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
     if name is None:
-        raise ConfigError("the model's config names no FFN activation (hidden_act)")
+        raise ConfigError(
+            "strategy.activated: the model's config names no FFN activation (hidden_act or "
+            "activation_function); set activated: false"
+        )
     return ACT2FN[name]
 
 

@@ -195,6 +195,13 @@ def test_partial_tuning_smoke(smoke):
     assert len(result["targets"]) == 4
 
 
+def test_baselines_refuses_a_row_it_does_not_have_and_lists_its_rows():
+    done = subprocess.run([sys.executable, "benchmarks/baselines.py", "--rows", "si_split"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert "--rows: no row ['si_split']" in done.stderr and "si_split_mnist_task" in done.stderr
+
+
 def test_baselines_smoke(smoke):
     result = smoke.result("baselines")
     assert set(result) == {"rows", "rehearsal_vs_avalanche_replay_speedup", "workers", "smoke"}

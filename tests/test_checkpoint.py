@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -37,6 +39,24 @@ def test_strategy_state_round_trips_through_a_weights_only_checkpoint(write_grid
     first = torch.rand(3)
     checkpoint.set_rng_state(state["rng"])
     assert torch.equal(first, torch.rand(3))
+
+
+def test_two_writers_of_one_checkpoint_never_rename_each_others_file(tmp_path, monkeypatch):
+    """A second writer (another driver probing the same storage) saves the same path whole
+    between the first writer's write and its rename: both renames find their own file."""
+    path = str(tmp_path / "checkpoint.pt")
+    replace, interleaved = os.replace, []
+
+    def replace_after_another_writer(source, target):
+        if not interleaved:
+            interleaved.append(True)
+            checkpoint.save(path, {"writer": 2})
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_after_another_writer)
+    checkpoint.save(path, {"writer": 1})
+    assert interleaved and checkpoint.load(path) == {"writer": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temp left
 
 
 def test_resumed_cell_equals_uninterrupted_run(

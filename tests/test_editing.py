@@ -398,6 +398,19 @@ def test_side_memory_scores_the_mean_or_the_largest_token_so_far():
     assert largest.tolist() == [[1.0, 3.0, 3.0, 3.0]]
 
 
+def test_the_activated_score_reads_the_model_s_activation_or_says_how_to_do_without():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from forgetless.models.families import ffn_activation
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
+                                         num_hidden_layers=1, num_attention_heads=2))  # fmt: skip
+    x = torch.linspace(-3, 3, 7)
+    torch.testing.assert_close(ffn_activation(llama)(x), torch.nn.functional.silu(x))
+    with pytest.raises(ConfigError, match="strategy.activated: .*set activated: false"):
+        ffn_activation(nn.Linear(2, 2))  # no transformers config to read it from
+
+
 def test_side_memory_scores_the_centred_input_and_the_activated_outputs_by_hand():
     from forgetless.strategies.wise import SideMemory
 
